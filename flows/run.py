@@ -1,0 +1,82 @@
+"""The main flow: prepare -> (maxima) -> scan blocks -> embed shards -> cluster shards -> summarise.
+
+Orchestration only: it plans, maps, waits and reports; the work and the markers live in tasks/.
+Every task skips units whose marker says complete, so rerunning the flow (same command, a new
+deployment run, or Prefect's Retry) finishes a failed run without redoing complete shards.
+"""
+from __future__ import annotations
+
+from prefect import flow, unmapped
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.cluster import cluster_shard_task
+from tasks.embed import embed_shard_task
+from tasks.prepare import prepare_task
+from tasks.scan import maxima_block_task, scan_block_task
+from tasks.summarise import summarise_task
+
+
+class ShardsFailed(RuntimeError):
+    """Some shards failed; the message names them. Rerun to compute only those."""
+
+
+def _check(stage: str, futures: list) -> None:
+    wait(futures)
+    failed = []
+    for f in futures:
+        state = f.state
+        if not state.is_completed():
+            try:
+                f.result()
+                failed.append(f"{stage} ({state.name})")
+            except BaseException as e:  # noqa: BLE001 - collected into one message naming each shard
+                failed.append(f"{e}" if "shard" in str(e) else f"{stage}: {type(e).__name__}: {e}")
+    if failed:
+        raise ShardsFailed(f"{len(failed)} {stage} shard(s) failed: " + "; ".join(failed[:5])
+                           + ("; ..." if len(failed) > 5 else "") + ". Rerun the same command to compute only those.")
+
+
+@flow(name="neuron-embeddings", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
+def neuron_embeddings_run(
+    out: str,
+    model: str = "gpt2",
+    dataset: str = "builtin:python-docs",
+    layers: str | None = None,
+    n_sequences: int = 1024,
+    ctx_len: int = 128,
+    k: int = 50,
+    selection: str = "top",
+    shard_size: int = 256,
+    linkage: str = "average",
+    threshold: float = 0.5,
+    seed: int = 0,
+    embedding_dtype: str = "float16",
+    scan_blocks: int | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    workers: int = 1,
+    task_retries: int = 0,
+    fault_shard: str | None = None,
+) -> dict:
+    """Neuron embeddings, clusters and polysemanticity metrics for every MLP neuron of `model`."""
+    options = dict(model=model, dataset=dataset, layers=layers, n_sequences=n_sequences, ctx_len=ctx_len,
+                   k=k, selection=selection, shard_size=shard_size, linkage=linkage, threshold=threshold,
+                   seed=seed, embedding_dtype=embedding_dtype, scan_blocks=scan_blocks, device=device,
+                   workers=workers)
+    plan = prepare_task.submit(out, options).result()
+    retry = dict(retries=task_retries, retry_delay_seconds=[2, 10, 30][:max(task_retries, 1)])
+    blocks = plan["blocks"]
+    if plan["band"]:
+        futs = maxima_block_task.with_options(**retry).map(
+            unmapped(out), blocks, unmapped(batch_size), unmapped(device), unmapped(fault_shard))
+        _check("maxima", list(futs))
+    futs = scan_block_task.with_options(**retry).map(
+        unmapped(out), blocks, unmapped(batch_size), unmapped(device), unmapped(fault_shard))
+    _check("scan", list(futs))
+    embeds = embed_shard_task.with_options(**retry).map(unmapped(out), plan["shards"], unmapped(fault_shard))
+    clusters = [cluster_shard_task.with_options(**retry).submit(out, shard, fault_shard, wait_for=[e])
+                for shard, e in zip(plan["shards"], embeds)]
+    _check("embed", list(embeds))
+    _check("cluster", clusters)
+    return summarise_task.submit(out).result()

@@ -1,0 +1,19 @@
+"""Which Prefect task runner executes the shards: threads for one worker, Dask for more."""
+from __future__ import annotations
+
+
+def task_runner(workers: int = 1, dask_address: str | None = None):
+    """One worker: a thread pool of 1 in this process. N workers: a local Dask cluster of N
+    single-threaded worker processes. --dask-address: an existing Dask cluster."""
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=dask_address)
+    if workers > 1:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=1)

@@ -1,0 +1,116 @@
+"""Loading models through TransformerLens's TransformerBridge, once per process.
+
+Every model goes through `TransformerBridge.boot_transformers` with compatibility mode on, which
+folds a pre-LayerNorm's gain into W_in (GPT-2 and friends). Post-LayerNorm models (BERT) have
+nothing to fold: their MLP already receives a normalised vector. Either way
+`blocks.{L}.mlp.hook_in @ W_in[L] + b_in[L] == blocks.{L}.mlp.hook_pre`, which is what the
+neuron embedding e = x ⊙ W_in[:, j] relies on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from neuron_embeddings.errors import UserError
+
+log = logging.getLogger(__name__)
+
+HOOK_INPUT = "blocks.{layer}.mlp.hook_in"
+HOOK_PRE = "blocks.{layer}.mlp.hook_pre"
+HOOK_ACTIVATION = "blocks.{layer}.mlp.hook_post"
+
+_CACHE: dict[tuple[str, str], "LoadedModel"] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass
+class LoadedModel:
+    bridge: object  # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: object  # a fresh tokenizer, untouched by the bridge, for packing datasets
+    device: str
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    n_ctx: int
+    weights: str  # "folded-ln" or "raw"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to torch here; use --device cpu")
+    return device
+
+
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def _boot(name: str, device: str) -> LoadedModel:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    local = Path(name).expanduser()
+    if local.exists() and not (local / "config.json").exists():
+        raise UserError(f"--model {name}: directory has no config.json; point it at a Hugging Face model directory")
+    src = str(local) if local.exists() else name
+    try:
+        tok_for_bridge = _load_tokenizer(src)
+        bridge = TransformerBridge.boot_transformers(src, device=device, tokenizer=tok_for_bridge)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - HF raises many kinds; all mean "cannot load this model"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"--model {name}: cannot load it ({reason[:200]}); give a Hugging Face model name "
+            "(needs network) or a local model directory") from e
+    raw_w_in = bridge.W_in.detach().clone()
+    bridge.enable_compatibility_mode()
+    bridge.eval()
+    folded = not torch.equal(raw_w_in, bridge.W_in.detach())
+    cfg = bridge.cfg
+    return LoadedModel(
+        bridge=bridge, tokenizer=_load_tokenizer(src), device=device, n_layers=int(cfg.n_layers),
+        d_model=int(cfg.d_model), d_mlp=int(cfg.d_mlp), n_ctx=int(cfg.n_ctx),
+        weights="folded-ln" if folded else "raw")
+
+
+def load_model(name: str, device: str = "auto") -> LoadedModel:
+    """The model, loaded at most once per process (worker) for each (name, device)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    dev = resolve_device(device)
+    key = (name, dev)
+    with _LOCK:
+        if key not in _CACHE:
+            log.info("loading model %s on %s", name, dev)
+            _CACHE[key] = _boot(name, dev)
+        return _CACHE[key]
+
+
+def mlp_weights(model: LoadedModel, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_in [n_rows, d_model, d_mlp], b_in [n_rows, d_mlp]) in float32 for the given layers, as the
+    MLP applies them to hook_in (LayerNorm folded where the model has a pre-LayerNorm)."""
+    w = model.bridge.W_in.detach()[layers].float().cpu()
+    b = model.bridge.b_in.detach()[layers].float().cpu()
+    return w, b
+
+
+def versions() -> dict:
+    import transformer_lens
+    import transformers
+
+    import neuron_embeddings
+
+    return {
+        "package_version": neuron_embeddings.__version__,
+        "torch_version": torch.__version__,
+        "transformer_lens_version": getattr(transformer_lens, "__version__", "unknown"),
+        "transformers_version": transformers.__version__,
+    }

@@ -1,0 +1,129 @@
+"""One validated settings object per run; what a store remembers in its root attributes.
+
+`RunSettings` holds every option that changes what lands in the store. Options that only change
+how fast it gets there (batch size, device, workers) live in `ExecSettings` and may differ between
+a run and its resumption.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from neuron_embeddings.errors import UserError
+
+LINKAGES = ("average", "single", "complete", "weighted")
+EMBEDDING_DTYPES = ("float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """'0-11', '3,5', '2-4,7' or None (all) -> sorted layer indices, checked against n_layers."""
+    if spec is None or str(spec).strip() in ("", "all"):
+        return list(range(n_layers))
+    layers: set[int] = set()
+    for part in str(spec).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise UserError(f"--layers {spec!r} is not a layer list; write e.g. '0-11' or '3,5'")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise UserError(f"--layers {spec!r}: range {lo}-{hi} is empty; write low-high")
+        layers.update(range(lo, hi + 1))
+    bad = [l for l in sorted(layers) if l >= n_layers]
+    if bad:
+        raise UserError(
+            f"--layers {spec!r}: layer {bad[0]} is out of range, the model has {n_layers} layers (0-{n_layers - 1})")
+    return sorted(layers)
+
+
+def parse_selection(selection: str) -> float | None:
+    """'top' -> None; 'band:F' -> F in (0, 1]."""
+    if selection == "top":
+        return None
+    m = re.fullmatch(r"band:([0-9]*\.?[0-9]+)", selection)
+    if not m or not 0 < float(m.group(1)) <= 1:
+        raise UserError(f"--selection {selection!r} is not valid; use 'top' or 'band:F' with 0 < F <= 1, e.g. band:0.75")
+    return float(m.group(1))
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything that decides the content and layout of a store. Stored in its root attributes."""
+
+    model: str
+    dataset: str
+    layers: tuple[int, ...]
+    n_sequences: int = 1024
+    ctx_len: int = 128
+    k: int = 50
+    selection: str = "top"
+    shard_size: int = 256
+    linkage: str = "average"
+    threshold: float = 0.5
+    seed: int = 0
+    embedding_dtype: str = "float16"
+    scan_blocks: int = 1
+
+    def __post_init__(self) -> None:
+        if self.k < 2:
+            raise UserError(f"--k {self.k}: need at least 2 examples per neuron to cluster; use --k 2 or more")
+        if self.n_sequences < 1:
+            raise UserError(f"--n-sequences {self.n_sequences}: need at least 1 sequence")
+        if self.ctx_len < 1:
+            raise UserError(f"--ctx-len {self.ctx_len}: need at least 1 token per sequence")
+        if self.shard_size < 1:
+            raise UserError(f"--shard-size {self.shard_size}: need at least 1 neuron per shard")
+        if self.linkage not in LINKAGES:
+            raise UserError(f"--linkage {self.linkage!r} is unknown; use one of {', '.join(LINKAGES)}")
+        if not 0 < self.threshold <= 2:
+            raise UserError(f"--threshold {self.threshold}: cosine distances lie in [0, 2]; use a value in (0, 2], e.g. 0.5")
+        if self.embedding_dtype not in EMBEDDING_DTYPES:
+            raise UserError(f"--embedding-dtype {self.embedding_dtype!r}: use float16 or float32")
+        if not 1 <= self.scan_blocks <= self.n_sequences:
+            raise UserError(f"--scan-blocks {self.scan_blocks}: use 1 to --n-sequences ({self.n_sequences})")
+        parse_selection(self.selection)
+        if not self.layers:
+            raise UserError("--layers selects no layer")
+
+    @property
+    def band_fraction(self) -> float | None:
+        return parse_selection(self.selection)
+
+    def to_attrs(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> "RunSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in attrs.items() if k in names}
+        kw["layers"] = tuple(kw["layers"])
+        return cls(**kw)
+
+    def differences(self, other: "RunSettings") -> list[str]:
+        """Names of the settings that differ, as `name: stored -> asked`."""
+        a, b = self.to_attrs(), other.to_attrs()
+        return [f"{k}: {a[k]!r} in the store, {b[k]!r} asked" for k in a if a[k] != b[k]]
+
+
+@dataclass(frozen=True)
+class ExecSettings:
+    """How a run executes; free to change between a run and its resumption."""
+
+    batch_size: int = 16
+    device: str = "auto"
+    workers: int = 1
+    dask_address: str | None = None
+    task_retries: int = 0
+    fault_shard: str | None = field(default=None)  # tests only: make this shard id fail
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: need at least 1")
+        if self.device not in DEVICES:
+            raise UserError(f"--device {self.device!r}: use auto, cpu or cuda")
+        if self.workers < 1:
+            raise UserError(f"--workers {self.workers}: need at least 1")

@@ -1,0 +1,57 @@
+"""What every shard task shares: markers as the source of truth, logging, the test-only fault switch.
+
+`run_unit` skips a unit whose marker says complete, runs it, and writes the marker only after the
+unit's data is written; an exception leaves a `.failed` marker with the message and is re-raised
+(so Prefect retries or fails the run), and never a `.done` one.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from storage.store import Store
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only fault switch (`fault_shard`)."""
+
+
+def task_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a task or flow run, the module logger outside one."""
+    try:
+        from prefect import get_run_logger
+        from prefect.exceptions import MissingContextError
+
+        try:
+            return get_run_logger()
+        except MissingContextError:
+            pass
+    except ImportError:
+        pass
+    return logging.getLogger("neuron_embeddings")
+
+
+def run_unit(store_url: str, stage: str, unit: str, work: Callable[[Store], dict],
+             fault_unit: str | None = None) -> dict:
+    """Run one unit of a stage unless its marker says complete; return a small record."""
+    store = Store(store_url)
+    log = task_logger()
+    if store.is_complete(stage, unit):
+        log.info("%s %s: already complete, skipped", stage, unit)
+        return {"stage": stage, "unit": unit, "skipped": True}
+    t0 = time.perf_counter()
+    try:
+        if fault_unit is not None and fault_unit in (unit, f"{stage}/{unit}"):
+            raise InjectedFault(f"fault injected into {stage} shard {unit}")
+        record = work(store)
+    except BaseException as e:
+        store.mark_failed(stage, unit, f"{type(e).__name__}: {e}")
+        log.error("%s %s failed: %s: %s", stage, unit, type(e).__name__, e)
+        raise
+    record = {"stage": stage, "unit": unit, "skipped": False,
+              "seconds": round(time.perf_counter() - t0, 3), **record}
+    store.mark_complete(stage, unit, record)
+    log.info("%s %s: done in %.2f s %s", stage, unit, record["seconds"],
+             {k: v for k, v in record.items() if k not in ("stage", "unit", "skipped", "seconds")})
+    return record

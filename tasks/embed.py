@@ -1,0 +1,32 @@
+"""Merge + embed: per neuron shard, the exact top-k of the scan blocks' partial tables, and the
+neuron embedding e = x ⊙ W_in[:, j] of every selected example."""
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage import store as st
+from tasks.common import run_unit
+from tasks.scan import merge_blocks, neuron_embeddings
+
+
+def embed_shard(out: str, shard: dict, fault_unit: str | None = None) -> dict:
+    """Read the shard's slice of every block, merge, embed, write topk/* and embeddings."""
+    def work(store: st.Store) -> dict:
+        s = store.settings()
+        row, sl = shard["row"], slice(shard["start"], shard["stop"])
+        parts = {n: st.read(store, f"scan/{n}", (slice(None), row, sl)) for n in ("key", "act", "seq", "pos", "x")}
+        top = merge_blocks(parts["key"], parts["act"], parts["seq"], parts["pos"], parts["x"], s.k)
+        w_in_DS = st.read(store, "weights/W_in", (row, slice(None), sl))
+        emb = neuron_embeddings(top.x, w_in_DS, s.embedding_dtype)
+        region = (row, sl)
+        st.write(store, "topk/act", region, top.act)
+        st.write(store, "topk/seq", region, top.seq)
+        st.write(store, "topk/pos", region, top.pos)
+        st.write(store, "embeddings", region, emb)
+        return {"neurons": shard["stop"] - shard["start"], "examples": int((top.seq >= 0).sum())}
+
+    return run_unit(out, "embed", shard["id"], work, fault_unit)
+
+
+embed_shard_task = task(name="embed-shard", cache_policy=NO_CACHE)(embed_shard)

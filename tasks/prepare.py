@@ -1,0 +1,58 @@
+"""Prepare: tokenize the dataset, write the store's template, tokens, vocab and MLP weights.
+
+Runs once per store (marker `prepare/all`); everything later reads the store, not the dataset.
+"""
+from __future__ import annotations
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from neuron_embeddings.datasets import iter_documents, pack_tokens, vocab_strings
+from neuron_embeddings.models import LoadedModel, load_model, mlp_weights
+from neuron_embeddings.resolve import model_info, resolve_run
+from neuron_embeddings.settings import RunSettings
+from storage import store as st
+from tasks.common import run_unit, task_logger
+
+
+def plan_record(settings: RunSettings, d_mlp: int) -> dict:
+    """The work units of every stage, as small plain data for the flow."""
+    return {
+        "blocks": [b.__dict__ for b in st.scan_blocks(settings)],
+        "shards": [{**s.__dict__, "id": s.id} for s in st.neuron_shards(settings, d_mlp)],
+        "band": settings.band_fraction is not None,
+    }
+
+
+def prepare_store(out: str, settings: RunSettings, lm: LoadedModel) -> dict:
+    """Tokenize, create the store and fill the prepare-stage arrays; idempotent through its marker."""
+    if st.Store(out).is_complete("prepare", "all"):
+        return plan_record(settings, lm.d_mlp)
+    # a UserError from the dataset is raised here, before anything is written
+    tokens = pack_tokens(iter_documents(settings.dataset), lm.tokenizer, settings.n_sequences,
+                         settings.ctx_len)
+    vocab = vocab_strings(lm.tokenizer)
+
+    def work(store: st.Store) -> dict:
+        if int(tokens.max()) >= lm.bridge.cfg.d_vocab:
+            raise AssertionError("tokenizer produced ids outside the model's vocabulary")
+        st.create_store(out, settings, model_info(lm, settings.model), len(vocab))
+        st.write(store, "tokens", (slice(None), slice(None)), tokens)
+        st.write(store, "vocab", (slice(None),), np.array(vocab, dtype=object).astype(str))
+        w_in, b_in = mlp_weights(lm, list(settings.layers))
+        st.write(store, "weights/W_in", (slice(None),), w_in.numpy())
+        st.write(store, "weights/b_in", (slice(None),), b_in.numpy())
+        return {"tokens": int(tokens.size)}
+
+    run_unit(out, "prepare", "all", work)
+    return plan_record(settings, lm.d_mlp)
+
+
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare_task(out: str, options: dict) -> dict:
+    """Resolve and validate the options, then prepare the store. Returns the plan."""
+    settings, lm = resolve_run(out, **options)
+    task_logger().info("store %s: %d layers x %d neurons, %d sequences x %d tokens", out,
+                       len(settings.layers), lm.d_mlp, settings.n_sequences, settings.ctx_len)
+    return prepare_store(out, settings, lm)

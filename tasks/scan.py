@@ -1,0 +1,317 @@
+"""Scan: one forward pass per batch, a running top-k per neuron that keeps the MLP input x.
+
+Per batch and layer the activations [B, T, M] are reduced over positions first (per-sequence max
+and argmax, [B, M]); the candidates are merged into a slot table of k entries per neuron, ranked
+by (key descending, sequence index ascending). Only the candidates that enter the table have their
+x vector gathered, so the state is O(M * k * D) whatever the number of tokens.
+
+`top` ranks by the activation itself. `band:F` ranks by a seeded hash of (seed, layer, neuron,
+sequence), among the sequences whose max is at least F times the neuron's dataset maximum (known
+from a first pass): the k smallest hashes are a uniform sample that does not depend on how the
+sequences are split into blocks, batches or shards.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+NO_SEQ = np.iinfo(np.int64).max
+MASK32 = 0xFFFFFFFF
+
+
+# --- pure functions ---------------------------------------------------------------------------
+
+@dataclass
+class SlotTable:
+    """The k slots of every neuron of one layer, unordered. Empty slots have key -inf."""
+
+    key: torch.Tensor  # float64 [M, k] ranking key, larger is better
+    act: torch.Tensor  # float32 [M, k] the example's activation (per-sequence max)
+    seq: torch.Tensor  # int64 [M, k] sequence index (NO_SEQ where empty)
+    pos: torch.Tensor  # int64 [M, k] position of the sequence's max token
+    x: torch.Tensor  # [M, k, D] MLP input at that token, in the embedding dtype
+
+    @classmethod
+    def empty(cls, d_mlp: int, k: int, d_model: int, dtype: torch.dtype, device="cpu") -> "SlotTable":
+        return cls(
+            key=torch.full((d_mlp, k), -torch.inf, dtype=torch.float64, device=device),
+            act=torch.full((d_mlp, k), torch.nan, dtype=torch.float32, device=device),
+            seq=torch.full((d_mlp, k), NO_SEQ, dtype=torch.int64, device=device),
+            pos=torch.full((d_mlp, k), -1, dtype=torch.int64, device=device),
+            x=torch.zeros((d_mlp, k, d_model), dtype=dtype, device=device),
+        )
+
+
+def rank_order(key_MN: torch.Tensor, seq_MN: torch.Tensor) -> torch.Tensor:
+    """Indices [M, N] that sort each row by key descending, then sequence index ascending."""
+    by_seq = torch.argsort(seq_MN, dim=1, stable=True)
+    key_sorted = torch.gather(key_MN, 1, by_seq)
+    by_key = torch.argsort(-key_sorted, dim=1, stable=True)
+    return torch.gather(by_seq, 1, by_key)
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 tensors holding values in [0, 2**32)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & MASK32
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & MASK32
+    return h ^ (h >> 16)
+
+
+def band_priority(seed: int, layer: int, neurons_M: torch.Tensor, seq_B: torch.Tensor) -> torch.Tensor:
+    """Uniform pseudo-random priorities in [0, 1) as float64 [B, M], a pure function of
+    (seed, layer, neuron, sequence)."""
+    h = _mix32(torch.tensor((seed & MASK32) ^ 0x9E3779B9, dtype=torch.int64))
+    h = _mix32(h ^ (layer & MASK32))
+    h = _mix32(h ^ neurons_M.to(torch.int64))[None, :]  # [1, M]
+    h = _mix32(h ^ (seq_B.to(torch.int64)[:, None] & MASK32))  # [B, M]
+    return h.to(torch.float64) / 2.0**32
+
+
+def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, pos_BM: torch.Tensor,
+                 seq_B: torch.Tensor, x_BTD: torch.Tensor) -> int:
+    """Merge one batch of candidates (one per sequence and neuron) into the table, in place.
+
+    Exact: afterwards the table holds the k best of (old entries ∪ candidates) by
+    (key desc, seq asc). Only entering candidates have their x gathered. Returns how many entered.
+    """
+    M, k = table.key.shape
+    B = key_BM.shape[0]
+    # Quick exit when no candidate beats any neuron's worst entry (the common case late in a scan).
+    worst = torch.min(table.key, dim=1).values  # [M]
+    if not bool((key_BM >= worst[None, :]).any()):
+        return 0
+    key_MN = torch.cat([table.key, key_BM.T.to(torch.float64)], dim=1)  # [M, k+B]
+    seq_MN = torch.cat([table.seq, seq_B[None, :].expand(M, B)], dim=1)
+    chosen = rank_order(key_MN, seq_MN)[:, :k]  # [M, k]
+    keep = torch.zeros_like(key_MN, dtype=torch.bool).scatter_(1, chosen, True)
+    keep_old, keep_new = keep[:, :k], keep[:, k:]
+    n_new = keep_new.sum(dim=1)  # [M] == evicted slots per neuron
+    n_max = int(n_new.max())
+    if n_max == 0:
+        return 0
+    free_slots = torch.argsort(keep_old.to(torch.int8), dim=1, stable=True)[:, :n_max]  # free first
+    new_b = torch.argsort((~keep_new).to(torch.int8), dim=1, stable=True)[:, :n_max]  # kept first
+    r, j = torch.nonzero(torch.arange(n_max, device=n_new.device)[None, :] < n_new[:, None], as_tuple=True)
+    slot, b = free_slots[r, j], new_b[r, j]
+    table.key[r, slot] = key_BM[b, r].to(torch.float64)
+    table.act[r, slot] = act_BM[b, r]
+    table.seq[r, slot] = seq_B[b]
+    p = pos_BM[b, r]
+    table.pos[r, slot] = p
+    table.x[r, slot] = x_BTD[b, p].to(table.x.dtype)
+    return int(r.numel())
+
+
+def batch_candidates(post_BTM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence max and argmax over positions: ([B, M] float32, [B, M] int64)."""
+    val, pos = torch.max(post_BTM.float(), dim=1)
+    return val, pos
+
+
+def band_keys(act_BM: torch.Tensor, gmax_M: torch.Tensor, fraction: float, seed: int, layer: int,
+              neurons_M: torch.Tensor, seq_B: torch.Tensor) -> torch.Tensor:
+    """Keys for `band:F`: -priority where the sequence is eligible (act >= F * neuron max), else -inf."""
+    eligible = act_BM.double() >= fraction * gmax_M.double()[None, :]
+    key = -band_priority(seed, layer, neurons_M, seq_B).to(act_BM.device)
+    return torch.where(eligible, key, torch.full_like(key, -torch.inf))
+
+
+@dataclass
+class TopK:
+    """Final per-neuron selection, ordered by activation descending (ties: sequence ascending)."""
+
+    act: np.ndarray  # float32 [S, k], NaN where none
+    seq: np.ndarray  # int32 [S, k], -1 where none
+    pos: np.ndarray  # int32 [S, k], -1 where none
+    x: np.ndarray  # [S, k, D], 0 where none
+
+
+def merge_blocks(key_NSK: np.ndarray, act_NSK: np.ndarray, seq_NSK: np.ndarray, pos_NSK: np.ndarray,
+                 x_NSKD: np.ndarray, k: int) -> TopK:
+    """Exact merge of N blocks' slot tables for S neurons: the best k by (key desc, seq asc) of the
+    union, then ordered by (activation desc, seq asc). Empty entries (key -inf) are dropped."""
+    N, S, K = key_NSK.shape
+    key = torch.from_numpy(np.ascontiguousarray(key_NSK.transpose(1, 0, 2).reshape(S, N * K)))
+    seq = torch.from_numpy(np.ascontiguousarray(seq_NSK.transpose(1, 0, 2).reshape(S, N * K))).long()
+    seq = torch.where(seq < 0, torch.full_like(seq, NO_SEQ), seq)
+    act = torch.from_numpy(np.ascontiguousarray(act_NSK.transpose(1, 0, 2).reshape(S, N * K)))
+    chosen = rank_order(key, seq)[:, :k]  # [S, k]
+    valid = torch.gather(key, 1, chosen) > -torch.inf
+    act_c = torch.where(valid, torch.gather(act, 1, chosen), torch.full(chosen.shape, -torch.inf))
+    seq_c = torch.where(valid, torch.gather(seq, 1, chosen), torch.full_like(chosen, NO_SEQ))
+    order = rank_order(act_c.double(), seq_c)  # invalid (-inf) go last
+    chosen, valid = torch.gather(chosen, 1, order).numpy(), torch.gather(valid, 1, order).numpy()
+    blk, slot = chosen // K, chosen % K
+    rows = np.arange(S)[:, None]
+    out_act = np.where(valid, act_NSK[blk, rows, slot], np.nan).astype(np.float32)
+    out_seq = np.where(valid, seq_NSK[blk, rows, slot], -1).astype(np.int32)
+    out_pos = np.where(valid, pos_NSK[blk, rows, slot], -1).astype(np.int32)
+    out_x = np.where(valid[..., None], x_NSKD[blk, rows, slot], 0).astype(x_NSKD.dtype)
+    return TopK(out_act, out_seq, out_pos, out_x)
+
+
+def neuron_embeddings(x_SKD: np.ndarray, w_in_DS: np.ndarray, dtype: str) -> np.ndarray:
+    """e[s, i] = x[s, i] ⊙ W_in[:, s]  ->  [S, k, D] in `dtype` (computed in float32)."""
+    e = x_SKD.astype(np.float32) * w_in_DS.T.astype(np.float32)[:, None, :]
+    return e.astype(dtype)
+
+
+# --- the forward pass -------------------------------------------------------------------------
+
+class _StopForward(Exception):
+    """Raised by a hook after the last requested layer's MLP: nothing after it is computed."""
+
+
+def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list[int], k: int,
+                   emb_dtype: torch.dtype, batch_size: int, device: str, mode: str = "top",
+                   gmax_LM: torch.Tensor | None = None, fraction: float | None = None, seed: int = 0,
+                   progress=None) -> list[SlotTable] | torch.Tensor:
+    """Run the model over tokens (sequence indices seq_start + row) and return one SlotTable per
+    layer, or for mode="max" the per-neuron maximum [n_layers, M] (first pass of band selection)."""
+    cfg = bridge.cfg
+    M, D = int(cfg.d_mlp), int(cfg.d_model)
+    tables = [SlotTable.empty(M, k, D, emb_dtype, device) for _ in layers]
+    gmax = torch.full((len(layers), M), -torch.inf, device=device)
+    neurons = torch.arange(M, device=device)
+    last = max(layers)
+    state: dict = {}
+
+    def on_in(row):
+        def hook(t, hook):
+            state["x", row] = t.detach()
+            return t
+        return hook
+
+    def on_post(row, layer):
+        def hook(t, hook):
+            val, pos = batch_candidates(t.detach())
+            if mode == "max":
+                gmax[row] = torch.maximum(gmax[row], val.max(dim=0).values)
+            else:
+                if mode == "top":
+                    key = val
+                else:
+                    key = band_keys(val, gmax_LM[row].to(device), fraction, seed, layer, neurons, state["seq"])
+                update_slots(tables[row], key, val, pos, state["seq"], state.pop(("x", row)))
+            if layer == last:
+                raise _StopForward
+            return t
+        return hook
+
+    hooks = []
+    for row, layer in enumerate(layers):
+        if mode != "max":
+            hooks.append((HOOK_IN.format(layer=layer), on_in(row)))
+        hooks.append((HOOK_POST.format(layer=layer), on_post(row, layer)))
+    n = tokens_SeqT.shape[0]
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            ids = torch.from_numpy(tokens_SeqT[start:start + batch_size].astype(np.int64)).to(device)
+            state["seq"] = torch.arange(seq_start + start, seq_start + start + ids.shape[0], device=device)
+            t0 = time.perf_counter()
+            try:
+                bridge.run_with_hooks(ids, fwd_hooks=hooks)
+            except _StopForward:
+                pass
+            if progress is not None:
+                progress(ids.shape[0], time.perf_counter() - t0)
+    return gmax.cpu() if mode == "max" else tables
+
+
+HOOK_IN = "blocks.{layer}.mlp.hook_in"
+HOOK_POST = "blocks.{layer}.mlp.hook_post"
+
+
+# --- Prefect tasks ----------------------------------------------------------------------------
+
+def _progress_writer(store, stage: str, unit: str, total: int, every_s: float = 1.0):
+    state = {"done": 0, "last": 0.0}
+
+    def report(n: int, _seconds: float) -> None:
+        state["done"] += n
+        now = time.monotonic()
+        if now - state["last"] >= every_s or state["done"] >= total:
+            state["last"] = now
+            store.write_progress(stage, unit, state["done"], total)
+    store.write_progress(stage, unit, 0, total)
+    return report
+
+
+def _block_tokens(store, block: dict) -> np.ndarray:
+    from storage import store as st
+
+    return st.read(store, "tokens", (slice(block["start"], block["stop"]),))
+
+
+def maxima_block(out: str, block: dict, batch_size: int, device: str, fault_unit: str | None = None) -> dict:
+    """First pass of band selection: each neuron's maximum over one block of sequences."""
+    from neuron_embeddings.models import load_model
+    from storage import store as st
+
+    def work(store) -> dict:
+        s = store.settings()
+        lm = load_model(s.model, device)
+        tokens = _block_tokens(store, block)
+        report = _progress_writer(store, "maxima", _block_id(block), len(tokens))
+        gmax = scan_sequences(lm.bridge, tokens, block["start"], list(s.layers), s.k, torch.float32,
+                              batch_size, lm.device, mode="max", progress=report)
+        st.write(store, "scan/max", (block["index"],), gmax.numpy())
+        return {"sequences": len(tokens)}
+
+    from tasks.common import run_unit
+    return run_unit(out, "maxima", _block_id(block), work, fault_unit)
+
+
+def scan_block(out: str, block: dict, batch_size: int, device: str, fault_unit: str | None = None) -> dict:
+    """One data-parallel block of sequences: forward passes, running top-k with x, partial tables
+    written to scan/* (whole chunks of this block only)."""
+    from neuron_embeddings.models import load_model
+    from storage import store as st
+
+    def work(store) -> dict:
+        s = store.settings()
+        lm = load_model(s.model, device)
+        tokens = _block_tokens(store, block)
+        gmax = None
+        if s.band_fraction is not None:
+            gmax = torch.from_numpy(st.read(store, "scan/max").max(axis=0))  # [L, M], over all blocks
+        report = _progress_writer(store, "scan", _block_id(block), len(tokens))
+        t0 = time.perf_counter()
+        tables = scan_sequences(lm.bridge, tokens, block["start"], list(s.layers), s.k,
+                                getattr(torch, s.embedding_dtype), batch_size, lm.device,
+                                mode="top" if gmax is None else "band", gmax_LM=gmax,
+                                fraction=s.band_fraction, seed=s.seed, progress=report)
+        t_model = time.perf_counter() - t0
+        b = block["index"]
+        for name in ("key", "act", "seq", "pos", "x"):
+            data = torch.stack([getattr(t, name) for t in tables]).cpu()  # [L, M, k(, D)]
+            if name in ("seq", "pos"):
+                data = torch.where(data == NO_SEQ, torch.full_like(data, -1), data).to(torch.int32)
+            st.write(store, f"scan/{name}", (b,), data.numpy())
+        return {"sequences": len(tokens), "tokens": int(tokens.size), "model_seconds": round(t_model, 3)}
+
+    from tasks.common import run_unit
+    return run_unit(out, "scan", _block_id(block), work, fault_unit)
+
+
+def _block_id(block: dict) -> str:
+    return f"B{block['index']:04d}"
+
+
+def _make_tasks():
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return (task(name="maxima-block", cache_policy=NO_CACHE)(maxima_block),
+            task(name="scan-block", cache_policy=NO_CACHE)(scan_block))
+
+
+maxima_block_task, scan_block_task = _make_tasks()
