@@ -29,4 +29,4 @@ def embed_shard(out: str, shard: dict, fault_unit: str | None = None) -> dict:
     return run_unit(out, "embed", shard["id"], work, fault_unit)
 
 
-embed_shard_task = task(name="embed-shard", cache_policy=NO_CACHE)(embed_shard)
+embed_shard_task = task(name="embed-shard", task_run_name="embed-{shard[id]}", cache_policy=NO_CACHE)(embed_shard)

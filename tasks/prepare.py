@@ -31,7 +31,7 @@ def prepare_store(out: str, settings: RunSettings, lm: LoadedModel) -> dict:
         return plan_record(settings, lm.d_mlp)
     # a UserError from the dataset is raised here, before anything is written
     tokens = pack_tokens(iter_documents(settings.dataset), lm.tokenizer, settings.n_sequences,
-                         settings.ctx_len)
+                         settings.ctx_len, dataset_name=settings.dataset)
     vocab = vocab_strings(lm.tokenizer)
 
     def work(store: st.Store) -> dict:

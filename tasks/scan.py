@@ -310,8 +310,8 @@ def _make_tasks():
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
-    return (task(name="maxima-block", cache_policy=NO_CACHE)(maxima_block),
-            task(name="scan-block", cache_policy=NO_CACHE)(scan_block))
+    return (task(name="maxima-block", task_run_name="maxima-B{block[index]}", cache_policy=NO_CACHE)(maxima_block),
+            task(name="scan-block", task_run_name="scan-B{block[index]}", cache_policy=NO_CACHE)(scan_block))
 
 
 maxima_block_task, scan_block_task = _make_tasks()

