@@ -139,7 +139,7 @@ def run_pipeline(out: str, options: dict, a: argparse.Namespace) -> dict:
     from neuron_embeddings.resolve import resolve_run
     from tasks.prepare import prepare_store
 
-    print(f"loading {options['model']} ...", file=sys.stderr)
+    print(f"loading {options['model']} ...")
     settings, lm = resolve_run(out, **options)
     prepare_store(out, settings, lm)
     from flows.run import neuron_embeddings_run

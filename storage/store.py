@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -203,8 +204,14 @@ def check_writable(url: str) -> None:
         probe = p if p.exists() else Path(parent)
         while not probe.exists():
             probe = probe.parent
-        if not os.access(probe, os.W_OK):
-            raise UserError(f"--out {url}: {probe} is not writable; choose a path you can write to")
+        if not probe.is_dir():
+            raise UserError(f"--out {url}: {probe} is a file, not a directory; choose another path")
+        try:  # os.access says yes to root everywhere; really try
+            fd, tmp = tempfile.mkstemp(prefix=".ne-write-probe-", dir=probe)
+            os.close(fd)
+            os.remove(tmp)
+        except OSError as e:
+            raise UserError(f"--out {url}: cannot write in {probe} ({e.strerror}); choose a path you can write to")
     elif not fs.exists(parent):
         raise UserError(f"--out {url}: parent location {parent} does not exist")
 

@@ -1,0 +1,132 @@
+"""The pipeline's stores: the embedding identity, invariances, clustering oracle, planted features."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist
+
+from neuron_embeddings.models import load_model
+from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
+
+
+def _hook_pre_at_examples(model_path: str, g, row: int, layer: int) -> np.ndarray:
+    """hook_pre at every stored example, from an independent forward pass: [M, k] (NaN where none)."""
+    lm = load_model(model_path, "cpu")
+    tokens = torch.from_numpy(g["tokens"][...].astype(np.int64))
+    name = f"blocks.{layer}.mlp.hook_pre"
+    with torch.inference_mode():
+        _, cache = lm.bridge.run_with_cache(tokens, names_filter=lambda n: n == name)
+    pre = cache[name].numpy()  # [S, T, M]
+    seq, pos = g["topk/seq"][row], g["topk/pos"][row]
+    M, k = seq.shape
+    out = np.full((M, k), np.nan)
+    have = seq >= 0
+    j = np.broadcast_to(np.arange(M)[:, None], (M, k))
+    out[have] = pre[seq[have], pos[have], j[have]]
+    return out
+
+
+def _check_identity(model_path, g, rtol):
+    for row, layer in enumerate(g.attrs["layers"]):
+        pre = _hook_pre_at_examples(model_path, g, row, layer)
+        e = g["embeddings"][row].astype(np.float64)  # [M, k, D]
+        b_in = g["weights/b_in"][row]
+        have = ~np.isnan(pre)
+        assert have.sum() > 0
+        got = e.sum(-1) + b_in[:, None]
+        scale = np.abs(e).sum(-1)[have].max()
+        np.testing.assert_allclose(got[have], pre[have], atol=rtol * scale)
+
+
+def test_identity_random_gpt2_with_layernorm(tiny_gpt2, tmp_path):
+    g = run_stages(str(tmp_path / "s.zarr"), **options(tiny_gpt2))
+    assert g.attrs["weights"] == "folded-ln"
+    _check_identity(tiny_gpt2, g, rtol=1e-5)
+
+
+def test_identity_float16_embeddings(tiny_gpt2, tmp_path):
+    g = run_stages(str(tmp_path / "s.zarr"), **options(tiny_gpt2, embedding_dtype="float16", layers="1"))
+    assert g["embeddings"].dtype == np.float16
+    _check_identity(tiny_gpt2, g, rtol=3e-3)
+
+
+def test_identity_minilm(minilm_path, tmp_path):
+    g = run_stages(str(tmp_path / "m.zarr"), **options(minilm_path, layers="0,5", n_sequences=12, ctx_len=24,
+                                                        shard_size=512))
+    assert g.attrs["weights"] == "raw"  # post-LayerNorm: nothing to fold
+    _check_identity(minilm_path, g, rtol=1e-5)
+
+
+def test_same_store_for_any_shard_batch_and_block_count(tiny_gpt2, tmp_path):
+    ref = contract_arrays(str(run_stages(str(tmp_path / "a.zarr"), batch_size=8, **options(tiny_gpt2)).store.root))
+    for i, (shard, blocks, batch) in enumerate([(100, 3, 5), (256, 2, 24), (7, 5, 1)]):
+        out = str(tmp_path / f"b{i}.zarr")
+        run_stages(out, batch_size=batch, **options(tiny_gpt2, shard_size=shard, scan_blocks=blocks))
+        assert_same_arrays(ref, contract_arrays(out))
+
+
+def test_band_store_same_for_any_block_count(tiny_gpt2, tmp_path):
+    opts = options(tiny_gpt2, selection="band:0.6", seed=3)
+    ref = contract_arrays(str(run_stages(str(tmp_path / "a.zarr"), **opts).store.root))
+    run_stages(str(tmp_path / "b.zarr"), batch_size=3, **{**opts, "scan_blocks": 4, "shard_size": 50})
+    assert_same_arrays(ref, contract_arrays(str(tmp_path / "b.zarr")))
+    assert np.isnan(ref["topk/act"]).any() or (ref["topk/seq"] >= 0).all()
+
+
+@pytest.mark.parametrize("method", ["average", "complete"])
+def test_clusters_and_metrics_equal_scipy_on_stored_embeddings(tiny_gpt2, tmp_path, method):
+    g = run_stages(str(tmp_path / "s.zarr"), **options(tiny_gpt2, k=10, linkage=method, threshold=0.6, layers="0"))
+    act, emb = g["topk/act"][0], g["embeddings"][0].astype(np.float64)
+    labels, Z = g["clusters/labels"][0], g["clusters/linkage"][0]
+    checked_multi = 0
+    for j in range(act.shape[0]):
+        idx = np.nonzero(np.nan_to_num(act[j], nan=-1) > 0)[0]
+        n = len(idx)
+        assert g["metrics/n_examples"][0, j] == n
+        if n < 2:
+            continue
+        d = pdist(emb[j, idx], "cosine")
+        z = linkage(d, method=method)
+        np.testing.assert_allclose(Z[j, : n - 1], z, rtol=1e-5, atol=1e-6)
+        raw = fcluster(z, t=0.6, criterion="distance")
+        # same partition, numbered by size
+        sizes = {c: (raw == c).sum() for c in set(raw)}
+        order = sorted(sizes, key=lambda c: (-sizes[c], np.nonzero(raw == c)[0][0]))
+        want = np.array([order.index(c) for c in raw])
+        np.testing.assert_array_equal(labels[j, idx], want)
+        assert g["metrics/n_clusters"][0, j] == len(order)
+        np.testing.assert_allclose(g["metrics/max_distance"][0, j], d.max(), rtol=1e-5)
+        np.testing.assert_allclose(g["metrics/mean_distance"][0, j], d.mean(), rtol=1e-5)
+        checked_multi += len(order) > 1
+    assert checked_multi > 5
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when labelings a and b group the items identically (a bijection between labels)."""
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def test_planted_polysemantic_neurons_split_into_their_features(planted, tmp_path):
+    model, corpus, truth = planted
+    g = run_stages(str(tmp_path / "p.zarr"), **options(model, dataset=corpus, n_sequences=300, ctx_len=16, k=30,
+                                                        shard_size=16))
+    tok_feature = truth.token_feature()
+    tokens = g["tokens"][...]
+    by_arity = {1: 0, 2: 0, 3: 0}
+    for j, feats in enumerate(truth.neuron_features):
+        if not feats:
+            continue
+        act, seq, pos = g["topk/act"][0, j], g["topk/seq"][0, j], g["topk/pos"][0, j]
+        idx = np.nonzero(np.nan_to_num(act, nan=-1) > 0)[0]
+        true = tok_feature[tokens[seq[idx], pos[idx]]]
+        assert set(true.tolist()) <= set(feats), f"neuron {j} peaks on tokens of other features"
+        if set(true.tolist()) != set(feats):
+            continue  # a feature missing from this neuron's top examples: nothing to recover
+        labels = g["clusters/labels"][0, j][idx]
+        assert g["metrics/n_clusters"][0, j] == len(feats), f"neuron {j} reads {feats}"
+        assert _same_partition(labels, true), f"neuron {j}: clusters do not match its features"
+        by_arity[len(feats)] += 1
+    assert all(v >= 2 for v in by_arity.values()), by_arity
