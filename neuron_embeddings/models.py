@@ -56,6 +56,9 @@ def _load_tokenizer(name: str):
 
 def _boot(name: str, device: str) -> LoadedModel:
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     local = Path(name).expanduser()
     if local.exists() and not (local / "config.json").exists():

@@ -11,6 +11,8 @@ def resolve_run(out: str, model: str, dataset: str, layers: str | None, device: 
                 scan_blocks: int | None, workers: int, **options) -> tuple[RunSettings, LoadedModel]:
     """Load the model (cached per process), validate every option against it and against an
     existing store at `out`. Raises UserError with a one-line message on any mistake."""
+    # the checks that need neither model nor store come first, so they fail fast
+    RunSettings(model=model, dataset=dataset, layers=(0,), scan_blocks=scan_blocks or 1, **options)
     store = Store(out)
     existing = store.settings() if store.exists() else None
     lm = load_model(model, device)

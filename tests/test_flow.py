@@ -1,0 +1,55 @@
+"""The flow end to end on a real Prefect server (test harness): a run, a resumed run, a failed shard."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flows.run import ShardsFailed, neuron_embeddings_run
+from storage.status import store_status
+from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
+
+FLOW_OPTS = dict(n_sequences=24, ctx_len=32, k=6, shard_size=64, embedding_dtype="float32", device="cpu",
+                 batch_size=8)
+
+
+def _marker_mtimes(out: str) -> dict:
+    from pathlib import Path
+
+    return {str(p.relative_to(Path(out, "_markers"))): p.stat().st_mtime_ns for p in Path(out, "_markers").rglob("*.done")}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_gpt2, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ref") / "ref.zarr")
+    run_stages(out, **options(tiny_gpt2))
+    return contract_arrays(out)
+
+
+def test_flow_run_then_resume(prefect_server, tiny_gpt2, tmp_path, reference):
+    out = str(tmp_path / "flow.zarr")
+    summary = neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)
+    st = store_status(out)
+    assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 + 8
+    assert [r["layer"] for r in summary["layers"]] == [0, 1]
+    assert_same_arrays(reference, contract_arrays(out))  # the flow writes what the stages compute
+    before = _marker_mtimes(out)
+    neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)  # resume: nothing left to do
+    assert _marker_mtimes(out) == before
+    assert_same_arrays(reference, contract_arrays(out))
+
+
+def test_failed_shard_is_named_and_only_it_is_rerun(prefect_server, tiny_gpt2, tmp_path, reference):
+    out = str(tmp_path / "fault.zarr")
+    with pytest.raises(ShardsFailed, match="L01-N00064"):
+        neuron_embeddings_run(out=out, model=tiny_gpt2, fault_shard="embed/L01-N00064", **FLOW_OPTS)
+    st = store_status(out)
+    assert st.units["embed"]["L01-N00064"] == "failed"
+    assert st.units["cluster"]["L01-N00064"] == "pending"
+    assert st.failed == 1 and st.pending == 1
+    before = _marker_mtimes(out)
+    neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)
+    after = _marker_mtimes(out)
+    changed = {k for k in after if before.get(k) != after[k]}
+    assert changed == {"embed/L01-N00064.done", "cluster/L01-N00064.done"}
+    assert store_status(out).failed == 0
+    assert_same_arrays(reference, contract_arrays(out))
