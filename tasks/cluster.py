@@ -234,6 +234,8 @@ def cluster_shard(
 
 def cluster_store_shard(out: str, shard: dict, fault_unit: str | None = None) -> dict:
     """Cluster one neuron shard's embeddings; write clusters/* and metrics/* (whole chunks)."""
+    from threadpoolctl import threadpool_limits
+
     from storage import store as st
     from tasks.common import run_unit
 
@@ -242,8 +244,11 @@ def cluster_store_shard(out: str, shard: dict, fault_unit: str | None = None) ->
         region = (shard["row"], slice(shard["start"], shard["stop"]))
         if not store.is_complete("embed", shard["id"]):
             raise RuntimeError(f"cluster shard {shard['id']}: its embed shard is not complete")
-        res = cluster_shard(st.read(store, "embeddings", region), st.read(store, "topk/act", region),
-                            s.linkage, s.threshold)
+        emb, act = st.read(store, "embeddings", region), st.read(store, "topk/act", region)
+        # many tiny matrix products: one BLAS thread each (multi-threaded OpenBLAS on 16x50x768
+        # products stalls for seconds when the cores are busy); parallelism comes from workers
+        with threadpool_limits(limits=1, user_api="blas"):
+            res = cluster_shard(emb, act, s.linkage, s.threshold)
         st.write(store, "clusters/labels", region, res.labels)
         st.write(store, "clusters/linkage", region, res.linkage)
         for name in ("n_examples", "n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter"):
