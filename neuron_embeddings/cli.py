@@ -90,7 +90,8 @@ class ProgressMonitor(threading.Thread):
         from tqdm import tqdm
 
         if stage not in self.bars:
-            self.bars[stage] = tqdm(total=total, desc=f"{stage:8s}", unit=unit, dynamic_ncols=True, file=sys.stderr)
+            self.bars[stage] = tqdm(total=total, desc=f"{stage:8s}", unit=unit, dynamic_ncols=True, file=sys.stderr,
+                                    position=len(self.bars), leave=True, mininterval=0.5)
         return self.bars[stage]
 
     def _poll(self) -> None:

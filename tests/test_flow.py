@@ -53,3 +53,15 @@ def test_failed_shard_is_named_and_only_it_is_rerun(prefect_server, tiny_gpt2, t
     assert changed == {"embed/L01-N00064.done", "cluster/L01-N00064.done"}
     assert store_status(out).failed == 0
     assert_same_arrays(reference, contract_arrays(out))
+
+
+def test_two_dask_worker_processes_give_the_same_store(prefect_server, tiny_gpt2, tmp_path, reference):
+    from flows.runners import task_runner
+
+    out = str(tmp_path / "dask.zarr")
+    flow = neuron_embeddings_run.with_options(task_runner=task_runner(workers=2))
+    flow(out=out, model=tiny_gpt2, workers=2, **FLOW_OPTS)
+    st = store_status(out)
+    assert st.failed == 0 and st.pending == 0
+    assert len(st.units["scan"]) == 2  # two data-parallel scan blocks
+    assert_same_arrays(reference, contract_arrays(out))
