@@ -52,27 +52,20 @@ def test_unknown_model(capsys, tmp_path):
     _assert_one_line_error(rc, err, "--model", "cannot load")
 
 
-def test_unknown_dataset(capsys, base, tmp_path):
-    args = list(base)
-    args[args.index("--dataset") + 1] = str(tmp_path / "missing.txt")
-    rc, err = _run(capsys, *args)
-    _assert_one_line_error(rc, err, "not found")
+def _with(args: list[str], flag: str, value: str) -> list[str]:
+    out = list(args)
+    out[out.index(flag) + 1] = value
+    return out
 
 
-def test_empty_dataset(capsys, base, tmp_path):
-    (tmp_path / "empty.txt").write_text("\n\n")
-    args = list(base)
-    args[args.index("--dataset") + 1] = str(tmp_path / "empty.txt")
-    rc, err = _run(capsys, *args)
-    _assert_one_line_error(rc, err, "no text")
-
-
-def test_output_not_writable(capsys, base, tmp_path):
-    (tmp_path / "afile").write_text("x")
-    args = list(base)
-    args[args.index("--out") + 1] = str(tmp_path / "afile" / "s.zarr")
-    rc, err = _run(capsys, *args)
-    _assert_one_line_error(rc, err, "--out")
+@pytest.mark.parametrize("flag,make,words", [
+    ("--dataset", lambda p: p / "missing.txt", ["not found"]),
+    ("--dataset", lambda p: (p / "empty.txt").write_text("\n\n") and p / "empty.txt", ["no text"]),
+    ("--out", lambda p: (p / "afile").write_text("x") and p / "afile" / "s.zarr", ["--out", "not a directory"]),
+])
+def test_bad_paths(capsys, base, tmp_path, flag, make, words):
+    rc, err = _run(capsys, *_with(base, flag, str(make(tmp_path))))
+    _assert_one_line_error(rc, err, *words)
 
 
 def test_store_made_with_other_settings_is_refused_and_untouched(capsys, tiny_gpt2, tmp_path):
