@@ -80,33 +80,37 @@ def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, p
     """Merge one batch of candidates (one per sequence and neuron) into the table, in place.
 
     Exact: afterwards the table holds the k best of (old entries ∪ candidates) by
-    (key desc, seq asc). Only entering candidates have their x gathered. Returns how many entered.
+    (key desc, seq asc). Only the neurons with a candidate at or above their worst entry are
+    merged (after the first batches, few are), and only entering candidates have their x
+    gathered. Returns how many entered.
     """
-    M, k = table.key.shape
+    k = table.key.shape[1]
     B = key_BM.shape[0]
-    # Quick exit when no candidate beats any neuron's worst entry (the common case late in a scan).
-    worst = torch.min(table.key, dim=1).values  # [M]
-    if not bool((key_BM >= worst[None, :]).any()):
+    key_MB = key_BM.T.to(torch.float64)
+    worst_M = torch.min(table.key, dim=1).values
+    rows_R = torch.nonzero((key_MB >= worst_M[:, None]).any(dim=1)).squeeze(1)
+    R = rows_R.numel()
+    if R == 0:
         return 0
-    key_MN = torch.cat([table.key, key_BM.T.to(torch.float64)], dim=1)  # [M, k+B]
-    seq_MN = torch.cat([table.seq, seq_B[None, :].expand(M, B)], dim=1)
-    chosen = rank_order(key_MN, seq_MN)[:, :k]  # [M, k]
-    keep = torch.zeros_like(key_MN, dtype=torch.bool).scatter_(1, chosen, True)
-    keep_old, keep_new = keep[:, :k], keep[:, k:]
-    n_new = keep_new.sum(dim=1)  # [M] == evicted slots per neuron
-    n_max = int(n_new.max())
+    key_RN = torch.cat([table.key[rows_R], key_MB[rows_R]], dim=1)  # [R, k+B]
+    seq_RN = torch.cat([table.seq[rows_R], seq_B[None, :].expand(R, B)], dim=1)
+    chosen_RK = rank_order(key_RN, seq_RN)[:, :k]
+    keep_RN = torch.zeros_like(key_RN, dtype=torch.bool).scatter_(1, chosen_RK, True)
+    keep_old, keep_new = keep_RN[:, :k], keep_RN[:, k:]
+    n_new_R = keep_new.sum(dim=1)  # == evicted slots per neuron
+    n_max = int(n_new_R.max())
     if n_max == 0:
         return 0
     free_slots = torch.argsort(keep_old.to(torch.int8), dim=1, stable=True)[:, :n_max]  # free first
     new_b = torch.argsort((~keep_new).to(torch.int8), dim=1, stable=True)[:, :n_max]  # kept first
-    r, j = torch.nonzero(torch.arange(n_max, device=n_new.device)[None, :] < n_new[:, None], as_tuple=True)
-    slot, b = free_slots[r, j], new_b[r, j]
-    table.key[r, slot] = key_BM[b, r].to(torch.float64)
-    table.act[r, slot] = act_BM[b, r]
-    table.seq[r, slot] = seq_B[b]
-    p = pos_BM[b, r]
-    table.pos[r, slot] = p
-    table.x[r, slot] = x_BTD[b, p].to(table.x.dtype)
+    r, j = torch.nonzero(torch.arange(n_max, device=n_new_R.device)[None, :] < n_new_R[:, None], as_tuple=True)
+    slot, b, m = free_slots[r, j], new_b[r, j], rows_R[r]
+    table.key[m, slot] = key_MB[m, b]
+    table.act[m, slot] = act_BM[b, m]
+    table.seq[m, slot] = seq_B[b]
+    p = pos_BM[b, m]
+    table.pos[m, slot] = p
+    table.x[m, slot] = x_BTD[b, p].to(table.x.dtype)
     return int(r.numel())
 
 
@@ -134,34 +138,39 @@ class TopK:
     x: np.ndarray  # [S, k, D], 0 where none
 
 
+def _rank_rows(key_SN: np.ndarray, seq_SN: np.ndarray) -> np.ndarray:
+    """NumPy twin of `rank_order`: per row, key descending then sequence ascending."""
+    return np.lexsort((seq_SN, -key_SN), axis=-1)
+
+
 def merge_blocks(key_NSK: np.ndarray, act_NSK: np.ndarray, seq_NSK: np.ndarray, pos_NSK: np.ndarray,
                  x_NSKD: np.ndarray, k: int) -> TopK:
     """Exact merge of N blocks' slot tables for S neurons: the best k by (key desc, seq asc) of the
     union, then ordered by (activation desc, seq asc). Empty entries (key -inf) are dropped."""
     N, S, K = key_NSK.shape
-    key = torch.from_numpy(np.ascontiguousarray(key_NSK.transpose(1, 0, 2).reshape(S, N * K)))
-    seq = torch.from_numpy(np.ascontiguousarray(seq_NSK.transpose(1, 0, 2).reshape(S, N * K))).long()
-    seq = torch.where(seq < 0, torch.full_like(seq, NO_SEQ), seq)
-    act = torch.from_numpy(np.ascontiguousarray(act_NSK.transpose(1, 0, 2).reshape(S, N * K)))
-    chosen = rank_order(key, seq)[:, :k]  # [S, k]
-    valid = torch.gather(key, 1, chosen) > -torch.inf
-    act_c = torch.where(valid, torch.gather(act, 1, chosen), torch.full(chosen.shape, -torch.inf))
-    seq_c = torch.where(valid, torch.gather(seq, 1, chosen), torch.full_like(chosen, NO_SEQ))
-    order = rank_order(act_c.double(), seq_c)  # invalid (-inf) go last
-    chosen, valid = torch.gather(chosen, 1, order).numpy(), torch.gather(valid, 1, order).numpy()
+    flat = lambda a: np.ascontiguousarray(np.moveaxis(a, 0, 1).reshape(S, N * K))  # noqa: E731
+    key, act, seq = flat(key_NSK), flat(act_NSK), flat(seq_NSK).astype(np.int64)
+    seq = np.where(seq < 0, NO_SEQ, seq)
+    chosen = _rank_rows(key, seq)[:, :k]  # [S, k]
+    valid = np.take_along_axis(key, chosen, axis=1) > -np.inf
+    act_c = np.where(valid, np.take_along_axis(act, chosen, axis=1), -np.inf)
+    seq_c = np.where(valid, np.take_along_axis(seq, chosen, axis=1), NO_SEQ)
+    order = _rank_rows(act_c.astype(np.float64), seq_c)  # invalid (-inf) go last
+    chosen, valid = np.take_along_axis(chosen, order, axis=1), np.take_along_axis(valid, order, axis=1)
     blk, slot = chosen // K, chosen % K
     rows = np.arange(S)[:, None]
     out_act = np.where(valid, act_NSK[blk, rows, slot], np.nan).astype(np.float32)
     out_seq = np.where(valid, seq_NSK[blk, rows, slot], -1).astype(np.int32)
     out_pos = np.where(valid, pos_NSK[blk, rows, slot], -1).astype(np.int32)
-    out_x = np.where(valid[..., None], x_NSKD[blk, rows, slot], 0).astype(x_NSKD.dtype)
+    out_x = x_NSKD[blk, rows, slot]
+    out_x[~valid] = 0
     return TopK(out_act, out_seq, out_pos, out_x)
 
 
 def neuron_embeddings(x_SKD: np.ndarray, w_in_DS: np.ndarray, dtype: str) -> np.ndarray:
     """e[s, i] = x[s, i] ⊙ W_in[:, s]  ->  [S, k, D] in `dtype` (computed in float32)."""
-    e = x_SKD.astype(np.float32) * w_in_DS.T.astype(np.float32)[:, None, :]
-    return e.astype(dtype)
+    e = np.multiply(x_SKD, w_in_DS.T[:, None, :], dtype=np.float32)
+    return e.astype(dtype, copy=False)
 
 
 # --- the forward pass -------------------------------------------------------------------------
@@ -196,15 +205,27 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
             if mode == "max":
                 gmax[row] = torch.maximum(gmax[row], val.max(dim=0).values)
             else:
-                if mode == "top":
-                    key = val
-                else:
-                    key = band_keys(val, gmax_LM[row].to(device), fraction, seed, layer, neurons, state["seq"])
-                update_slots(tables[row], key, val, pos, state["seq"], state.pop(("x", row)))
+                state["cand", row] = (val, pos, state.pop(("x", row)))
             if layer == last:
                 raise _StopForward
             return t
         return hook
+
+    def merge_batch() -> None:
+        """The bookkeeping after each forward: many small memory-bound ops, run on one thread
+        (with 2 threads they ran ~10x slower here); the forward keeps all its threads."""
+        n_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for row, layer in enumerate(layers):
+                val, pos, x = state.pop(("cand", row))
+                if mode == "top":
+                    key = val
+                else:
+                    key = band_keys(val, gmax_LM[row].to(device), fraction, seed, layer, neurons, state["seq"])
+                update_slots(tables[row], key, val, pos, state["seq"], x)
+        finally:
+            torch.set_num_threads(n_threads)
 
     hooks = []
     for row, layer in enumerate(layers):
@@ -221,6 +242,8 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
                 bridge.run_with_hooks(ids, fwd_hooks=hooks)
             except _StopForward:
                 pass
+            if mode != "max":
+                merge_batch()
             if progress is not None:
                 progress(ids.shape[0], time.perf_counter() - t0)
     return gmax.cpu() if mode == "max" else tables
@@ -291,11 +314,13 @@ def scan_block(out: str, block: dict, batch_size: int, device: str, fault_unit: 
                                 fraction=s.band_fraction, seed=s.seed, progress=report)
         t_model = time.perf_counter() - t0
         b = block["index"]
-        for name in ("key", "act", "seq", "pos", "x"):
-            data = torch.stack([getattr(t, name) for t in tables]).cpu()  # [L, M, k(, D)]
-            if name in ("seq", "pos"):
-                data = torch.where(data == NO_SEQ, torch.full_like(data, -1), data).to(torch.int32)
-            st.write(store, f"scan/{name}", (b,), data.numpy())
+        for row, table in enumerate(tables):  # layer by layer: no second copy of the x table
+            for name in ("key", "act", "seq", "pos", "x"):
+                data = getattr(table, name).cpu()  # [M, k(, D)]
+                if name in ("seq", "pos"):
+                    data = torch.where(data == NO_SEQ, torch.full_like(data, -1), data).to(torch.int32)
+                st.write(store, f"scan/{name}", (b, row), data.numpy())
+            tables[row] = None
         return {"sequences": len(tokens), "tokens": int(tokens.size), "model_seconds": round(t_model, 3)}
 
     from tasks.common import run_unit
