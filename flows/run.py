@@ -10,6 +10,7 @@ from prefect import flow, unmapped
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from storage.lock import writer_lock
 from tasks.cluster import cluster_shard_task
 from tasks.embed import embed_shard_task
 from tasks.prepare import prepare_task
@@ -64,6 +65,17 @@ def neuron_embeddings_run(
                    k=k, selection=selection, shard_size=shard_size, linkage=linkage, threshold=threshold,
                    seed=seed, embedding_dtype=embedding_dtype, scan_blocks=scan_blocks, device=device,
                    workers=workers)
+    with writer_lock(out, run_name=_run_name()):
+        return _run(out, options, batch_size, device, task_retries, fault_shard)
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"flow run {flow_run.name} ({flow_run.id})"
+
+
+def _run(out: str, options: dict, batch_size: int, device: str, task_retries: int, fault_shard: str | None) -> dict:
     plan = prepare_task.submit(out, options).result()
     retry = dict(retries=task_retries, retry_delay_seconds=[2, 10, 30][:max(task_retries, 1)])
     blocks = plan["blocks"]

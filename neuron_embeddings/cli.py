@@ -72,7 +72,8 @@ def _quiet_prefect(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    for name in ("transformers", "huggingface_hub", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -140,21 +141,24 @@ def run_pipeline(out: str, options: dict, a: argparse.Namespace) -> dict:
     from neuron_embeddings.resolve import resolve_run
     from tasks.prepare import prepare_store
 
+    from storage import lock
+
     print(f"loading {options['model']} ...")
     settings, lm = resolve_run(out, **options)
-    prepare_store(out, settings, lm)
-    from flows.run import neuron_embeddings_run
-    from flows.runners import task_runner
+    with lock.writer_lock(out, run_name="neuron-embeddings run"):  # the flow re-enters it
+        prepare_store(out, settings, lm)
+        from flows.run import neuron_embeddings_run
+        from flows.runners import task_runner
 
-    flow = neuron_embeddings_run.with_options(task_runner=task_runner(a.workers, a.dask_address))
-    monitor = ProgressMonitor(out)
-    monitor.start()
-    try:
-        return flow(out=out, batch_size=a.batch_size, task_retries=a.task_retries, fault_shard=a.fault_shard,
-                    **{k: v for k, v in options.items()})
-    finally:
-        monitor.stop.set()
-        monitor.join()
+        flow = neuron_embeddings_run.with_options(task_runner=task_runner(a.workers, a.dask_address))
+        monitor = ProgressMonitor(out)
+        monitor.start()
+        try:
+            return flow(out=out, batch_size=a.batch_size, task_retries=a.task_retries, fault_shard=a.fault_shard,
+                        **{k: v for k, v in options.items()})
+        finally:
+            monitor.stop.set()
+            monitor.join()
 
 
 def print_summary(summary: dict, out: str) -> None:

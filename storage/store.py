@@ -199,7 +199,8 @@ def check_writable(url: str) -> None:
         p = Path(root)
         if p.exists() and not p.is_dir():
             raise UserError(f"--out {url}: exists and is not a directory; choose another path")
-        if p.is_dir() and any(p.iterdir()) and not (p / "zarr.json").exists():
+        if p.is_dir() and any(not c.name.startswith("_lock.json") for c in p.iterdir()) \
+                and not (p / "zarr.json").exists():
             raise UserError(f"--out {url}: directory exists, is not empty and is not a store; choose a new path")
         probe = p if p.exists() else Path(parent)
         while not probe.exists():
