@@ -7,7 +7,8 @@ deployment run, or Prefect's Retry) finishes a failed run without redoing comple
 from __future__ import annotations
 
 from prefect import flow, unmapped
-from prefect.futures import wait
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from storage.lock import writer_lock
@@ -22,17 +23,21 @@ class ShardsFailed(RuntimeError):
     """Some shards failed; the message names them. Rerun to compute only those."""
 
 
-def _check(stage: str, futures: list) -> None:
-    wait(futures)
-    failed = []
-    for f in futures:
-        state = f.state
-        if not state.is_completed():
-            try:
-                f.result()
-                failed.append(f"{stage} ({state.name})")
-            except BaseException as e:  # noqa: BLE001 - collected into one message naming each shard
-                failed.append(f"{e}" if "shard" in str(e) else f"{stage}: {type(e).__name__}: {e}")
+def _follow(stage: str, futures: list) -> None:
+    """Wait for a stage's tasks, updating its progress artifact in the UI as each one finishes;
+    raise ShardsFailed naming every shard that failed."""
+    if not futures:
+        return
+    artifact = create_progress_artifact(0.0, key=f"{stage}-progress",
+                                        description=f"{stage}: shards complete out of {len(futures)}")
+    failed, done = [], 0
+    for f in as_completed(futures):
+        done += 1
+        update_progress_artifact(artifact, 100.0 * done / len(futures))
+        try:
+            f.result()
+        except BaseException as e:  # noqa: BLE001 - collected into one message naming each shard
+            failed.append(f"{e}" if "shard" in str(e) else f"{stage}: {type(e).__name__}: {e}")
     if failed:
         raise ShardsFailed(f"{len(failed)} {stage} shard(s) failed: " + "; ".join(failed[:5])
                            + ("; ..." if len(failed) > 5 else "") + ". Rerun the same command to compute only those.")
@@ -82,13 +87,13 @@ def _run(out: str, options: dict, batch_size: int, device: str, task_retries: in
     if plan["band"]:
         futs = maxima_block_task.with_options(**retry).map(
             unmapped(out), blocks, unmapped(batch_size), unmapped(device), unmapped(fault_shard))
-        _check("maxima", list(futs))
+        _follow("maxima", list(futs))
     futs = scan_block_task.with_options(**retry).map(
         unmapped(out), blocks, unmapped(batch_size), unmapped(device), unmapped(fault_shard))
-    _check("scan", list(futs))
+    _follow("scan", list(futs))
     embeds = embed_shard_task.with_options(**retry).map(unmapped(out), plan["shards"], unmapped(fault_shard))
     clusters = [cluster_shard_task.with_options(**retry).submit(out, shard, fault_shard, wait_for=[e])
                 for shard, e in zip(plan["shards"], embeds)]
-    _check("embed", list(embeds))
-    _check("cluster", clusters)
+    _follow("embed", list(embeds))
+    _follow("cluster", clusters)
     return summarise_task.submit(out).result()

@@ -169,7 +169,7 @@ def print_summary(summary: dict, out: str) -> None:
               f"{r['mean_distance'] or 0:>9.3f} {100 * (r['share_multi_cluster'] or 0):>9.1f}%")
     for title, key in (("most polysemantic", "most_polysemantic"), ("least polysemantic", "least_polysemantic")):
         print(f"\n{title} neurons (clusters: top tokens the examples peak on):")
-        for n in summary[key]:
+        for n in summary[key][:5]:
             parts = [f"#{c['cluster']} ({c['size']}): " + " ".join(repr(t) for t in c["tokens"])
                      for c in n["clusters"][:4]]
             more = f" +{len(n['clusters']) - 4} more" if len(n["clusters"]) > 4 else ""

@@ -55,3 +55,17 @@ def run_unit(store_url: str, stage: str, unit: str, work: Callable[[Store], dict
     log.info("%s %s: done in %.2f s %s", stage, unit, record["seconds"],
              {k: v for k, v in record.items() if k not in ("stage", "unit", "skipped", "seconds")})
     return record
+
+
+def progress_artifact(key: str, description: str):
+    """A Prefect progress artifact inside a run (a callable taking a percentage), else None."""
+    try:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+        from prefect.context import TaskRunContext
+
+        if TaskRunContext.get() is None:
+            return None
+        artifact = create_progress_artifact(0.0, key=key, description=description)
+    except (ImportError, RuntimeError):
+        return None
+    return lambda percent: update_progress_artifact(artifact, float(percent))

@@ -267,7 +267,12 @@ HOOK_POST = "blocks.{layer}.mlp.hook_post"
 # --- Prefect tasks ----------------------------------------------------------------------------
 
 def _progress_writer(store, stage: str, unit: str, total: int, every_s: float = 1.0):
+    """Progress of a block: a file in the store (for the CLI's bars) and a Prefect progress
+    artifact (for the UI), both updated at most every `every_s` seconds."""
+    from tasks.common import progress_artifact
+
     state = {"done": 0, "last": 0.0}
+    artifact = progress_artifact(f"{stage}-{unit.lower()}", f"{stage} block {unit}: sequences done of {total}")
 
     def report(n: int, _seconds: float) -> None:
         state["done"] += n
@@ -275,6 +280,8 @@ def _progress_writer(store, stage: str, unit: str, total: int, every_s: float = 
         if now - state["last"] >= every_s or state["done"] >= total:
             state["last"] = now
             store.write_progress(stage, unit, state["done"], total)
+            if artifact is not None:
+                artifact(100.0 * state["done"] / total)
     store.write_progress(stage, unit, 0, total)
     return report
 

@@ -80,4 +80,31 @@ def summarise_store(out: str, n_show: int = 5) -> dict:
             "least_polysemantic": [describe(*p) for p in least[:n_show]]}
 
 
-summarise_task = task(name="summarise", cache_policy=NO_CACHE)(summarise_store)
+def report_markdown(summary: dict, out: str) -> str:
+    """The run's report: settings line, per-layer table, most polysemantic neurons with their clusters."""
+    lines = [f"# neuron-embeddings: `{out}`", "", "| layer | neurons | with examples | mean clusters | "
+             "mean distance | > 1 cluster |", "|---|---|---|---|---|---|"]
+    for r in summary["layers"]:
+        lines.append(f"| {r['layer']} | {r['neurons']} | {r['with_examples']} | {r['mean_clusters']} | "
+                     f"{r['mean_distance']} | {100 * (r['share_multi_cluster'] or 0):.1f}% |")
+    lines += ["", "## Most polysemantic neurons", "", "| neuron | clusters | mean distance | clusters: size, top tokens |",
+              "|---|---|---|---|"]
+    for n in summary["most_polysemantic"]:
+        cl = "; ".join(f"#{c['cluster']} ({c['size']}): " + " ".join(f"`{t!r}`" for t in c["tokens"])
+                       for c in n["clusters"][:6])
+        lines.append(f"| L{n['layer']} N{n['neuron']} | {n['n_clusters']} | {n['mean_distance']} | {cl} |")
+    return "\n".join(lines)
+
+
+def summarise_and_publish(out: str, n_show: int = 10) -> dict:
+    """Summarise the store and publish it to the Prefect UI: a table per layer and a markdown report."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    summary = summarise_store(out, n_show=n_show)
+    create_table_artifact(summary["layers"], key="layer-summary", description=f"per-layer summary of {out}")
+    create_markdown_artifact(report_markdown(summary, out), key="polysemanticity-report",
+                             description=f"most polysemantic neurons of {out}")
+    return summary
+
+
+summarise_task = task(name="summarise", cache_policy=NO_CACHE)(summarise_and_publish)

@@ -32,10 +32,38 @@ def test_flow_run_then_resume(prefect_server, tiny_gpt2, tmp_path, reference):
     assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 + 8
     assert [r["layer"] for r in summary["layers"]] == [0, 1]
     assert_same_arrays(reference, contract_arrays(out))  # the flow writes what the stages compute
+    _check_artifacts(summary)
     before = _marker_mtimes(out)
     neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)  # resume: nothing left to do
     assert _marker_mtimes(out) == before
     assert_same_arrays(reference, contract_arrays(out))
+
+
+def _latest_artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                     sort=ArtifactSort.UPDATED_DESC, limit=1)
+    assert arts, f"no artifact {key!r}"
+    return arts[0]
+
+
+def _check_artifacts(summary: dict) -> None:
+    import json
+
+    table = _latest_artifact("layer-summary")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [r["layer"] for r in rows] == [0, 1]
+    assert [r["mean_clusters"] for r in rows] == [r["mean_clusters"] for r in summary["layers"]]
+    report = _latest_artifact("polysemanticity-report").data
+    top = summary["most_polysemantic"][0]
+    assert f"L{top['layer']} N{top['neuron']}" in report
+    for stage in ("embed", "cluster"):
+        assert float(_latest_artifact(f"{stage}-progress").data) == 100.0
+    assert float(_latest_artifact("scan-b0000").data) == 100.0
 
 
 def test_failed_shard_is_named_and_only_it_is_rerun(prefect_server, tiny_gpt2, tmp_path, reference):
