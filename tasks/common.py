@@ -32,6 +32,23 @@ def task_logger() -> logging.Logger | logging.LoggerAdapter:
     return logging.getLogger("neuron_embeddings")
 
 
+def _maybe_fault(store: Store, stage: str, unit: str, fault_unit: str | None) -> None:
+    """The test-only fault switch: `SHARD` or `STAGE/SHARD` fails every attempt; with the suffix
+    `:once` only the first attempt fails (a transient fault, for task retries)."""
+    if fault_unit is None:
+        return
+    target, _, mode = fault_unit.partition(":")
+    if target not in (unit, f"{stage}/{unit}"):
+        return
+    if mode == "once":
+        flag = f"{store.root}/_faults/{stage}-{unit}"
+        if store.fs.exists(flag):
+            return
+        store.fs.makedirs(flag.rsplit("/", 1)[0], exist_ok=True)
+        store.fs.pipe_file(flag, b"1")
+    raise InjectedFault(f"fault injected into {stage} shard {unit}")
+
+
 def run_unit(store_url: str, stage: str, unit: str, work: Callable[[Store], dict],
              fault_unit: str | None = None) -> dict:
     """Run one unit of a stage unless its marker says complete; return a small record."""
@@ -42,8 +59,7 @@ def run_unit(store_url: str, stage: str, unit: str, work: Callable[[Store], dict
         return {"stage": stage, "unit": unit, "skipped": True}
     t0 = time.perf_counter()
     try:
-        if fault_unit is not None and fault_unit in (unit, f"{stage}/{unit}"):
-            raise InjectedFault(f"fault injected into {stage} shard {unit}")
+        _maybe_fault(store, stage, unit, fault_unit)
         record = work(store)
     except BaseException as e:
         store.mark_failed(stage, unit, f"{type(e).__name__}: {e}")

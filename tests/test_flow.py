@@ -93,3 +93,12 @@ def test_two_dask_worker_processes_give_the_same_store(prefect_server, tiny_gpt2
     assert st.failed == 0 and st.pending == 0
     assert len(st.units["scan"]) == 2  # two data-parallel scan blocks
     assert_same_arrays(reference, contract_arrays(out))
+
+
+def test_task_retries_absorb_a_transient_fault(prefect_server, tiny_gpt2, tmp_path, reference):
+    out = str(tmp_path / "retry.zarr")
+    neuron_embeddings_run(out=out, model=tiny_gpt2, fault_shard="cluster/L00-N00128:once", task_retries=1,
+                          **FLOW_OPTS)
+    st = store_status(out)
+    assert st.failed == 0 and st.pending == 0
+    assert_same_arrays(reference, contract_arrays(out))

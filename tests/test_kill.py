@@ -1,0 +1,51 @@
+"""A run killed with SIGKILL part-way, then rerun with the same command: the same store as an
+uninterrupted run (real CLI processes, each with its own temporary Prefect server)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from storage.status import store_status
+from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
+
+N_SEQ, CTX, K, SHARD = 160, 32, 6, 64
+
+
+def _cli(tiny_gpt2: str, out: str) -> list[str]:
+    return [sys.executable, "-m", "neuron_embeddings.cli", "run", "--model", tiny_gpt2, "--dataset",
+            "builtin:python-docs", "--out", out, "--n-sequences", str(N_SEQ), "--ctx-len", str(CTX), "--k", str(K),
+            "--shard-size", str(SHARD), "--embedding-dtype", "float32", "--device", "cpu", "--batch-size", "1"]
+
+
+def _reached(out: Path, point: str) -> bool:
+    if point == "scan":
+        return any((out / "_progress" / "scan").glob("*.json")) if (out / "_progress" / "scan").exists() else False
+    return len(list((out / "_markers" / "embed").glob("*.done"))) >= 1 if (out / "_markers" / "embed").exists() else False
+
+
+@pytest.mark.parametrize("point", ["scan", "embed"])
+def test_sigkill_then_rerun_gives_the_uninterrupted_store(tiny_gpt2, tmp_path, point):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "killed.zarr"
+    p = subprocess.Popen(_cli(tiny_gpt2, str(out)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not _reached(out, point) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, "the run finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    st = store_status(str(out))
+    assert st.pending > 0  # it really was cut short
+    done = subprocess.run(_cli(tiny_gpt2, str(out)), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    st = store_status(str(out))
+    assert st.failed == 0 and st.pending == 0
+    ref = tmp_path / "ref.zarr"
+    run_stages(str(ref), **options(tiny_gpt2, n_sequences=N_SEQ, ctx_len=CTX, k=K, shard_size=SHARD))
+    assert_same_arrays(contract_arrays(str(ref)), contract_arrays(str(out)))

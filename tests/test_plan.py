@@ -1,0 +1,64 @@
+"""The plan: every task writes whole chunks, and no two tasks write the same chunk."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from neuron_embeddings.settings import RunSettings
+from storage.store import create_store, neuron_shards, scan_blocks, shard_region, Store
+
+
+def _chunk_ids(region: tuple, chunks: tuple, shape: tuple) -> set:
+    ranges = []
+    for dim, sel in enumerate(region):
+        if isinstance(sel, int):
+            ranges.append([sel // chunks[dim]])
+        else:
+            start, stop = sel.start or 0, shape[dim] if sel.stop is None else sel.stop
+            assert start % chunks[dim] == 0 and (stop % chunks[dim] == 0 or stop == shape[dim]), (region, chunks)
+            ranges.append(range(start // chunks[dim], -(-stop // chunks[dim])))
+    for dim in range(len(region), len(shape)):
+        ranges.append(range(-(-shape[dim] // chunks[dim])))
+    return set(itertools.product(*ranges))
+
+
+@pytest.mark.parametrize("d_mlp,shard_size,blocks", [(256, 64, 1), (3072, 256, 4), (1536, 100, 3), (37, 7, 5),
+                                                      (64, 1000, 2)])
+def test_tasks_write_disjoint_whole_chunks(tmp_path, d_mlp, shard_size, blocks):
+    s = RunSettings(model="m", dataset="d", layers=(0, 3, 5), n_sequences=40, ctx_len=8, k=5,
+                    shard_size=shard_size, scan_blocks=blocks)
+    store = create_store(str(tmp_path / "s.zarr"), s, {"d_mlp": d_mlp, "d_model": 16, "model": "m"}, d_vocab=10)
+    g = store.group("r")
+    shard_arrays = ["topk/act", "topk/seq", "topk/pos", "embeddings", "clusters/labels", "clusters/linkage",
+                    "metrics/n_clusters", "weights/b_in"]
+    shards = neuron_shards(s, d_mlp)
+    covered = {name: set() for name in shard_arrays}
+    for sh in shards:
+        for name in shard_arrays:
+            a = g[name]
+            ids = _chunk_ids(shard_region(sh), a.chunks, a.shape)
+            assert not ids & covered[name], f"{name}: shard {sh.id} writes a chunk another shard writes"
+            covered[name] |= ids
+    for name in shard_arrays:  # and together they cover the array
+        a = g[name]
+        assert covered[name] == _chunk_ids((), a.chunks, a.shape)
+    seen = set()
+    for b in scan_blocks(s):
+        for row in range(len(s.layers)):
+            ids = _chunk_ids((b.index, row), g["scan/x"].chunks, g["scan/x"].shape)
+            assert not ids & seen
+            seen |= ids
+    # the blocks partition the sequences
+    edges = [(b.start, b.stop) for b in scan_blocks(s)]
+    assert edges[0][0] == 0 and edges[-1][1] == 40 and all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+
+
+def test_misaligned_write_is_refused(tmp_path):
+    from storage.store import write
+
+    s = RunSettings(model="m", dataset="d", layers=(0,), n_sequences=4, ctx_len=8, k=5, shard_size=64)
+    store = create_store(str(tmp_path / "s.zarr"), s, {"d_mlp": 256, "d_model": 16, "model": "m"}, d_vocab=10)
+    with pytest.raises(AssertionError, match="chunk-aligned"):
+        write(store, "topk/act", (0, slice(32, 96)), np.zeros((64, 5), np.float32))
