@@ -10,10 +10,15 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
 
         return DaskTaskRunner(address=dask_address)
     if workers > 1:
+        import os
+
         from prefect_dask import DaskTaskRunner
 
+        threads = str(max(1, (os.cpu_count() or 1) // workers))  # no oversubscription of the cores
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
+               "NE_TORCH_THREADS": threads}
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None})
+                                              "dashboard_address": None, "worker_kwargs": {"env": env}})
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=1)

@@ -101,6 +101,8 @@ def _boot(name: str, device: str) -> LoadedModel:
 def load_model(name: str, device: str = "auto") -> LoadedModel:
     """The model, loaded at most once per process (worker) for each (name, device)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("NE_TORCH_THREADS"):  # set per worker process by flows.runners
+        torch.set_num_threads(int(os.environ["NE_TORCH_THREADS"]))
     dev = resolve_device(device)
     key = (name, dev)
     with _LOCK:

@@ -212,7 +212,7 @@ def check_writable(url: str) -> None:
             os.close(fd)
             os.remove(tmp)
         except OSError as e:
-            raise UserError(f"--out {url}: cannot write in {probe} ({e.strerror}); choose a path you can write to")
+            raise UserError(f"--out {url}: cannot write in {probe} ({e.strerror}); choose a path you can write to") from e
     elif not fs.exists(parent):
         raise UserError(f"--out {url}: parent location {parent} does not exist")
 

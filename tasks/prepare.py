@@ -9,7 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from neuron_embeddings.datasets import iter_documents, pack_tokens, vocab_strings
-from neuron_embeddings.models import LoadedModel, load_model, mlp_weights
+from neuron_embeddings.models import LoadedModel, mlp_weights
 from neuron_embeddings.resolve import model_info, resolve_run
 from neuron_embeddings.settings import RunSettings
 from storage import store as st

@@ -1,7 +1,6 @@
 """The command line: bad input is a one-line error, exit status 2, and damages nothing."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from neuron_embeddings.cli import main

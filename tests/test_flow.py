@@ -1,7 +1,6 @@
 """The flow end to end on a real Prefect server (test harness): a run, a resumed run, a failed shard."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from flows.run import ShardsFailed, neuron_embeddings_run

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from neuron_embeddings.settings import RunSettings
-from storage.store import create_store, neuron_shards, scan_blocks, shard_region, Store
+from storage.store import create_store, neuron_shards, scan_blocks, shard_region
 
 
 def _chunk_ids(region: tuple, chunks: tuple, shape: tuple) -> set:

@@ -142,7 +142,7 @@ def test_scan_stops_after_last_requested_layer(scanned):
     h = lm.bridge.blocks[1].mlp.hook_post if hasattr(lm.bridge.blocks[1].mlp, "hook_post") else None
     if h is None:
         pytest.skip("bridge exposes no hook module to observe")
-    handle = h.add_hook(lambda t, hook: seen.append(1))
+    h.add_hook(lambda t, hook: seen.append(1))
     try:
         scan_sequences(lm.bridge, tokens[:4], 0, [0], 3, torch.float32, 4, "cpu")
     finally:

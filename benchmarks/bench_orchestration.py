@@ -1,0 +1,156 @@
+"""Orchestration benchmark: Prefect + storage overhead per shard, 2 workers vs 1 on the cluster
+stage, and the projected wall time of a full GPT-2 small run with N workers.
+
+    .venv/bin/python benchmarks/bench_orchestration.py [--sequences 64] [--workdir DIR]
+
+Runs the real CLI on a GPT-2-small-shaped model with random weights (12 x 3072 neurons, k = 50),
+then reruns the cluster stage alone (markers cleared) with 1 and with 2 workers. All figures are
+ratios or costs measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def markers(store: Path, stage: str) -> list[tuple[float, dict]]:
+    out = []
+    for p in (store / "_markers" / stage).glob("*.done"):
+        out.append((p.stat().st_mtime, json.loads(p.read_text())))
+    return sorted(out, key=lambda t: t[0])
+
+
+def stage_stats(store: Path, stage: str) -> dict:
+    ms = markers(store, stage)
+    bodies = [r["seconds"] for _, r in ms]
+    first_start = ms[0][0] - ms[0][1]["seconds"]
+    span = ms[-1][0] - first_start
+    return {"units": len(ms), "sum_body_s": sum(bodies), "span_s": span,
+            "overhead_per_unit_s": (span - sum(bodies)) / len(ms), "body_per_unit_s": sum(bodies) / len(ms)}
+
+
+def run_cli(args: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([str(ROOT / ".venv/bin/neuron-embeddings"), *args], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def storage_share(store: Path, n_shards: int = 6) -> dict:
+    """Inside shard bodies: seconds in store reads/writes vs compute, for embed + cluster of a few
+    shards (rewriting the same data the run wrote)."""
+    from threadpoolctl import threadpool_limits
+
+    from storage import store as st
+    from tasks.cluster import cluster_shard
+    from tasks.scan import merge_blocks, neuron_embeddings
+
+    s = st.Store(str(store))
+    settings = s.settings()
+    io = compute = 0.0
+    for sh in st.neuron_shards(settings, int(s.attrs["d_mlp"]))[:n_shards]:
+        row, sl = sh.row, slice(sh.start, sh.stop)
+        region = (row, sl)
+        t0 = time.perf_counter()
+        parts = {n: st.read(s, f"scan/{n}", (slice(None), row, sl)) for n in ("key", "act", "seq", "pos", "x")}
+        w = st.read(s, "weights/W_in", (row, slice(None), sl))
+        t1 = time.perf_counter()
+        top = merge_blocks(parts["key"], parts["act"], parts["seq"], parts["pos"], parts["x"], settings.k)
+        emb = neuron_embeddings(top.x, w, settings.embedding_dtype)
+        t2 = time.perf_counter()
+        for name, data in (("topk/act", top.act), ("topk/seq", top.seq), ("topk/pos", top.pos), ("embeddings", emb)):
+            st.write(s, name, region, data)
+        emb2, act2 = st.read(s, "embeddings", region), st.read(s, "topk/act", region)
+        t3 = time.perf_counter()
+        with threadpool_limits(1, "blas"):
+            res = cluster_shard(emb2, act2, settings.linkage, settings.threshold)
+        t4 = time.perf_counter()
+        st.write(s, "clusters/labels", region, res.labels)
+        st.write(s, "clusters/linkage", region, res.linkage)
+        for m in ("n_examples", "n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter"):
+            st.write(s, f"metrics/{m}", region, getattr(res, m))
+        t5 = time.perf_counter()
+        io += (t1 - t0) + (t3 - t2) + (t5 - t4)
+        compute += (t2 - t1) + (t4 - t3)
+    return {"io_s_per_shard": io / n_shards, "compute_s_per_shard": compute / n_shards}
+
+
+def clear(store: Path, stage: str) -> None:
+    for p in (store / "_markers" / stage).glob("*.done"):
+        p.unlink()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sequences", type=int, default=64, help="sequences of 128 tokens for the run")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ne-bench-orch"))
+    ap.add_argument("--full-tokens", type=int, default=8192 * 128, help="tokens of the projected full run")
+    a = ap.parse_args()
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "gpt2-small-random"
+    if not (model / "config.json").exists():
+        from neuron_embeddings.synthetic import build_random_gpt2
+
+        build_random_gpt2(model, n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=1000)
+    store = work / "run.zarr"
+    if store.exists():
+        import shutil
+
+        shutil.rmtree(store)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(work / "prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    args = ["run", "--model", str(model), "--dataset", "builtin:python-docs", "--out", str(store),
+            "--n-sequences", str(a.sequences), "--ctx-len", "128", "--k", "50", "--device", "cpu"]
+    wall = run_cli(args, env)
+    scan = markers(store, "scan")[0][1]
+    per_token = scan["model_seconds"] / scan["tokens"]
+    stats = {st: stage_stats(store, st) for st in ("embed", "cluster")}
+    share = storage_share(store)
+    clear(store, "cluster")
+    run_cli(args + ["--workers", "1"], env)
+    one = stage_stats(store, "cluster")
+    clear(store, "cluster")
+    run_cli(args + ["--workers", "2"], env)
+    two = stage_stats(store, "cluster")
+    speedup = one["span_s"] / two["span_s"]
+
+    neurons = 12 * 3072
+    per_neuron = (stats["embed"]["span_s"] + stats["cluster"]["span_s"]) / neurons
+    startup = wall - sum(r["seconds"] for _, r in markers(store, "scan")) - stats["embed"]["span_s"] - one["span_s"]
+    print("=" * 90)
+    print(f"orchestration benchmark: GPT-2-small-shaped random model, {a.sequences} x 128 tokens, k 50, "
+          f"{neurons} neurons, shard size 256 ({stats['embed']['units']} shards per stage)")
+    print(f"command: {sys.executable} benchmarks/bench_orchestration.py --sequences {a.sequences}")
+    print("-" * 90)
+    for stage, s in stats.items():
+        print(f"{stage:8s} per shard: body {1000 * s['body_per_unit_s']:7.1f} ms, Prefect + scheduling overhead "
+              f"{1000 * s['overhead_per_unit_s']:6.1f} ms  ({100 * s['overhead_per_unit_s'] / s['body_per_unit_s']:.1f} % "
+              f"of the body)")
+    print(f"inside a shard body (embed + cluster): store reads/writes {1000 * share['io_s_per_shard']:.1f} ms, "
+          f"compute {1000 * share['compute_s_per_shard']:.1f} ms  "
+          f"(storage {100 * share['io_s_per_shard'] / (share['io_s_per_shard'] + share['compute_s_per_shard']):.0f} %)")
+    print(f"cluster stage alone: 1 worker {one['span_s']:.1f} s, 2 workers (local Dask) {two['span_s']:.1f} s -> "
+          f"speed-up {speedup:.2f}x (aim >= 1.7)")
+    print("-" * 90)
+    print(f"measured costs: scan {1000 * per_token:.3f} ms/token (12 layers), embed+cluster "
+          f"{1000 * per_neuron:.3f} ms/neuron (1 worker), fixed start-up ~{startup:.0f} s")
+    print(f"projected full GPT-2 small run ({a.full_tokens:,} tokens, {neurons:,} neurons) on machines like this one,"
+          " N workers of 2 cores each:")
+    for n in (1, 2, 4, 8, 16, 32):
+        t = startup + a.full_tokens * per_token / n + neurons * per_neuron / n
+        print(f"   N = {n:3d}: {t / 60:7.1f} min")
+    print("=" * 90)
+
+
+if __name__ == "__main__":
+    main()
