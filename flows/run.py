@@ -11,6 +11,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.runners import task_runner
 from storage.lock import writer_lock
 from tasks.cluster import cluster_shard_task
 from tasks.embed import embed_shard_task
@@ -23,11 +24,11 @@ class ShardsFailed(RuntimeError):
     """Some shards failed; the message names them. Rerun to compute only those."""
 
 
-def _follow(stage: str, futures: list) -> None:
+def _follow(stage: str, futures: list) -> list[str]:
     """Wait for a stage's tasks, updating its progress artifact in the UI as each one finishes;
-    raise ShardsFailed naming every shard that failed."""
+    return a message per failed shard."""
     if not futures:
-        return
+        return []
     artifact = create_progress_artifact(0.0, key=f"{stage}-progress",
                                         description=f"{stage}: shards complete out of {len(futures)}")
     failed, done = [], 0
@@ -38,12 +39,16 @@ def _follow(stage: str, futures: list) -> None:
             f.result()
         except BaseException as e:  # noqa: BLE001 - collected into one message naming each shard
             failed.append(f"{e}" if "shard" in str(e) else f"{stage}: {type(e).__name__}: {e}")
+    return failed
+
+
+def _raise_if(failed: list[str]) -> None:
     if failed:
-        raise ShardsFailed(f"{len(failed)} {stage} shard(s) failed: " + "; ".join(failed[:5])
+        raise ShardsFailed(f"{len(failed)} shard(s) failed: " + "; ".join(failed[:5])
                            + ("; ..." if len(failed) > 5 else "") + ". Rerun the same command to compute only those.")
 
 
-@flow(name="neuron-embeddings", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
+@flow(name="neuron-embeddings", log_prints=True)
 def neuron_embeddings_run(
     out: str,
     model: str = "gpt2",
@@ -62,16 +67,32 @@ def neuron_embeddings_run(
     batch_size: int = 16,
     device: str = "auto",
     workers: int = 1,
+    dask_address: str | None = None,
     task_retries: int = 0,
     fault_shard: str | None = None,
 ) -> dict:
-    """Neuron embeddings, clusters and polysemanticity metrics for every MLP neuron of `model`."""
+    """Neuron embeddings, clusters and polysemanticity metrics for every MLP neuron of `model`.
+
+    `out` may contain `{date}` (the flow run's scheduled start, YYYY-MM-DD), so that scheduled runs
+    each write a new store while a retry of the same run resumes its own. The shards run on
+    `workers` local processes (a local Dask cluster) or on the Dask cluster at `dask_address`."""
+    out = _expand_out(out)
     options = dict(model=model, dataset=dataset, layers=layers, n_sequences=n_sequences, ctx_len=ctx_len,
                    k=k, selection=selection, shard_size=shard_size, linkage=linkage, threshold=threshold,
                    seed=seed, embedding_dtype=embedding_dtype, scan_blocks=scan_blocks, device=device,
                    workers=workers)
     with writer_lock(out, run_name=_run_name()):
-        return _run(out, options, batch_size, device, task_retries, fault_shard)
+        shards = shard_flow.with_options(task_runner=task_runner(workers, dask_address))
+        return shards(out, options, batch_size, device, task_retries, fault_shard)
+
+
+def _expand_out(out: str) -> str:
+    if "{date}" not in out:
+        return out
+    from prefect.runtime import flow_run
+
+    start = flow_run.scheduled_start_time
+    return out.replace("{date}", start.strftime("%Y-%m-%d"))
 
 
 def _run_name() -> str:
@@ -80,20 +101,24 @@ def _run_name() -> str:
     return f"flow run {flow_run.name} ({flow_run.id})"
 
 
-def _run(out: str, options: dict, batch_size: int, device: str, task_retries: int, fault_shard: str | None) -> dict:
+@flow(name="neuron-embeddings-shards", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def shard_flow(out: str, options: dict, batch_size: int, device: str, task_retries: int,
+               fault_shard: str | None) -> dict:
+    """The stages, on the task runner the parent flow chose."""
     plan = prepare_task.submit(out, options).result()
     retry = dict(retries=task_retries, retry_delay_seconds=[2, 10, 30][:max(task_retries, 1)])
     blocks = plan["blocks"]
     if plan["band"]:
         futs = maxima_block_task.with_options(**retry).map(
             unmapped(out), blocks, unmapped(batch_size), unmapped(device), unmapped(fault_shard))
-        _follow("maxima", list(futs))
+        _raise_if(_follow("maxima", list(futs)))
     futs = scan_block_task.with_options(**retry).map(
         unmapped(out), blocks, unmapped(batch_size), unmapped(device), unmapped(fault_shard))
-    _follow("scan", list(futs))
+    _raise_if(_follow("scan", list(futs)))
     embeds = embed_shard_task.with_options(**retry).map(unmapped(out), plan["shards"], unmapped(fault_shard))
     clusters = [cluster_shard_task.with_options(**retry).submit(out, shard, fault_shard, wait_for=[e])
-                for shard, e in zip(plan["shards"], embeds)]
-    _follow("embed", list(embeds))
-    _follow("cluster", clusters)
+                for shard, e in zip(plan["shards"], embeds, strict=True)]
+    failed = _follow("embed", list(embeds))
+    failed += [m for m in _follow("cluster", clusters) if "NotReady" not in m and "upstream" not in m.lower()]
+    _raise_if(failed)
     return summarise_task.submit(out).result()

@@ -18,7 +18,7 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
         env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
                "NE_TORCH_THREADS": threads}
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None, "worker_kwargs": {"env": env}})
+                                              "dashboard_address": None, "env": env})
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=1)

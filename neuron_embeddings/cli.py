@@ -148,14 +148,12 @@ def run_pipeline(out: str, options: dict, a: argparse.Namespace) -> dict:
     with lock.writer_lock(out, run_name="neuron-embeddings run"):  # the flow re-enters it
         prepare_store(out, settings, lm)
         from flows.run import neuron_embeddings_run
-        from flows.runners import task_runner
 
-        flow = neuron_embeddings_run.with_options(task_runner=task_runner(a.workers, a.dask_address))
         monitor = ProgressMonitor(out)
         monitor.start()
         try:
-            return flow(out=out, batch_size=a.batch_size, task_retries=a.task_retries, fault_shard=a.fault_shard,
-                        **{k: v for k, v in options.items()})
+            return neuron_embeddings_run(out=out, batch_size=a.batch_size, task_retries=a.task_retries,
+                                         fault_shard=a.fault_shard, dask_address=a.dask_address, **options)
         finally:
             monitor.stop.set()
             monitor.join()
