@@ -115,6 +115,11 @@ class _Holder:
         self.stop.set()
         if (read_lock(self.url) or {}).get("owner") == self.owner:
             self.fs.rm(self.path)
+        if isinstance(self.fs, LocalFileSystem):  # a run refused before writing anything leaves nothing
+            try:
+                os.rmdir(self.root)
+            except OSError:
+                pass  # not empty: a store
 
 
 def acquire(url: str, run_name: str = "", stale_after: float = STALE_AFTER_S) -> _Holder:
