@@ -33,12 +33,14 @@ def _reached(out: Path, point: str) -> bool:
 def test_sigkill_then_rerun_gives_the_uninterrupted_store(tiny_gpt2, tmp_path, point):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "killed.zarr"
-    p = subprocess.Popen(_cli(tiny_gpt2, str(out)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own process group, so that the kill also takes its temporary Prefect server
+    p = subprocess.Popen(_cli(tiny_gpt2, str(out)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
     deadline = time.time() + 120
     while not _reached(out, point) and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert p.poll() is None, "the run finished before it could be killed"
-    p.send_signal(signal.SIGKILL)
+    os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     st = store_status(str(out))
     assert st.pending > 0  # it really was cut short
