@@ -30,13 +30,18 @@ MASK32 = 0xFFFFFFFF
 
 @dataclass
 class SlotTable:
-    """The k slots of every neuron of one layer, unordered. Empty slots have key -inf."""
+    """The k best entries of every neuron of one layer, kept in rank order (key desc, seq asc).
 
-    key: torch.Tensor  # float64 [M, k] ranking key, larger is better
+    x lives in k fixed slots per neuron; `slot` says which slot holds each ranked entry's x, so a
+    merge moves small fields only, never x. Empty entries have key -inf.
+    """
+
+    key: torch.Tensor  # float64 [M, k] ranking key, larger is better, descending along k
     act: torch.Tensor  # float32 [M, k] the example's activation (per-sequence max)
     seq: torch.Tensor  # int64 [M, k] sequence index (NO_SEQ where empty)
     pos: torch.Tensor  # int64 [M, k] position of the sequence's max token
-    x: torch.Tensor  # [M, k, D] MLP input at that token, in the embedding dtype
+    slot: torch.Tensor  # int64 [M, k] slot of x holding each entry's MLP input
+    x: torch.Tensor  # [M, k, D] MLP input at that token, by slot, in the embedding dtype
 
     @classmethod
     def empty(cls, d_mlp: int, k: int, d_model: int, dtype: torch.dtype, device="cpu") -> "SlotTable":
@@ -45,8 +50,14 @@ class SlotTable:
             act=torch.full((d_mlp, k), torch.nan, dtype=torch.float32, device=device),
             seq=torch.full((d_mlp, k), NO_SEQ, dtype=torch.int64, device=device),
             pos=torch.full((d_mlp, k), -1, dtype=torch.int64, device=device),
+            slot=torch.arange(k, device=device).repeat(d_mlp, 1),
             x=torch.zeros((d_mlp, k, d_model), dtype=dtype, device=device),
         )
+
+    def by_slot(self, name: str) -> torch.Tensor:
+        """Field `name` rearranged into slot order, to go with `x` ([M, k])."""
+        field = getattr(self, name)
+        return torch.empty_like(field).scatter_(1, self.slot, field)
 
 
 def rank_order(key_MN: torch.Tensor, seq_MN: torch.Tensor) -> torch.Tensor:
@@ -80,39 +91,49 @@ def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, p
                  seq_B: torch.Tensor, x_BTD: torch.Tensor) -> int:
     """Merge one batch of candidates (one per sequence and neuron) into the table, in place.
 
-    Exact: afterwards the table holds the k best of (old entries ∪ candidates) by
-    (key desc, seq asc). Only the neurons with a candidate at or above their worst entry are
-    merged (after the first batches, few are), and only entering candidates have their x
-    gathered. Returns how many entered.
+    Precondition (the scan's order): the batch's sequence indices are ascending and larger than
+    any in the table. Then one stable sort of [table, candidates] by key gives the exact
+    (key desc, seq asc) order. Only neurons with a candidate at or above their worst entry are
+    merged, and only entering candidates have their x gathered. Returns how many entered.
     """
     k = table.key.shape[1]
     B = key_BM.shape[0]
     key_MB = key_BM.T.to(torch.float64)
-    worst_M = torch.min(table.key, dim=1).values
-    rows_R = torch.nonzero((key_MB >= worst_M[:, None]).any(dim=1)).squeeze(1)
+    M = key_MB.shape[0]
+    rows_R = torch.nonzero((key_MB >= table.key[:, -1:]).any(dim=1)).squeeze(1)
     R = rows_R.numel()
     if R == 0:
         return 0
-    key_RN = torch.cat([table.key[rows_R], key_MB[rows_R]], dim=1)  # [R, k+B]
-    seq_RN = torch.cat([table.seq[rows_R], seq_B[None, :].expand(R, B)], dim=1)
-    chosen_RK = rank_order(key_RN, seq_RN)[:, :k]
-    keep_RN = torch.zeros_like(key_RN, dtype=torch.bool).scatter_(1, chosen_RK, True)
-    keep_old, keep_new = keep_RN[:, :k], keep_RN[:, k:]
-    n_new_R = keep_new.sum(dim=1)  # == evicted slots per neuron
-    n_max = int(n_new_R.max())
-    if n_max == 0:
+    if 2 * R > M:  # most rows: plain slices beat fancy indexing
+        rows_R, R = torch.arange(M, device=key_MB.device), M
+        sel = slice(None)
+    else:
+        sel = rows_R
+    key_RN = torch.cat([table.key[sel], key_MB[sel]], dim=1)  # [R, k+B]
+    order_RN = torch.argsort(-key_RN, dim=1, stable=True)
+    top_RK, drop_RB = order_RN[:, :k], order_RN[:, k:]
+    r_new, c_new = torch.nonzero(top_RK >= k, as_tuple=True)  # entering candidates, row-major
+    r_old, c_old = torch.nonzero(drop_RB < k, as_tuple=True)  # evicted entries, row-major: pairs up
+    n = int(r_new.numel())
+    if n == 0:
         return 0
-    free_slots = torch.argsort(keep_old.to(torch.int8), dim=1, stable=True)[:, :n_max]  # free first
-    new_b = torch.argsort((~keep_new).to(torch.int8), dim=1, stable=True)[:, :n_max]  # kept first
-    r, j = torch.nonzero(torch.arange(n_max, device=n_new_R.device)[None, :] < n_new_R[:, None], as_tuple=True)
-    slot, b, m = free_slots[r, j], new_b[r, j], rows_R[r]
-    table.key[m, slot] = key_MB[m, b]
-    table.act[m, slot] = act_BM[b, m]
-    table.seq[m, slot] = seq_B[b]
-    p = pos_BM[b, m]
-    table.pos[m, slot] = p
-    table.x[m, slot] = x_BTD[b, p].to(table.x.dtype)
-    return int(r.numel())
+    freed = torch.gather(table.slot[sel], 1, drop_RB.clamp(max=k - 1))[r_old, c_old]
+
+    def merged(old_RK: torch.Tensor, new_RB: torch.Tensor) -> torch.Tensor:
+        return torch.gather(torch.cat([old_RK, new_RB], dim=1), 1, top_RK)
+
+    b_RB = torch.arange(B, device=key_BM.device).expand(R, B)
+    src_b = torch.gather(b_RB, 1, (top_RK - k).clamp(min=0))[r_new, c_new]  # batch row of each entrant
+    m = rows_R[r_new]
+    table.key[sel] = torch.gather(key_RN, 1, top_RK)
+    table.act[sel] = merged(table.act[sel], act_BM.T[sel])
+    table.seq[sel] = merged(table.seq[sel], seq_B[None, :].expand(R, B))
+    table.pos[sel] = merged(table.pos[sel], pos_BM.T[sel])
+    slot_RK = merged(table.slot[sel], torch.zeros_like(b_RB))
+    slot_RK[r_new, c_new] = freed
+    table.slot[sel] = slot_RK
+    table.x[m, freed] = x_BTD[src_b, pos_BM[src_b, m]].to(table.x.dtype)
+    return n
 
 
 def batch_candidates(post_BTM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,7 +355,7 @@ def scan_block(out: str, block: dict, batch_size: int, device: str, fault_unit: 
         b = block["index"]
         for row, table in enumerate(tables):  # layer by layer: no second copy of the x table
             for name in ("key", "act", "seq", "pos", "x"):
-                data = getattr(table, name).cpu()  # [M, k(, D)]
+                data = (table.x if name == "x" else table.by_slot(name)).cpu()  # [M, k(, D)], slot order
                 if name in ("seq", "pos"):
                     data = torch.where(data == NO_SEQ, torch.full_like(data, -1), data).to(torch.int32)
                 st.write(store, f"scan/{name}", (b, row), data.numpy())

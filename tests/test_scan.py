@@ -18,7 +18,7 @@ def test_update_slots_matches_sorting_the_union():
     rng = np.random.default_rng(0)
     M, k, D, T = 7, 5, 3, 4
     table = SlotTable.empty(M, k, D, torch.float32)
-    all_key, all_seq = [], []
+    all_key, all_seq, all_x = [], [], []
     seq0 = 0
     for B in (2, 6, 1, 9, 3):
         key = rng.integers(0, 6, size=(B, M)).astype(np.float32)  # many ties
@@ -29,6 +29,7 @@ def test_update_slots_matches_sorting_the_union():
         update_slots(table, torch.from_numpy(key), torch.from_numpy(key), torch.from_numpy(pos),
                      torch.from_numpy(seq), torch.from_numpy(x))
         all_key.append(key)
+        all_x.append(x)
         all_seq.append(np.broadcast_to(seq[:, None], (B, M)))
         for m in range(M):
             kk = np.concatenate([a[:, m] for a in all_key])
@@ -36,9 +37,17 @@ def test_update_slots_matches_sorting_the_union():
             want = sorted(ss[_oracle_order(kk, ss)][:k].tolist())
             got = sorted(v for v in table.seq[m].tolist() if v != np.iinfo(np.int64).max)
             assert got == want
-        # x travels with its entry
-        got = table.x[np.arange(M)[:, None], np.arange(k)[None, :]]
-        assert got.shape == (M, k, D)
+        # the table stays in rank order, and x travels with its entry
+        for m in range(M):
+            kk = table.key[m].numpy()
+            assert np.all(np.diff(kk[np.isfinite(kk)]) <= 0)
+        xs = np.concatenate([a for a in all_x])  # [S, T, D]
+        for m in range(M):
+            for i in range(k):
+                sq = int(table.seq[m, i])
+                if sq != np.iinfo(np.int64).max:
+                    np.testing.assert_array_equal(table.x[m, table.slot[m, i]].numpy(),
+                                                  xs[sq, int(table.pos[m, i])])
 
 
 def test_rank_order_breaks_ties_by_sequence():
@@ -65,8 +74,8 @@ def _scan_and_merge(lm, tokens, layers, k, blocks, batch, **kw):
              for a, b in zip(edges[:-1], edges[1:])]
     out = []
     for row in range(len(layers)):
-        def stack(name):
-            arrs = [getattr(p[row], name).numpy() for p in parts]
+        def stack(name, row=row):
+            arrs = [(p[row].x if name == "x" else p[row].by_slot(name)).numpy() for p in parts]
             return np.stack(arrs)
         seq = np.where(stack("seq") == np.iinfo(np.int64).max, -1, stack("seq"))
         out.append(merge_blocks(stack("key"), stack("act"), seq, stack("pos"), stack("x"), k))
