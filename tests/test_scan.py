@@ -18,16 +18,18 @@ def test_update_slots_matches_sorting_the_union():
     rng = np.random.default_rng(0)
     M, k, D, T = 7, 5, 3, 4
     table = SlotTable.empty(M, k, D, torch.float32)
-    all_key, all_seq, all_x = [], [], []
+    all_key, all_seq, all_x, all_pos = [], [], [], []
     seq0 = 0
     for B in (2, 6, 1, 9, 3):
-        key = rng.integers(0, 6, size=(B, M)).astype(np.float32)  # many ties
+        post = rng.integers(0, 6, size=(B, T, M)).astype(np.float32)  # many ties
+        key = post.max(axis=1)
+        pos = post.argmax(axis=1)  # first max position
         x = rng.normal(size=(B, T, D)).astype(np.float32)
-        pos = rng.integers(0, T, size=(B, M))
         seq = np.arange(seq0, seq0 + B)
         seq0 += B
-        update_slots(table, torch.from_numpy(key), torch.from_numpy(key), torch.from_numpy(pos),
+        update_slots(table, torch.from_numpy(key), torch.from_numpy(key), torch.from_numpy(post),
                      torch.from_numpy(seq), torch.from_numpy(x))
+        all_pos.append(pos)
         all_key.append(key)
         all_x.append(x)
         all_seq.append(np.broadcast_to(seq[:, None], (B, M)))
@@ -41,11 +43,13 @@ def test_update_slots_matches_sorting_the_union():
         for m in range(M):
             kk = table.key[m].numpy()
             assert np.all(np.diff(kk[np.isfinite(kk)]) <= 0)
-        xs = np.concatenate([a for a in all_x])  # [S, T, D]
+        xs = np.concatenate(all_x)  # [S, T, D]
+        ps = np.concatenate(all_pos)  # [S, M]
         for m in range(M):
             for i in range(k):
                 sq = int(table.seq[m, i])
                 if sq != np.iinfo(np.int64).max:
+                    assert int(table.pos[m, i]) == ps[sq, m]
                     np.testing.assert_array_equal(table.x[m, table.slot[m, i]].numpy(),
                                                   xs[sq, int(table.pos[m, i])])
 
