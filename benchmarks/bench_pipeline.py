@@ -21,7 +21,11 @@ the same run, on the same machine state:
    (batch_candidates / update_slots, timed by wrapping the module functions).
 2. The whole run, via the real CLI in a subprocess (fresh PREFECT_HOME, analytics off, offline).
    Stage times come from the store's markers (``_markers/<stage>/<unit>.done``: JSON ``seconds``,
-   file mtime = end of the unit). Peak RSS of the CLI process tree from ``os.wait4``.
+   file mtime = end of the unit). Peak RSS of the CLI process tree from ``os.wait4`` (plus RSS
+   sampled with psutil per phase). The machine may be shared, so the report adds two checks on
+   the ratio to the item-1 bare forward: the bare forward re-measured right after the CLI run
+   (drift), and the bare time implied by the CLI's own scan time x the item-1 scan/bare ratio;
+   "CPU seconds / wall" and the load average show contention (ideal CPU/wall ~ threads).
 3. Peak memory for N and 2N tokens: the CLI again at 2N (the N run is item 2), or, with
    ``--mem-mode scan``, ``scan_sequences`` alone in two child processes. If the dataset cannot
    fill 2N tokens, N/2 and N are used instead. The table says which.
@@ -32,6 +36,7 @@ the same run, on the same machine state:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -125,10 +130,11 @@ def git_revision() -> str:
     """HEAD of the checkout and whether tracked pipeline code differs from it (others edit concurrently)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return f"{head}{' (modified: ' + ', '.join(l[3:] for l in dirty.splitlines()) + ')' if dirty else ''}"
+                              timeout=10, check=False).stdout.strip()
+        dirty = [line[3:] for line in subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                                      cwd=ROOT, capture_output=True, text=True, timeout=10,
+                                                      check=False).stdout.splitlines() if line.strip()]
+        return f"{head}{' (modified: ' + ', '.join(dirty) + ')' if dirty else ''}"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -315,7 +321,8 @@ def run_cli(model: Path, store: Path, n_sequences: int, ctx_len: int, k: int, de
            "tokens": n_sequences * ctx_len}
     if p.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
-        _log("CLI FAILED (rc %d); log tail:\n  %s" % (p.returncode, "\n  ".join(tail)))
+        tail_text = "\n  ".join(tail)
+        _log(f"CLI FAILED (rc {p.returncode}); log tail:\n  {tail_text}")
         return out
     out.update(stage_times(store, t_start, t_end))
     # RSS (sum over the process tree, sampled every 0.25 s) per phase
@@ -349,10 +356,8 @@ class RssSampler:
                 procs = [root] + root.children(recursive=True)
                 rss = 0
                 for q in procs:
-                    try:
+                    with contextlib.suppress(Exception):  # a child exited meanwhile
                         rss += q.memory_info().rss
-                    except Exception:  # noqa: BLE001 - a child exited meanwhile
-                        pass
                 self.samples.append((time.time(), rss / 2**20))
             except Exception:  # noqa: BLE001 - root exited
                 return
@@ -381,7 +386,7 @@ def stage_times(store: Path, t_start: float, t_end: float) -> dict:
     def span(ms):
         return (min(e - s for e, s, _ in ms), max(e for e, _, _ in ms)) if ms else (None, None)
 
-    prep_start, prep_end = span(st["prepare"])
+    _, prep_end = span(st["prepare"])
     scan_start, scan_end = span(st["scan"])
     emb_start, emb_end = span(st["embed"])
     clu_start, clu_end = span(st["cluster"])
@@ -413,7 +418,7 @@ def check_store(store: Path) -> str | None:
     tool = ROOT.parent / "shared" / "tools" / "check_store.py"
     if not tool.exists():
         return None
-    p = subprocess.run([sys.executable, str(tool), str(store)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, str(tool), str(store)], capture_output=True, text=True, check=False)
     lines = (p.stdout + p.stderr).strip().splitlines()
     return lines[-1] if lines else f"(no output, rc {p.returncode})"
 
@@ -444,11 +449,11 @@ def scan_child(spec: dict) -> dict:
 
 
 def run_scan_child(model: Path, n_sequences: int, a) -> dict:
-    spec = dict(model=str(model), device=a.device, n_sequences=n_sequences, ctx_len=a.ctx_len, k=a.k,
-                batch_size=a.batch_size, threads=a.threads)
+    spec = {"model": str(model), "device": a.device, "n_sequences": n_sequences, "ctx_len": a.ctx_len, "k": a.k,
+            "batch_size": a.batch_size, "threads": a.threads}
     _log(f"scan-only child: {n_sequences} x {a.ctx_len} tokens")
     p = subprocess.run([sys.executable, __file__, "--_scan-child", json.dumps(spec)], capture_output=True,
-                       text=True, cwd=str(ROOT))
+                       text=True, cwd=str(ROOT), check=False)
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("SCAN_CHILD "):
             return json.loads(line[len("SCAN_CHILD "):])

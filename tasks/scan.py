@@ -136,7 +136,9 @@ def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, p
     slot_RK = merged(table.slot[sel], torch.zeros_like(b_RB))
     slot_RK[r_new, c_new] = freed
     table.slot[sel] = slot_RK
-    table.x[m, freed] = x_BTD[src_b, pos_n].to(table.x.dtype)
+    T, D = x_BTD.shape[1], x_BTD.shape[2]
+    rows_x = x_BTD.reshape(-1, D).index_select(0, src_b * T + pos_n).to(table.x.dtype)  # [n, D]
+    table.x.view(-1, D).index_copy_(0, m * k + freed, rows_x)
     return n
 
 
