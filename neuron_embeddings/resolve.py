@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from neuron_embeddings.errors import UserError
-from neuron_embeddings.models import LoadedModel, load_model, versions
+from neuron_embeddings.models import (HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE, LoadedModel, load_model,
+                                      versions)
 from neuron_embeddings.settings import RunSettings, parse_layers
 from storage.store import Store, check_settings, check_writable
 
@@ -32,4 +33,5 @@ def resolve_run(out: str, model: str, dataset: str, layers: str | None, device: 
 
 def model_info(lm: LoadedModel, model: str) -> dict:
     return {"model": model, "d_model": lm.d_model, "d_mlp": lm.d_mlp, "weights": lm.weights,
+            "hook_input": HOOK_INPUT, "hook_pre": HOOK_PRE, "hook_activation": HOOK_ACTIVATION,
             "model_n_layers": lm.n_layers, **versions()}

@@ -156,9 +156,6 @@ class Store:
         p = self._marker(stage, unit, "failed")
         return self.fs.cat_file(p).decode() if self.fs.exists(p) else ""
 
-    def done_record(self, stage: str, unit: str) -> dict:
-        return json.loads(self.fs.cat_file(self._marker(stage, unit, "done")))
-
     def _write_atomic(self, path: str, data: bytes) -> None:
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if self.local:
@@ -292,9 +289,6 @@ def _root_attrs(settings: RunSettings, model_info: dict, d_vocab: int) -> dict:
         "d_model": model_info["d_model"],
         "d_mlp": model_info["d_mlp"],
         "d_vocab": d_vocab,
-        "hook_input": "blocks.{layer}.mlp.hook_in",
-        "hook_pre": "blocks.{layer}.mlp.hook_pre",
-        "hook_activation": "blocks.{layer}.mlp.hook_post",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **{k: v for k, v in model_info.items() if k not in ("d_mlp", "d_model")},
     }

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from neuron_embeddings.models import HOOK_ACTIVATION, HOOK_INPUT
+
 log = logging.getLogger(__name__)
 
 NO_SEQ = np.iinfo(np.int64).max
@@ -58,14 +60,6 @@ class SlotTable:
         """Field `name` rearranged into slot order, to go with `x` ([M, k])."""
         field = getattr(self, name)
         return torch.empty_like(field).scatter_(1, self.slot, field)
-
-
-def rank_order(key_MN: torch.Tensor, seq_MN: torch.Tensor) -> torch.Tensor:
-    """Indices [M, N] that sort each row by key descending, then sequence index ascending."""
-    by_seq = torch.argsort(seq_MN, dim=1, stable=True)
-    key_sorted = torch.gather(key_MN, 1, by_seq)
-    by_key = torch.argsort(-key_sorted, dim=1, stable=True)
-    return torch.gather(by_seq, 1, by_key)
 
 
 def _mix32(h: torch.Tensor) -> torch.Tensor:
@@ -166,8 +160,8 @@ class TopK:
     x: np.ndarray  # [S, k, D], 0 where none
 
 
-def _rank_rows(key_SN: np.ndarray, seq_SN: np.ndarray) -> np.ndarray:
-    """NumPy twin of `rank_order`: per row, key descending then sequence ascending."""
+def rank_order(key_SN: np.ndarray, seq_SN: np.ndarray) -> np.ndarray:
+    """Indices [S, N] that sort each row by key descending, then sequence index ascending."""
     return np.lexsort((seq_SN, -key_SN), axis=-1)
 
 
@@ -179,11 +173,11 @@ def merge_blocks(key_NSK: np.ndarray, act_NSK: np.ndarray, seq_NSK: np.ndarray, 
     flat = lambda a: np.ascontiguousarray(np.moveaxis(a, 0, 1).reshape(S, N * K))  # noqa: E731
     key, act, seq = flat(key_NSK), flat(act_NSK), flat(seq_NSK).astype(np.int64)
     seq = np.where(seq < 0, NO_SEQ, seq)
-    chosen = _rank_rows(key, seq)[:, :k]  # [S, k]
+    chosen = rank_order(key, seq)[:, :k]  # [S, k]
     valid = np.take_along_axis(key, chosen, axis=1) > -np.inf
     act_c = np.where(valid, np.take_along_axis(act, chosen, axis=1), -np.inf)
     seq_c = np.where(valid, np.take_along_axis(seq, chosen, axis=1), NO_SEQ)
-    order = _rank_rows(act_c.astype(np.float64), seq_c)  # invalid (-inf) go last
+    order = rank_order(act_c.astype(np.float64), seq_c)  # invalid (-inf) go last
     chosen, valid = np.take_along_axis(chosen, order, axis=1), np.take_along_axis(valid, order, axis=1)
     blk, slot = chosen // K, chosen % K
     rows = np.arange(S)[:, None]
@@ -268,8 +262,8 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
     hooks = []
     for row, layer in enumerate(layers):
         if mode != "max":
-            hooks.append((HOOK_IN.format(layer=layer), on_in(row)))
-        hooks.append((HOOK_POST.format(layer=layer), on_post(row, layer)))
+            hooks.append((HOOK_INPUT.format(layer=layer), on_in(row)))
+        hooks.append((HOOK_ACTIVATION.format(layer=layer), on_post(row, layer)))
     n = tokens_SeqT.shape[0]
     with torch.inference_mode():
         for start in range(0, n, batch_size):
@@ -286,8 +280,6 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
     return gmax.cpu() if mode == "max" else tables
 
 
-HOOK_IN = "blocks.{layer}.mlp.hook_in"
-HOOK_POST = "blocks.{layer}.mlp.hook_post"
 
 
 # --- Prefect tasks ----------------------------------------------------------------------------

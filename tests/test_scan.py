@@ -55,8 +55,8 @@ def test_update_slots_matches_sorting_the_union():
 
 
 def test_rank_order_breaks_ties_by_sequence():
-    key = torch.tensor([[1.0, 2.0, 2.0, 1.0]], dtype=torch.float64)
-    seq = torch.tensor([[5, 9, 3, 1]])
+    key = np.array([[1.0, 2.0, 2.0, 1.0]])
+    seq = np.array([[5, 9, 3, 1]])
     assert rank_order(key, seq).tolist() == [[2, 1, 3, 0]]
 
 
