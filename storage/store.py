@@ -28,6 +28,7 @@ from neuron_embeddings.settings import RunSettings
 
 SCHEMA_VERSION = "neuron-embeddings/1"
 STAGES = ("prepare", "maxima", "scan", "embed", "cluster")
+WINDOW = (24, 8)  # activation window recorded around each example's max token: tokens before, after
 METRICS = ("n_examples", "n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter")
 
 
@@ -262,6 +263,8 @@ def create_store(url: str, settings: RunSettings, model_info: dict, d_vocab: int
     arr("topk/seq", (L, M, K), "int32", -1)
     arr("topk/pos", (L, M, K), "int32", -1)
     arr("embeddings", (L, M, K, D), settings.embedding_dtype, 0, compress=False)
+    W = sum(WINDOW) + 1
+    arr("topk/window", (L, M, K, W), "float32", np.nan)  # not in the contract: for the explorer
     arr("clusters/labels", (L, M, K), "int32", -1)
     arr("clusters/linkage", (L, M, K - 1, 4), "float32", np.nan)
     for m in METRICS:
@@ -275,8 +278,15 @@ def create_store(url: str, settings: RunSettings, model_info: dict, d_vocab: int
     arr("scan/seq", (NB, L, M, K), "int32", -1, chunks=(1, 1, ss, K))
     arr("scan/pos", (NB, L, M, K), "int32", -1, chunks=(1, 1, ss, K))
     arr("scan/x", (NB, L, M, K, D), settings.embedding_dtype, 0, chunks=(1, 1, ss, K, D), compress=False)
+    arr("scan/win", (NB, L, M, K, W), "float32", np.nan, chunks=(1, 1, ss, K, W))
     arr("scan/max", (NB, L, M), "float32", -np.inf, chunks=(1, L, M))
     return store
+
+
+def window(store: Store) -> tuple[int, int]:
+    """(tokens before, tokens after) the max token of the store's `topk/window`."""
+    attrs = store.attrs
+    return int(attrs.get("window_before", WINDOW[0])), int(attrs.get("window_after", WINDOW[1]))
 
 
 def _root_attrs(settings: RunSettings, model_info: dict, d_vocab: int) -> dict:
@@ -289,6 +299,8 @@ def _root_attrs(settings: RunSettings, model_info: dict, d_vocab: int) -> dict:
         "d_model": model_info["d_model"],
         "d_mlp": model_info["d_mlp"],
         "d_vocab": d_vocab,
+        "window_before": WINDOW[0],
+        "window_after": WINDOW[1],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **{k: v for k, v in model_info.items() if k not in ("d_mlp", "d_model")},
     }

@@ -15,14 +15,15 @@ def embed_shard(out: str, shard: dict, fault_unit: str | None = None) -> dict:
     def work(store: st.Store) -> dict:
         s = store.settings()
         row, sl = shard["row"], slice(shard["start"], shard["stop"])
-        parts = {n: st.read(store, f"scan/{n}", (slice(None), row, sl)) for n in ("key", "act", "seq", "pos", "x")}
-        top = merge_blocks(parts["key"], parts["act"], parts["seq"], parts["pos"], parts["x"], s.k)
+        parts = {n: st.read(store, f"scan/{n}", (slice(None), row, sl)) for n in ("key", "act", "seq", "pos", "x", "win")}
+        top = merge_blocks(parts["key"], parts["act"], parts["seq"], parts["pos"], parts["x"], s.k, parts["win"])
         w_in_DS = st.read(store, "weights/W_in", (row, slice(None), sl))
         emb = neuron_embeddings(top.x, w_in_DS, s.embedding_dtype)
         region = (row, sl)
         st.write(store, "topk/act", region, top.act)
         st.write(store, "topk/seq", region, top.seq)
         st.write(store, "topk/pos", region, top.pos)
+        st.write(store, "topk/window", region, top.win)
         st.write(store, "embeddings", region, emb)
         return {"neurons": shard["stop"] - shard["start"], "examples": int((top.seq >= 0).sum())}
 

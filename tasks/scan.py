@@ -44,9 +44,12 @@ class SlotTable:
     pos: torch.Tensor  # int64 [M, k] position of the sequence's max token
     slot: torch.Tensor  # int64 [M, k] slot of x holding each entry's MLP input
     x: torch.Tensor  # [M, k, D] MLP input at that token, by slot, in the embedding dtype
+    win: torch.Tensor  # float32 [M, k, W] activations at positions pos-before .. pos+after, by slot
+    before: int = 0  # tokens of the window before the max token (W = before + 1 + after)
 
     @classmethod
-    def empty(cls, d_mlp: int, k: int, d_model: int, dtype: torch.dtype, device="cpu") -> "SlotTable":
+    def empty(cls, d_mlp: int, k: int, d_model: int, dtype: torch.dtype, device="cpu",
+              window: tuple[int, int] = (0, 0)) -> "SlotTable":
         return cls(
             key=torch.full((d_mlp, k), -torch.inf, dtype=torch.float64, device=device),
             act=torch.full((d_mlp, k), torch.nan, dtype=torch.float32, device=device),
@@ -54,6 +57,8 @@ class SlotTable:
             pos=torch.full((d_mlp, k), -1, dtype=torch.int64, device=device),
             slot=torch.arange(k, device=device).repeat(d_mlp, 1),
             x=torch.zeros((d_mlp, k, d_model), dtype=dtype, device=device),
+            win=torch.full((d_mlp, k, window[0] + 1 + window[1]), torch.nan, dtype=torch.float32, device=device),
+            before=window[0],
         )
 
     def by_slot(self, name: str) -> torch.Tensor:
@@ -120,7 +125,8 @@ def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, p
     b_RB = torch.arange(B, device=key_BM.device).expand(R, B)
     src_b = torch.gather(b_RB, 1, (top_RK - k).clamp(min=0))[r_new, c_new]  # batch row of each entrant
     m = rows_R[r_new]
-    pos_n = torch.argmax(post_BTM[src_b, :, m], dim=1)  # first max position of each entrant
+    post_nT = post_BTM[src_b, :, m]
+    pos_n = torch.argmax(post_nT, dim=1)  # first max position of each entrant
     pos_BM = torch.zeros_like(key_BM, dtype=torch.int64)
     pos_BM[src_b, m] = pos_n
     table.key[sel] = torch.gather(key_RN, 1, top_RK)
@@ -133,7 +139,19 @@ def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, p
     T, D = x_BTD.shape[1], x_BTD.shape[2]
     rows_x = x_BTD.reshape(-1, D).index_select(0, src_b * T + pos_n).to(table.x.dtype)  # [n, D]
     table.x.view(-1, D).index_copy_(0, m * k + freed, rows_x)
+    W = table.win.shape[2]
+    table.win.view(-1, W).index_copy_(0, m * k + freed, activation_windows(post_nT, pos_n, table.before, W))
     return n
+
+
+def activation_windows(post_nT: torch.Tensor, pos_n: torch.Tensor, before: int, width: int) -> torch.Tensor:
+    """Activations at positions pos-before .. pos-before+width-1 of each row: float32 [n, width],
+    NaN where the window runs past either end of the sequence."""
+    T = post_nT.shape[1]
+    idx_nW = pos_n[:, None] - before + torch.arange(width, device=pos_n.device)[None, :]
+    inside = (idx_nW >= 0) & (idx_nW < T)
+    vals = torch.gather(post_nT.float(), 1, idx_nW.clamp(0, T - 1))
+    return torch.where(inside, vals, torch.full_like(vals, torch.nan))
 
 
 def batch_candidates(post_BTM: torch.Tensor) -> torch.Tensor:
@@ -158,6 +176,7 @@ class TopK:
     seq: np.ndarray  # int32 [S, k], -1 where none
     pos: np.ndarray  # int32 [S, k], -1 where none
     x: np.ndarray  # [S, k, D], 0 where none
+    win: np.ndarray | None = None  # float32 [S, k, W] activation windows, NaN where none
 
 
 def rank_order(key_SN: np.ndarray, seq_SN: np.ndarray) -> np.ndarray:
@@ -166,7 +185,7 @@ def rank_order(key_SN: np.ndarray, seq_SN: np.ndarray) -> np.ndarray:
 
 
 def merge_blocks(key_NSK: np.ndarray, act_NSK: np.ndarray, seq_NSK: np.ndarray, pos_NSK: np.ndarray,
-                 x_NSKD: np.ndarray, k: int) -> TopK:
+                 x_NSKD: np.ndarray, k: int, win_NSKW: np.ndarray | None = None) -> TopK:
     """Exact merge of N blocks' slot tables for S neurons: the best k by (key desc, seq asc) of the
     union, then ordered by (activation desc, seq asc). Empty entries (key -inf) are dropped."""
     N, S, K = key_NSK.shape
@@ -186,7 +205,11 @@ def merge_blocks(key_NSK: np.ndarray, act_NSK: np.ndarray, seq_NSK: np.ndarray, 
     out_pos = np.where(valid, pos_NSK[blk, rows, slot], -1).astype(np.int32)
     out_x = x_NSKD[blk, rows, slot]
     out_x[~valid] = 0
-    return TopK(out_act, out_seq, out_pos, out_x)
+    out_win = None
+    if win_NSKW is not None:
+        out_win = win_NSKW[blk, rows, slot].astype(np.float32)
+        out_win[~valid] = np.nan
+    return TopK(out_act, out_seq, out_pos, out_x, out_win)
 
 
 def neuron_embeddings(x_SKD: np.ndarray, w_in_DS: np.ndarray, dtype: str) -> np.ndarray:
@@ -218,12 +241,12 @@ class _StopForward(Exception):
 def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list[int], k: int,
                    emb_dtype: torch.dtype, batch_size: int, device: str, mode: str = "top",
                    gmax_LM: torch.Tensor | None = None, fraction: float | None = None, seed: int = 0,
-                   progress=None) -> list[SlotTable] | torch.Tensor:
+                   progress=None, window: tuple[int, int] = (0, 0)) -> list[SlotTable] | torch.Tensor:
     """Run the model over tokens (sequence indices seq_start + row) and return one SlotTable per
     layer, or for mode="max" the per-neuron maximum [n_layers, M] (first pass of band selection)."""
     cfg = bridge.cfg
     M, D = int(cfg.d_mlp), int(cfg.d_model)
-    tables = [SlotTable.empty(M, k, D, emb_dtype, device) for _ in layers]
+    tables = [SlotTable.empty(M, k, D, emb_dtype, device, window) for _ in layers]
     gmax = torch.full((len(layers), M), -torch.inf, device=device)
     neurons = torch.arange(M, device=device)
     last = max(layers)
@@ -347,12 +370,13 @@ def scan_block(out: str, block: dict, batch_size: int, device: str, fault_unit: 
         tables = scan_sequences(lm.bridge, tokens, block["start"], list(s.layers), s.k,
                                 getattr(torch, s.embedding_dtype), batch_size, lm.device,
                                 mode="top" if gmax is None else "band", gmax_LM=gmax,
-                                fraction=s.band_fraction, seed=s.seed, progress=report)
+                                fraction=s.band_fraction, seed=s.seed, progress=report,
+                                window=st.window(store))
         t_model = time.perf_counter() - t0
         b = block["index"]
         for row, table in enumerate(tables):  # layer by layer: no second copy of the x table
-            for name in ("key", "act", "seq", "pos", "x"):
-                data = (table.x if name == "x" else table.by_slot(name)).cpu()  # [M, k(, D)], slot order
+            for name in ("key", "act", "seq", "pos", "x", "win"):
+                data = (getattr(table, name) if name in ("x", "win") else table.by_slot(name)).cpu()  # [M, k(, D)], slot order
                 if name in ("seq", "pos"):
                     data = torch.where(data == NO_SEQ, torch.full_like(data, -1), data).to(torch.int32)
                 st.write(store, f"scan/{name}", (b, row), data.numpy())

@@ -41,9 +41,10 @@ def run_stages(out: str, batch_size: int = 8, **opts) -> zarr.Group:
     return zarr.open_group(out, mode="r")
 
 
-def contract_arrays(out: str) -> dict[str, np.ndarray]:
+def contract_arrays(out: str, extra: list[str] = ()) -> dict[str, np.ndarray]:
+    """The contract's arrays of a store (plus `extra` ones), read whole."""
     g = zarr.open_group(out, mode="r")
-    return {name: g[name][...] for name in CONTRACT_ARRAYS}
+    return {name: g[name][...] for name in [*CONTRACT_ARRAYS, *extra]}
 
 
 def assert_same_arrays(a: dict, b: dict) -> None:

@@ -59,12 +59,37 @@ def test_identity_minilm(minilm_path, tmp_path):
     _check_identity(minilm_path, g, rtol=1e-5)
 
 
+def test_window_activations_equal_an_independent_forward(tiny_gpt2, tmp_path):
+    g = run_stages(str(tmp_path / "s.zarr"), **options(tiny_gpt2, layers="1", ctx_len=20))
+    before, after = g.attrs["window_before"], g.attrs["window_after"]
+    lm = load_model(tiny_gpt2, "cpu")
+    tokens = torch.from_numpy(g["tokens"][...].astype(np.int64))
+    with torch.inference_mode():
+        _, cache = lm.bridge.run_with_cache(tokens, names_filter=lambda n: n == "blocks.1.mlp.hook_post")
+    post = cache["blocks.1.mlp.hook_post"].numpy()  # [S, T, M]
+    win, seq, pos = g["topk/window"][0], g["topk/seq"][0], g["topk/pos"][0]
+    assert win.shape[-1] == before + 1 + after
+    T = tokens.shape[1]
+    for j in range(0, win.shape[0], 17):
+        for i in range(win.shape[1]):
+            if seq[j, i] < 0:
+                assert np.isnan(win[j, i]).all()
+                continue
+            want = np.full(before + 1 + after, np.nan, dtype=np.float32)
+            lo, hi = max(0, pos[j, i] - before), min(T, pos[j, i] + after + 1)
+            want[lo - (pos[j, i] - before):hi - (pos[j, i] - before)] = post[seq[j, i], lo:hi, j]
+            np.testing.assert_allclose(win[j, i], want, rtol=1e-5, atol=1e-6)
+            assert win[j, i, before] == g["topk/act"][0, j, i]  # the max token sits at `before`
+
+
 def test_same_store_for_any_shard_batch_and_block_count(tiny_gpt2, tmp_path):
-    ref = contract_arrays(str(run_stages(str(tmp_path / "a.zarr"), batch_size=8, **options(tiny_gpt2)).store.root))
+    names = ["topk/window"]
+    ref = contract_arrays(str(run_stages(str(tmp_path / "a.zarr"), batch_size=8, **options(tiny_gpt2)).store.root),
+                          names)
     for i, (shard, blocks, batch) in enumerate([(100, 3, 5), (256, 2, 24), (7, 5, 1)]):
         out = str(tmp_path / f"b{i}.zarr")
         run_stages(out, batch_size=batch, **options(tiny_gpt2, shard_size=shard, scan_blocks=blocks))
-        assert_same_arrays(ref, contract_arrays(out))
+        assert_same_arrays(ref, contract_arrays(out, names))
 
 
 def test_band_store_same_for_any_block_count(tiny_gpt2, tmp_path):
