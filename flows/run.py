@@ -70,6 +70,7 @@ def neuron_embeddings_run(
     dask_address: str | None = None,
     task_retries: int = 0,
     fault_shard: str | None = None,
+    sae: str | None = None,
 ) -> dict:
     """Neuron embeddings, clusters and polysemanticity metrics for every MLP neuron of `model`.
 
@@ -80,7 +81,7 @@ def neuron_embeddings_run(
     options = dict(model=model, dataset=dataset, layers=layers, n_sequences=n_sequences, ctx_len=ctx_len,
                    k=k, selection=selection, shard_size=shard_size, linkage=linkage, threshold=threshold,
                    seed=seed, embedding_dtype=embedding_dtype, scan_blocks=scan_blocks, device=device,
-                   workers=workers)
+                   workers=workers, sae=sae)
     with writer_lock(out, run_name=_run_name()):
         shards = shard_flow.with_options(task_runner=task_runner(workers, dask_address))
         return shards(out, options, batch_size, device, task_retries, fault_shard)

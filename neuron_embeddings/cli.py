@@ -54,14 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(demo, demo=True)
     status = sub.add_parser("status", help="shard states of a store")
     status.add_argument("store")
+    sae = sub.add_parser("sae", help="sparse autoencoders: train one, or evaluate one with the same metrics")
+    sae_sub = sae.add_subparsers(dest="sae_command", required=True)  # sae train / sae evaluate
+    _add_sae_evaluate(sae_sub)
     return ap
+
+
+def _add_sae_evaluate(sae_sub) -> None:
+    p = sae_sub.add_parser("evaluate", help="the pipeline over an SAE's features: a store in the contract's schema "
+                                            "(unit sae-feature, one layer)")
+    p.add_argument("--sae", required=True, help="SAE directory: cfg.json + sae_weights.safetensors (SAELens layout)")
+    _add_run_options(p)
 
 
 def _options(a: argparse.Namespace) -> dict:
     return dict(model=a.model, dataset=a.dataset, layers=a.layers, n_sequences=a.n_sequences, ctx_len=a.ctx_len,
                 k=a.k, selection=a.selection, shard_size=a.shard_size, linkage=a.linkage, threshold=a.threshold,
                 seed=a.seed, embedding_dtype=a.embedding_dtype, scan_blocks=a.scan_blocks, device=a.device,
-                workers=a.workers)
+                workers=a.workers, sae=getattr(a, "sae", None))
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -229,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_demo(a)
         if a.command == "status":
             return cmd_status(a)
+        if a.command == "sae" and a.sae_command == "evaluate":
+            return cmd_run(a, _options(a))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,27 +1,40 @@
 """From user options to validated settings: the checks that need the model or the store."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from neuron_embeddings.errors import UserError
-from neuron_embeddings.models import (HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE, LoadedModel, load_model,
+from neuron_embeddings.models import (HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE, LoadedModel, load_model, mlp_weights,
                                       versions)
 from neuron_embeddings.settings import RunSettings, parse_layers
+from neuron_embeddings.units import check_sae_fits, load_sae_cached, sae_model_info, sae_weights_for_store
 from storage.store import Store, check_settings, check_writable
 
 
 def resolve_run(out: str, model: str, dataset: str, layers: str | None, device: str,
-                scan_blocks: int | None, workers: int, **options) -> tuple[RunSettings, LoadedModel]:
+                scan_blocks: int | None, workers: int, sae: str | None = None,
+                **options) -> tuple[RunSettings, LoadedModel]:
     """Load the model (cached per process), validate every option against it and against an
-    existing store at `out`. Raises UserError with a one-line message on any mistake."""
+    existing store at `out`. Raises UserError with a one-line message on any mistake.
+    With `sae` (an SAE directory) the store's units are that SAE's features, on its hook's layer."""
     # the checks that need neither model nor store come first, so they fail fast
     RunSettings(model=model, dataset=dataset, layers=(0,), scan_blocks=scan_blocks or 1, **options)
+    weights = load_sae_cached(sae) if sae is not None else None
     store = Store(out)
     existing = store.settings() if store.exists() else None
     lm = load_model(model, device)
     layer_list = parse_layers(layers, lm.n_layers)
+    if weights is not None:
+        check_sae_fits(weights, lm.bridge)
+        if layers is not None and layer_list != [weights.layer]:
+            raise UserError(f"--layers {layers}: the SAE reads layer {weights.layer} ({weights.hook_name}); "
+                            "leave --layers out when evaluating an SAE")
+        layer_list = [weights.layer]
+        sae = str(Path(sae).expanduser().resolve())
     if scan_blocks is None:
         scan_blocks = existing.scan_blocks if existing else max(1, min(workers, options.get("n_sequences", 1)))
     settings = RunSettings(model=model, dataset=dataset, layers=tuple(layer_list),
-                           scan_blocks=scan_blocks, **options)
+                           scan_blocks=scan_blocks, sae=sae, **options)
     if settings.ctx_len > lm.n_ctx:
         raise UserError(f"--ctx-len {settings.ctx_len}: the model takes at most {lm.n_ctx} tokens; lower --ctx-len")
     if store.exists():
@@ -31,7 +44,18 @@ def resolve_run(out: str, model: str, dataset: str, layers: str | None, device: 
     return settings, lm
 
 
-def model_info(lm: LoadedModel, model: str) -> dict:
-    return {"model": model, "d_model": lm.d_model, "d_mlp": lm.d_mlp, "weights": lm.weights,
-            "hook_input": HOOK_INPUT, "hook_pre": HOOK_PRE, "hook_activation": HOOK_ACTIVATION,
-            "model_n_layers": lm.n_layers, **versions()}
+def model_info(lm: LoadedModel, settings: RunSettings) -> dict:
+    """The store's attributes about the model and the units (MLP neurons, or an SAE's features)."""
+    info = {"model": settings.model, "unit": "mlp-neuron", "d_model": lm.d_model, "d_mlp": lm.d_mlp,
+            "weights": lm.weights, "hook_input": HOOK_INPUT, "hook_pre": HOOK_PRE,
+            "hook_activation": HOOK_ACTIVATION, "model_n_layers": lm.n_layers, **versions()}
+    if settings.sae is not None:
+        info.update(sae_model_info(load_sae_cached(settings.sae), settings.sae))
+    return info
+
+
+def unit_weights(lm: LoadedModel, settings: RunSettings):
+    """(W [rows, d_model, units], b [rows, units]) float32: what the embeddings multiply x by."""
+    if settings.sae is not None:
+        return sae_weights_for_store(load_sae_cached(settings.sae))
+    return mlp_weights(lm, list(settings.layers))

@@ -65,6 +65,7 @@ class RunSettings:
     seed: int = 0
     embedding_dtype: str = "float16"
     scan_blocks: int = 1
+    sae: str | None = None  # an SAE directory: the store's units are its features (one row)
 
     def __post_init__(self) -> None:
         if self.k < 2:

@@ -293,7 +293,6 @@ def _root_attrs(settings: RunSettings, model_info: dict, d_vocab: int) -> dict:
     L = len(settings.layers)
     return {
         "schema_version": SCHEMA_VERSION,
-        "unit": "mlp-neuron",
         **settings.to_attrs(),
         "n_layers": L,
         "d_model": model_info["d_model"],

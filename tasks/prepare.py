@@ -9,14 +9,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from neuron_embeddings.datasets import iter_documents, pack_tokens, vocab_strings
-from neuron_embeddings.models import LoadedModel, mlp_weights
-from neuron_embeddings.resolve import model_info, resolve_run
+from neuron_embeddings.models import LoadedModel
+from neuron_embeddings.resolve import model_info, resolve_run, unit_weights
 from neuron_embeddings.settings import RunSettings
 from storage import store as st
 from tasks.common import run_unit, task_logger
 
 
 def plan_record(settings: RunSettings, d_mlp: int) -> dict:
+    if settings.sae is not None:  # the store's units are the SAE's features
+        from neuron_embeddings.units import load_sae_cached
+
+        d_mlp = load_sae_cached(settings.sae).d_sae
     """The work units of every stage, as small plain data for the flow."""
     return {
         "blocks": [b.__dict__ for b in st.scan_blocks(settings)],
@@ -37,10 +41,10 @@ def prepare_store(out: str, settings: RunSettings, lm: LoadedModel) -> dict:
     def work(store: st.Store) -> dict:
         if int(tokens.max()) >= lm.bridge.cfg.d_vocab:
             raise AssertionError("tokenizer produced ids outside the model's vocabulary")
-        st.create_store(out, settings, model_info(lm, settings.model), len(vocab))
+        st.create_store(out, settings, model_info(lm, settings), len(vocab))
         st.write(store, "tokens", (slice(None), slice(None)), tokens)
         st.write(store, "vocab", (slice(None),), np.array(vocab, dtype=object).astype(str))
-        w_in, b_in = mlp_weights(lm, list(settings.layers))
+        w_in, b_in = unit_weights(lm, settings)
         st.write(store, "weights/W_in", (slice(None),), w_in.numpy())
         st.write(store, "weights/b_in", (slice(None),), b_in.numpy())
         return {"tokens": int(tokens.size)}

@@ -241,11 +241,17 @@ class _StopForward(Exception):
 def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list[int], k: int,
                    emb_dtype: torch.dtype, batch_size: int, device: str, mode: str = "top",
                    gmax_LM: torch.Tensor | None = None, fraction: float | None = None, seed: int = 0,
-                   progress=None, window: tuple[int, int] = (0, 0)) -> list[SlotTable] | torch.Tensor:
+                   progress=None, window: tuple[int, int] = (0, 0), sae=None) -> list[SlotTable] | torch.Tensor:
     """Run the model over tokens (sequence indices seq_start + row) and return one SlotTable per
-    layer, or for mode="max" the per-neuron maximum [n_layers, M] (first pass of band selection)."""
+    layer, or for mode="max" the per-neuron maximum [n_layers, M] (first pass of band selection).
+
+    With `sae` (sae_io.SAEWeights; layers == [sae.layer]) the units are the SAE's features: the
+    scan hooks the SAE's hook h only, x = the encoder's input and the activations are its features."""
     cfg = bridge.cfg
     M, D = int(cfg.d_mlp), int(cfg.d_model)
+    if sae is not None:
+        assert list(layers) == [sae.layer], "an SAE store has one row, the SAE's layer"
+        M, D = sae.d_sae, sae.d_in
     tables = [SlotTable.empty(M, k, D, emb_dtype, device, window) for _ in layers]
     gmax = torch.full((len(layers), M), -torch.inf, device=device)
     neurons = torch.arange(M, device=device)
@@ -282,8 +288,17 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
                     key = band_keys(val, gmax_LM[row].to(device), fraction, seed, layer, neurons, state["seq"])
                 update_slots(tables[row], key, val, post, state["seq"], state.pop(("x", row)))
 
-    hooks = []
-    for row, layer in enumerate(layers):
+    def on_sae(t, hook):
+        """The SAE's encoder, in the forward (a big matrix product wants every thread)."""
+        h = t.detach().reshape(-1, t.shape[-1])
+        weights = sae_on_device(sae, t.device)
+        state["post", 0] = weights.encode(h).reshape(*t.shape[:-1], -1)
+        if mode != "max":
+            state["x", 0] = weights.encoder_input(h).reshape(t.shape)
+        raise _StopForward
+
+    hooks = [(sae.hook_name, on_sae)] if sae is not None else []
+    for row, layer in enumerate([] if sae is not None else layers):
         if mode != "max":
             hooks.append((HOOK_INPUT.format(layer=layer), on_in(row)))
         hooks.append((HOOK_ACTIVATION.format(layer=layer), on_post(row, layer)))
@@ -303,6 +318,29 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
     return gmax.cpu() if mode == "max" else tables
 
 
+
+
+def sae_on_device(sae, device):
+    """The SAE's weights on `device` (a copy, made once per SAE and device)."""
+    if str(sae.W_enc.device) == str(device):
+        return sae
+    cache = sae.__dict__.setdefault("_on_device", {})
+    if str(device) not in cache:
+        import dataclasses
+
+        cache[str(device)] = dataclasses.replace(
+            sae, W_enc=sae.W_enc.to(device), b_enc=sae.b_enc.to(device), W_dec=sae.W_dec.to(device),
+            b_dec=sae.b_dec.to(device), threshold=None if sae.threshold is None else sae.threshold.to(device))
+    return cache[str(device)]
+
+
+def _units_sae(settings):
+    """The SAE whose features a store's units are, or None for MLP neurons."""
+    if settings.sae is None:
+        return None
+    from neuron_embeddings.units import load_sae_cached
+
+    return load_sae_cached(settings.sae)
 
 
 # --- Prefect tasks ----------------------------------------------------------------------------
@@ -344,7 +382,7 @@ def maxima_block(out: str, block: dict, batch_size: int, device: str, fault_unit
         tokens = _block_tokens(store, block)
         report = _progress_writer(store, "maxima", _block_id(block), len(tokens))
         gmax = scan_sequences(lm.bridge, tokens, block["start"], list(s.layers), s.k, torch.float32,
-                              batch_size, lm.device, mode="max", progress=report)
+                              batch_size, lm.device, mode="max", progress=report, sae=_units_sae(s))
         st.write(store, "scan/max", (block["index"],), gmax.numpy())
         return {"sequences": len(tokens)}
 
@@ -371,7 +409,7 @@ def scan_block(out: str, block: dict, batch_size: int, device: str, fault_unit: 
                                 getattr(torch, s.embedding_dtype), batch_size, lm.device,
                                 mode="top" if gmax is None else "band", gmax_LM=gmax,
                                 fraction=s.band_fraction, seed=s.seed, progress=report,
-                                window=st.window(store))
+                                window=st.window(store), sae=_units_sae(s))
         t_model = time.perf_counter() - t0
         b = block["index"]
         for row, table in enumerate(tables):  # layer by layer: no second copy of the x table
