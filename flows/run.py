@@ -1,4 +1,4 @@
-"""The main flow: prepare -> (maxima) -> scan blocks -> embed shards -> cluster shards -> summarise.
+"""The main flow: prepare -> (maxima) -> scan blocks -> embed -> cluster -> centroids -> similar -> summarise.
 
 Orchestration only: it plans, maps, waits and reports; the work and the markers live in tasks/.
 Every task skips units whose marker says complete, so rerunning the flow (same command, a new
@@ -17,6 +17,7 @@ from tasks.cluster import cluster_shard_task
 from tasks.embed import embed_shard_task
 from tasks.prepare import prepare_task
 from tasks.scan import maxima_block_task, scan_block_task
+from tasks.similar import centroid_shard_task, similar_shard_task
 from tasks.summarise import summarise_task
 
 
@@ -119,7 +120,14 @@ def shard_flow(out: str, options: dict, batch_size: int, device: str, task_retri
     embeds = embed_shard_task.with_options(**retry).map(unmapped(out), plan["shards"], unmapped(fault_shard))
     clusters = [cluster_shard_task.with_options(**retry).submit(out, shard, fault_shard, wait_for=[e])
                 for shard, e in zip(plan["shards"], embeds, strict=True)]
+    centroids = [centroid_shard_task.with_options(**retry).submit(out, shard, fault_shard, wait_for=[c])
+                 for shard, c in zip(plan["shards"], clusters, strict=True)]
     failed = _follow("embed", list(embeds))
-    failed += [m for m in _follow("cluster", clusters) if "NotReady" not in m and "upstream" not in m.lower()]
+    for stage, futs in (("cluster", clusters), ("centroids", centroids)):
+        failed += [m for m in _follow(stage, futs) if "NotReady" not in m and "upstream" not in m.lower()]
     _raise_if(failed)
+    # every cluster's nearest clusters of other neurons: needs every shard's centroids
+    similar = similar_shard_task.with_options(**retry).map(unmapped(out), plan["shards"], unmapped(device),
+                                                           unmapped(fault_shard))
+    _raise_if(_follow("similar", list(similar)))
     return summarise_task.submit(out).result()

@@ -27,7 +27,8 @@ from neuron_embeddings.errors import UserError
 from neuron_embeddings.settings import RunSettings
 
 SCHEMA_VERSION = "neuron-embeddings/1"
-STAGES = ("prepare", "maxima", "scan", "embed", "cluster")
+STAGES = ("prepare", "maxima", "scan", "embed", "cluster", "centroids", "similar")
+N_SIMILAR = 5  # nearest clusters of other neurons stored per cluster (similar/*)
 WINDOW = (24, 8)  # activation window recorded around each example's max token: tokens before, after
 METRICS = ("n_examples", "n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter")
 
@@ -280,6 +281,12 @@ def create_store(url: str, settings: RunSettings, model_info: dict, d_vocab: int
     arr("scan/x", (NB, L, M, K, D), settings.embedding_dtype, 0, chunks=(1, 1, ss, K, D), compress=False)
     arr("scan/win", (NB, L, M, K, W), "float32", np.nan, chunks=(1, 1, ss, K, W))
     arr("scan/max", (NB, L, M), "float32", -np.inf, chunks=(1, L, M))
+    # not in the contract: similar clusters (tasks/similar.py); slots c >= n_clusters stay empty
+    arr("similar/centroids", (L, M, K, D), settings.embedding_dtype, 0)  # compressed: empty slots cost nothing
+    arr("similar/top_token", (L, M, K), "int32", -1)
+    arr("similar/top_count", (L, M, K), "int32", 0)
+    arr("similar/neighbours", (L, M, K, N_SIMILAR, 3), "int32", -1)
+    arr("similar/cosine", (L, M, K, N_SIMILAR), "float32", np.nan)
     return store
 
 

@@ -12,6 +12,7 @@ from tasks.cluster import cluster_store_shard
 from tasks.embed import embed_shard
 from tasks.prepare import prepare_store
 from tasks.scan import maxima_block, scan_block
+from tasks.similar import centroid_shard, similar_shard
 
 CONTRACT_ARRAYS = ["tokens", "vocab", "topk/act", "topk/seq", "topk/pos", "embeddings", "clusters/labels",
                    "clusters/linkage", "metrics/n_examples", "metrics/n_clusters", "metrics/max_distance",
@@ -38,6 +39,9 @@ def run_stages(out: str, batch_size: int = 8, **opts) -> zarr.Group:
     for sh in plan["shards"]:
         embed_shard(out, sh)
         cluster_store_shard(out, sh)
+        centroid_shard(out, sh)
+    for sh in plan["shards"]:
+        similar_shard(out, sh)
     return zarr.open_group(out, mode="r")
 
 

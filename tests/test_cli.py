@@ -96,4 +96,4 @@ def test_status_lists_states(capsys, tiny_gpt2, tmp_path):
     lines = text.strip().splitlines()
     assert "failed  cluster/L01-N00064: RuntimeError: boom" in text
     assert "pending cluster/L01-N00000" in text
-    assert lines[-1] == "16 complete, 1 failed, 1 pending"
+    assert lines[-1] == "32 complete, 1 failed, 1 pending"

@@ -95,7 +95,7 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tiny_
         f"flow run state {run.state!r}; worker log:\n{worker_log.read_text()[-4000:]}")
 
     st = store_status(str(out))
-    assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 + 8, st
+    assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 * 4, st
 
     ref = tmp_path / "reference.zarr"
     run_stages(str(ref), **options(tiny_gpt2, n_sequences=16, k=4))

@@ -28,7 +28,7 @@ def test_flow_run_then_resume(prefect_server, tiny_gpt2, tmp_path, reference):
     out = str(tmp_path / "flow.zarr")
     summary = neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)
     st = store_status(out)
-    assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 + 8
+    assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 * 4  # prepare, scan, 8 shards x 4 stages
     assert [r["layer"] for r in summary["layers"]] == [0, 1]
     assert_same_arrays(reference, contract_arrays(out))  # the flow writes what the stages compute
     _check_artifacts(summary)
@@ -72,12 +72,14 @@ def test_failed_shard_is_named_and_only_it_is_rerun(prefect_server, tiny_gpt2, t
     st = store_status(out)
     assert st.units["embed"]["L01-N00064"] == "failed"
     assert st.units["cluster"]["L01-N00064"] == "pending"
-    assert st.failed == 1 and st.pending == 1  # every other shard of both stages completed
+    assert st.units["centroids"]["L01-N00064"] == "pending"
+    assert st.failed == 1 and st.pending == 2 + 8  # every other shard completed; similar needs them all
     before = _marker_mtimes(out)
     neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)
     after = _marker_mtimes(out)
     changed = {k for k in after if before.get(k) != after[k]}
-    assert changed == {"embed/L01-N00064.done", "cluster/L01-N00064.done"}
+    assert changed == {"embed/L01-N00064.done", "cluster/L01-N00064.done", "centroids/L01-N00064.done"} | {
+        f"similar/{u}.done" for u in st.units["similar"]}
     assert store_status(out).failed == 0
     assert_same_arrays(reference, contract_arrays(out))
 

@@ -1,0 +1,142 @@
+"""Similar clusters: centroids, top tokens and nearest clusters against direct NumPy computations."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tasks.similar import ClusterSet, cluster_centroids, cluster_top_tokens, compact, nearest_clusters
+from tests.helpers import options, run_stages
+
+
+def _random_shard(rng, S=6, K=8, D=5, max_c=4):
+    emb = rng.standard_normal((S, K, D)).astype(np.float32)
+    labels = np.full((S, K), -1, dtype=np.int32)
+    for s in range(S):
+        n = rng.integers(0, K + 1)
+        labels[s, :n] = rng.integers(0, rng.integers(1, max_c + 1), n)
+        labels[s, :n] = np.unique(labels[s, :n], return_inverse=True)[1]  # labels 0..c-1, all used
+    return emb, labels
+
+
+def _direct_centroids(emb, labels):
+    S, K, D = emb.shape
+    out = np.zeros((S, K, D))
+    for s in range(S):
+        for c in range(K):
+            members = [emb[s, i] / np.linalg.norm(emb[s, i]) for i in range(K) if labels[s, i] == c]
+            if members:
+                out[s, c] = np.mean(members, axis=0)
+    return out
+
+
+def test_centroids_are_means_of_normalised_embeddings():
+    emb, labels = _random_shard(np.random.default_rng(0))
+    np.testing.assert_allclose(cluster_centroids(emb, labels), _direct_centroids(emb, labels), atol=1e-6)
+
+
+def test_top_tokens_are_each_clusters_most_frequent_peak_token():
+    rng = np.random.default_rng(1)
+    _, labels = _random_shard(rng, S=30, K=12)
+    peak = rng.integers(0, 4, labels.shape).astype(np.int32)  # few tokens: many ties
+    top, cnt = cluster_top_tokens(labels, peak)
+    for s in range(labels.shape[0]):
+        for c in range(labels.shape[1]):
+            slots = [i for i in range(labels.shape[1]) if labels[s, i] == c]
+            if not slots:
+                assert top[s, c] == -1 and cnt[s, c] == 0
+                continue
+            counts = Counter(int(peak[s, i]) for i in slots)
+            most = max(counts.values())
+            first = min(i for i in slots if counts[int(peak[s, i])] == most)  # ties: earliest example
+            assert (top[s, c], cnt[s, c]) == (peak[s, first], most)
+
+
+def _direct_neighbours(cent_ND, owner_N, n):
+    u = cent_ND / np.linalg.norm(cent_ND, axis=1, keepdims=True)
+    cos = u @ u.T
+    out_id, out_cos = [], []
+    for q in range(len(u)):
+        cand = [(cos[q, r], r) for r in range(len(u)) if owner_N[r] != owner_N[q]]
+        cand.sort(key=lambda t: -t[0])
+        out_id.append([r for _, r in cand[:n]] + [-1] * (n - len(cand[:n])))
+        out_cos.append([c for c, _ in cand[:n]] + [np.nan] * (n - len(cand[:n])))
+    return np.array(out_id), np.array(out_cos)
+
+
+@pytest.mark.parametrize("block", [3, 4096])
+def test_nearest_clusters_match_brute_force_for_any_block_size(block):
+    rng = np.random.default_rng(2)
+    N, D, n = 40, 6, 5
+    cent = rng.standard_normal((N, D)).astype(np.float32)
+    owner = np.sort(rng.integers(0, 9, N))
+    ids = np.arange(N)
+    query = ClusterSet(torch.from_numpy(cent / np.linalg.norm(cent, axis=1, keepdims=True)),
+                       torch.from_numpy(owner), torch.from_numpy(ids))
+    refs = [ClusterSet(query.c_ND[a:b], query.owner_N[a:b], query.id_N[a:b]) for a, b in ((0, 17), (17, 40))]
+    got_id, got_cos = nearest_clusters(query, refs, n, block=block)
+    want_id, want_cos = _direct_neighbours(cent, owner, n)
+    assert np.array_equal(got_id.numpy(), want_id)
+    np.testing.assert_allclose(got_cos.numpy(), want_cos, atol=1e-6)
+
+
+def test_fewer_candidates_than_n_are_padded():
+    c = torch.eye(3)
+    q = ClusterSet(c, torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2]))
+    ids, cos = nearest_clusters(q, [q], 5)
+    assert ids[0].tolist() == [2, -1, -1, -1, -1] and ids[2].tolist()[:2] in ([0, 1], [1, 0])
+    assert torch.isnan(cos[0, 1:]).all() and cos[0, 0] == 0
+
+
+def test_compact_keeps_only_existing_clusters():
+    cent = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2) + 1
+    cs = compact(cent, np.array([1, 3]), row=1, start=10, d_mlp=100)
+    assert cs.owner_N.tolist() == [110, 111, 111, 111]
+    assert cs.id_N.tolist() == [330, 333, 334, 335]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_gpt2, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sim") / "s.zarr")
+    return run_stages(out, **options(tiny_gpt2, n_sequences=16, ctx_len=16, k=5))
+
+
+def test_store_neighbours_match_a_direct_computation_over_the_whole_store(store):
+    L, M, K = store["clusters/labels"].shape
+    emb, labels = store["embeddings"][:], store["clusters/labels"][:]
+    nc = store["metrics/n_clusters"][:]
+    who, cents = [], []
+    for r in range(L):
+        cent = _direct_centroids(emb[r], labels[r])
+        for j in range(M):
+            for c in range(nc[r, j]):
+                who.append((r, j, c))
+                cents.append(cent[j, c])
+    assert len(who) > 100
+    owner = np.array([r * M + j for r, j, _ in who])
+    want_id, want_cos = _direct_neighbours(np.array(cents), owner, 5)
+    nb, cos = store["similar/neighbours"][:], store["similar/cosine"][:]
+    checked = 0
+    for q, (r, j, c) in enumerate(who):
+        np.testing.assert_allclose(cos[r, j, c], want_cos[q], atol=1e-5)
+        distinct = np.diff(want_cos[q]) < -1e-5  # where the order is not a tie, the clusters agree
+        for i in range(5):
+            if (i == 0 or distinct[i - 1]) and (i == 4 or distinct[i]):
+                assert tuple(nb[r, j, c, i]) == who[want_id[q, i]]
+                checked += 1
+    assert checked > len(who) * 3
+    # slots beyond a neuron's clusters stay empty
+    empty = np.arange(K)[None, None, :] >= nc[:, :, None]
+    assert (nb[empty] == -1).all() and np.isnan(cos[empty]).all()
+    assert (store["similar/top_token"][:][empty] == -1).all()
+
+
+def test_store_top_tokens_are_tokens_the_cluster_peaks_on(store):
+    tokens, labels = store["tokens"][:], store["clusters/labels"][:]
+    seq, pos, top = store["topk/seq"][:], store["topk/pos"][:], store["similar/top_token"][:]
+    r, j, c = np.argwhere(top >= 0)[7]
+    peaks = Counter(int(tokens[seq[r, j, i], pos[r, j, i]]) for i in np.flatnonzero(labels[r, j] == c))
+    assert peaks[int(top[r, j, c])] == max(peaks.values()) == store["similar/top_count"][r, j, c]
