@@ -275,11 +275,13 @@ def build_planted_model(
     position_jitter: float = 0.3,
     n_head: int = 4,
     n_positions: int = 256,
+    feature_scales: list[float] | None = None,
 ) -> PlantedTruth:
     """Save a GPT-2 with planted (poly)semantic MLP neurons to ``out_dir``; see the module doc.
 
     Writes the model, a word-level tokenizer and ``planted.json``; returns the truth.
-    Deterministic for a given seed.
+    Deterministic for a given seed. ``feature_scales`` (one positive factor per feature, default
+    all 1) multiplies the strengths c_t of each feature's tokens: unequal feature strengths.
     """
     _check_planted_args(n_features, tokens_per_feature, d_model, d_mlp, n_head, shared_directions,
                         position_jitter)
@@ -287,6 +289,11 @@ def build_planted_model(
     words, features = _planted_vocab(n_features, tokens_per_feature, n_filler)
     dirs, v, reserved = _feature_directions(n_features, d_model, shared_directions, rng)
     strengths = _token_strengths(len(words), features)
+    if feature_scales is not None:
+        if len(feature_scales) != n_features or min(feature_scales) <= 0:
+            raise ValueError(f"feature_scales needs {n_features} positive factors, got {feature_scales}")
+        for ids, scale in zip(features, feature_scales):
+            strengths[ids] *= scale
     wte = _planted_embeddings(len(words), features, strengths, dirs, v, reserved, noise, rng)  # [vocab, d]
     wpe = _position_embeddings(n_positions, v, position_jitter, rng)  # [n_positions, d]
     neuron_features = _assign_neuron_features(n_features, d_mlp, rng)
@@ -303,6 +310,8 @@ def build_planted_model(
     params = dict(n_features=n_features, tokens_per_feature=tokens_per_feature, n_filler=n_filler,
                   d_model=d_model, d_mlp=d_mlp, seed=seed, noise=noise,
                   shared_directions=shared_directions, position_jitter=position_jitter)
+    if feature_scales is not None:
+        params["feature_scales"] = [float(s) for s in feature_scales]
     truth = PlantedTruth(features=features, neuron_features=neuron_features, words=words,
                          strengths=[float(s) for s in strengths], n_layer=n_layer, params=params)
     truth.to_json(out / PLANTED_JSON)

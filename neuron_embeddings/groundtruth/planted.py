@@ -1,0 +1,113 @@
+"""Planted-neuron transformers (``neuron_embeddings.synthetic``) run through the real pipeline.
+
+A variant is a ``build_planted_model`` configuration plus a corpus; ``planted_examples`` builds the
+model, runs every stage of the pipeline in this process (prepare, [maxima], scan, embed, cluster:
+the same task functions the Prefect flow calls) into a Zarr store, and reads back each planted
+neuron's examples: activations, neuron embeddings (from the store), the raw MLP inputs x of the
+same examples (the scan's stored x, merged exactly as the embed stage merges them), the feature
+of each example's token (the truth) and the token id (the token-identity baseline).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from neuron_embeddings.synthetic import PlantedTruth, build_planted_model, write_planted_corpus
+
+
+@dataclass(frozen=True)
+class PlantedVariant:
+    """A planted model and corpus: ``build`` goes to ``build_planted_model``, the rest to the corpus."""
+
+    name: str
+    build: dict = field(default_factory=dict)
+    n_docs: int = 1000
+    doc_len: int = 16
+    ctx_len: int = 16
+
+
+def unequal_scales(n_features: int, low: float = 0.35, seed: int = 0) -> list[float]:
+    """Feature strength factors spread geometrically over [low, 1], in a seeded order."""
+    rng = np.random.default_rng(seed + 104729)
+    return [float(s) for s in rng.permutation(np.geomspace(low, 1.0, n_features))]
+
+
+def run_pipeline(out: str, model_dir: str, corpus: str, **opts) -> None:
+    """Every stage of the pipeline in plan order, in this process, without Prefect (one block)."""
+    from neuron_embeddings.resolve import resolve_run
+    from tasks.cluster import cluster_store_shard
+    from tasks.embed import embed_shard
+    from tasks.prepare import prepare_store
+    from tasks.scan import maxima_block, scan_block
+
+    options = dict(model=model_dir, dataset=corpus, layers=None, selection="top", shard_size=256,
+                   linkage="average", threshold=0.5, seed=0, embedding_dtype="float32", scan_blocks=1,
+                   device="cpu", workers=1)
+    options.update(opts)
+    settings, lm = resolve_run(out, **options)
+    plan = prepare_store(out, settings, lm)
+    if plan["band"]:
+        for b in plan["blocks"]:
+            maxima_block(out, b, 32, "cpu")
+    for b in plan["blocks"]:
+        scan_block(out, b, 32, "cpu")
+    for sh in plan["shards"]:
+        embed_shard(out, sh)
+        cluster_store_shard(out, sh)
+
+
+def merged_x(g, layer: int, k: int) -> np.ndarray:
+    """[d_mlp, k, D] float32 MLP inputs of each neuron's stored examples, merged from the scan's
+    block tables by the embed stage's own ``merge_blocks`` (so slot i is topk slot i)."""
+    from tasks.scan import merge_blocks
+
+    parts = {n: g[f"scan/{n}"][:, layer] for n in ("key", "act", "seq", "pos", "x")}
+    top = merge_blocks(parts["key"], parts["act"], parts["seq"], parts["pos"], parts["x"].astype(np.float32), k)
+    if not np.array_equal(top.seq, g["topk/seq"][layer]):
+        raise AssertionError("merged scan tables disagree with topk/seq")
+    return top.x
+
+
+def store_examples(store: str, truth: PlantedTruth, name: str, layer: int = 0):
+    """The ``NeuronExamples`` of the planted neurons of ``layer`` in a finished store."""
+    import zarr
+
+    from neuron_embeddings.groundtruth.measures import NeuronExamples
+
+    g = zarr.open_group(store, mode="r")
+    k = int(g.attrs["k"])
+    act, seq, pos = g["topk/act"][layer], g["topk/seq"][layer], g["topk/pos"][layer]  # [M, k]
+    emb = g["embeddings"][layer].astype(np.float32)  # [M, k, D]
+    x = merged_x(g, layer, k)
+    tokens = g["tokens"][...]
+    have = seq >= 0
+    tok = np.where(have, tokens[np.where(have, seq, 0), np.where(have, pos, 0)], -1)  # [M, k]
+    feat = np.where(have, truth.token_feature()[np.maximum(tok, 0)], -1)
+    planted = np.flatnonzero(truth.n_clusters() > 0)
+    return NeuronExamples(name, act[planted], emb[planted], x[planted], feat[planted], tok[planted],
+                          truth.n_clusters()[planted],
+                          dict(kind="planted", neurons=planted.tolist(), store=str(store),
+                               stored_labels=g["clusters/labels"][layer][planted],
+                               stored_n_clusters=g["metrics/n_clusters"][layer][planted]))
+
+
+def planted_examples(workdir: str | Path, variant: PlantedVariant, seed: int, selection: str = "top",
+                     k: int = 50):
+    """Build ``variant`` with ``seed`` under ``workdir`` (reused if there), run the pipeline with
+    ``selection`` and ``k``, and return the planted neurons' ``NeuronExamples``."""
+    root = Path(workdir) / f"{variant.name}-s{seed}"
+    model_dir, corpus = root / "model", root / "corpus.txt"
+    if (model_dir / "planted.json").exists():
+        truth = PlantedTruth.from_json(model_dir)
+    else:
+        truth = build_planted_model(model_dir, seed=seed, **variant.build)
+        write_planted_corpus(corpus, truth, n_docs=variant.n_docs, doc_len=variant.doc_len, seed=seed)
+    store = root / f"store-{selection.replace(':', '')}-k{k}.zarr"
+    n_tokens = variant.n_docs * (variant.doc_len + 1)
+    run_pipeline(str(store), str(model_dir), str(corpus), n_sequences=n_tokens // variant.ctx_len,
+                 ctx_len=variant.ctx_len, k=k, selection=selection, seed=seed)
+    ex = store_examples(str(store), truth, f"{variant.name}")
+    ex.info.update(variant=asdict(variant), seed=seed, selection=selection)
+    return ex
