@@ -57,7 +57,67 @@ def build_parser() -> argparse.ArgumentParser:
     sae = sub.add_parser("sae", help="sparse autoencoders: train one, or evaluate one with the same metrics")
     sae_sub = sae.add_subparsers(dest="sae_command", required=True)  # sae train / sae evaluate
     _add_sae_evaluate(sae_sub)
+    _add_sae_train(sae_sub)
     return ap
+
+
+def _add_sae_train(sae_sub) -> None:
+    p = sae_sub.add_parser("train", help="cache one hook's activations and train an SAE on them (optionally with L_N); "
+                                         "writes cfg.json, sae_weights.safetensors (SAELens layout) and metrics.json")
+    p.add_argument("--model", default="gpt2", help="Hugging Face model name or local model directory (default gpt2)")
+    p.add_argument("--dataset", required=True,
+                   help="a .txt/.jsonl/.parquet file, a Hugging Face dataset name, or builtin:python-docs")
+    p.add_argument("--layer", type=int, required=True, help="the block whose activations the SAE decomposes")
+    p.add_argument("--out", required=True, help="SAE directory to write")
+    p.add_argument("--hook", default="post", help="post (MLP activations, default), pre, in, resid_pre, resid_mid, "
+                                                   "resid_post, mlp_out")
+    p.add_argument("--architecture", default="standard", help="standard (ReLU + L1, default) or topk")
+    p.add_argument("--topk", type=int, default=None, help="k of a topk SAE")
+    p.add_argument("--expansion", type=float, default=4.0, help="features per input dimension (default 4)")
+    p.add_argument("--l1", type=float, default=5.0, help="L1 coefficient on inputs scaled to E||x||^2 = d_in (default 5)")
+    p.add_argument("--ln-coef", type=float, default=0.0, help="coefficient of the neuron-embedding loss L_N (default 0: off)")
+    p.add_argument("--ln-start", type=int, default=0, help="step from which L_N counts (default 0)")
+    p.add_argument("--ln-momentum", type=float, default=0.9, help="EMA momentum of the L_N lookup (default 0.9)")
+    p.add_argument("--ln-update", default="ema", help="ema (default) or mean: how the L_N lookup averages inputs")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=4096, help="activations per training step (default 4096)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=None, help="learning-rate warm-up steps (default 5%% of --steps)")
+    p.add_argument("--resample-every", type=int, default=None,
+                   help="resample dead features every N steps up to 3/4 of the run (default steps/5; 0 = never)")
+    p.add_argument("--n-sequences", type=int, default=1024)
+    p.add_argument("--ctx-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None, help="activation cache directory (default OUT/activations.zarr; reused "
+                                                 "when made with the same model, dataset, hook and sizes)")
+    p.add_argument("--activation-dtype", default="float16", help="float16 (default) or float32 for the cache")
+    p.add_argument("--forward-batch-size", type=int, default=16, help="sequences per forward pass while caching")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+
+
+def cmd_sae_train(a: argparse.Namespace) -> int:
+    from neuron_embeddings.sae import SAETrainSettings
+    from tasks.sae import sae_train
+
+    settings = SAETrainSettings(expansion=a.expansion, architecture=a.architecture, topk=a.topk, l1=a.l1,
+                                ln_coef=a.ln_coef, ln_start=a.ln_start, ln_momentum=a.ln_momentum,
+                                ln_update=a.ln_update, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                                warmup=a.warmup, resample_every=a.resample_every, seed=a.seed)
+    if a.forward_batch_size < 1:
+        raise UserError(f"--forward-batch-size {a.forward_batch_size}: need at least 1")
+    print(f"loading {a.model} ...")
+    m = sae_train(a.out, a.model, a.dataset, a.layer, settings, hook=a.hook, n_sequences=a.n_sequences,
+                  ctx_len=a.ctx_len, cache=a.cache, device=a.device, activation_dtype=a.activation_dtype,
+                  forward_batch_size=a.forward_batch_size)
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    print(f"\nSAE {m['d_in']} -> {m['d_sae']} features ({m['architecture']}) on {m['hook_name']}, "
+          f"held-out {m['n_tokens']} tokens:")
+    for key in ("explained_variance", "mse", "l0", "dead_fraction", "dense_fraction", "l_n", "delta_lm_loss",
+                "loss_recovered"):
+        print(f"  {key:20s} {fmt(m.get(key))}")
+    print(f"\nwrote {a.out}/cfg.json, sae_weights.safetensors, metrics.json. Next:\n"
+          f"  neuron-embeddings sae evaluate --sae {a.out} --model {a.model} --dataset {a.dataset} --out STORE")
+    return 0
 
 
 def _add_sae_evaluate(sae_sub) -> None:
@@ -239,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_demo(a)
         if a.command == "status":
             return cmd_status(a)
+        if a.command == "sae" and a.sae_command == "train":
+            return cmd_sae_train(a)
         if a.command == "sae" and a.sae_command == "evaluate":
             return cmd_run(a, _options(a))
     except UserError as e:

@@ -1,0 +1,498 @@
+"""Sparse autoencoders on cached activations, with the neuron-embedding loss L_N.
+
+The SAE (names as in SAELens, shapes in suffixes: B batch, D d_in, F d_sae):
+
+    u = x - b_dec                        (the encoder input)
+    f = ReLU(u @ W_enc + b_enc)          (TopK: keep the k largest of those)
+    x_hat = f @ W_dec + b_dec            (rows of W_dec kept at unit norm)
+    loss = sum_d (x_hat - x)^2 (mean over the batch) + l1 * sum_j f_j (mean over the batch) + ln_coef * L_N
+
+L_N (Foote 2024, eq. 4): for every input b and every feature j active on it,
+`1 - cos(h̄_j ⊙ w_j, h_b ⊙ w_j)`, summed over the batch and the active features. `w_j` is the
+encoder column W_enc[:, j]; `h_b` is the encoder input u_b = x_b - b_dec, and h̄_j - b_dec with h̄_j
+a per-feature average of the raw inputs x that activated j (the lookup). Using the encoder input
+makes L_N the same cosine as the evaluation's neuron embeddings `(x - b_dec) ⊙ W_enc[:, j]` (the
+lookup keeps raw x, so the current b_dec is subtracted exactly: a mean of x minus b_dec is the mean
+of x - b_dec). The lookup is a detached buffer: first activation stores the batch's mean activating
+input, then an exponential moving average per batch (momentum m: h̄ <- m h̄ + (1 - m) batch mean) or
+the exact running mean over all activating inputs seen.
+
+L_N is computed with matrix products, never a loop over features:
+    num_BF  = u_BD @ (h̄_FD^T ⊙ W_enc²)        = Σ_d u_bd h̄_jd w_dj²
+    |u_b ⊙ w_j|²  = (u_BD ⊙ u_BD) @ W_enc²     [B, F]
+    |h̄_j ⊙ w_j|²  = Σ_d h̄_jd² w_dj²            [F]
+and its backward pass (a custom autograd function) only touches the active (b, j) pairs with
+sparse-dense products, so a step with L_N costs about two more dense products than a standard step.
+
+Inputs are scaled by a constant s (so that E||s x||² = d_in, Anthropic's convention) while
+training, which makes `--l1` mean the same on any model; the saved weights act on raw activations
+(b_enc and b_dec divided by s; feature activations come out divided by s, W_dec stays unit-norm).
+Dead features are resampled as in Towards Monosemanticity: inputs drawn with probability ∝ their
+squared reconstruction loss become the dead features' decoder rows and (scaled) encoder columns,
+with their Adam state reset.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from neuron_embeddings.errors import UserError
+from neuron_embeddings.sae_io import SAEWeights
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("standard", "topk")
+LN_UPDATES = ("ema", "mean")
+DENSE_THRESHOLD = 0.1  # fraction of firings above which a feature counts as dense
+SPARSE_BACKWARD_MAX_DENSITY = 0.05  # above this share of active pairs, L_N's backward uses dense products
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SAETrainSettings:
+    """What decides a trained SAE (validated here, stored in cfg.json)."""
+
+    expansion: float = 4.0
+    architecture: str = "standard"
+    topk: int | None = None
+    l1: float = 5.0
+    ln_coef: float = 0.0
+    ln_start: int = 0
+    ln_momentum: float = 0.9
+    ln_update: str = "ema"
+    steps: int = 2000
+    batch_size: int = 4096
+    lr: float = 1e-3
+    warmup: int | None = None  # default: 5% of the steps
+    resample_every: int | None = None  # default: a fifth of the steps; 0 = never
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise UserError(f"--architecture {self.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
+        if self.architecture == "topk" and (self.topk is None or self.topk < 1):
+            raise UserError("--architecture topk needs --topk K with K >= 1")
+        if self.architecture != "topk" and self.topk is not None:
+            raise UserError("--topk is only for --architecture topk")
+        if not self.expansion > 0:
+            raise UserError(f"--expansion {self.expansion}: use a positive factor, e.g. 4")
+        checks = [("--l1", self.l1 >= 0, "use a value >= 0"), ("--ln-coef", self.ln_coef >= 0, "use a value >= 0"),
+                  ("--ln-start", self.ln_start >= 0, "use a step >= 0"),
+                  ("--ln-momentum", 0 <= self.ln_momentum < 1, "use a value in [0, 1)"),
+                  ("--steps", self.steps >= 1, "need at least 1 step"),
+                  ("--batch-size", self.batch_size >= 1, "need at least 1 activation per batch"),
+                  ("--lr", self.lr > 0, "use a positive learning rate"),
+                  ("--warmup", self.warmup is None or self.warmup >= 0, "use 0 or more steps"),
+                  ("--resample-every", self.resample_every is None or self.resample_every >= 0, "use 0 (never) or more")]
+        for name, ok, hint in checks:
+            if not ok:
+                raise UserError(f"{name} {getattr(self, name[2:].replace('-', '_'))}: {hint}")
+        if self.ln_update not in LN_UPDATES:
+            raise UserError(f"--ln-update {self.ln_update!r}: use ema or mean")
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else max(1, self.steps // 20)
+
+    @property
+    def resample_steps(self) -> list[int]:
+        """Steps at which dead features are resampled: every `resample_every` steps, up to 3/4 of
+        the run (a feature resampled later has no time to learn)."""
+        every = self.resample_every if self.resample_every is not None else self.steps // 5
+        if every <= 0:
+            return []
+        return list(range(every, int(0.75 * self.steps) + 1, every))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- the model --------------------------------------------------------------------------------
+
+class SparseAutoencoder(nn.Module):
+    """A standard (ReLU) or TopK SAE with unit-norm decoder rows; works in the training scale."""
+
+    def __init__(self, d_in: int, d_sae: int, architecture: str = "standard", k: int | None = None,
+                 seed: int = 0, device: str = "cpu"):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        W_dec_FD = torch.randn(d_sae, d_in, generator=gen)
+        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec_FD.to(device))
+        self.W_enc = nn.Parameter(W_dec_FD.T.contiguous().to(device))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device))
+        self.architecture, self.k = architecture, k
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    def activate(self, pre_BF: torch.Tensor) -> torch.Tensor:
+        f_BF = torch.relu(pre_BF)
+        if self.architecture == "topk":
+            vals_BK, idx_BK = f_BF.topk(min(self.k, self.d_sae), dim=-1)
+            return torch.zeros_like(f_BF).scatter(-1, idx_BK, vals_BK)
+        return f_BF
+
+    def forward(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(encoder input u, feature activations f, reconstruction x_hat)."""
+        u_BD = x_BD - self.b_dec
+        f_BF = self.activate(u_BD @ self.W_enc + self.b_enc)
+        return u_BD, f_BF, f_BF @ self.W_dec + self.b_dec
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the part of W_dec's gradient along each (unit) row: it would only change the norm."""
+        if self.W_dec.grad is not None:
+            W, g = self.W_dec, self.W_dec.grad
+            g -= (g * W).sum(dim=1, keepdim=True) * W
+
+    def to_weights(self, scale: float, cfg: dict) -> SAEWeights:
+        """Weights acting on raw activations (see the module docstring for the scale fold)."""
+        return SAEWeights(W_enc=self.W_enc.detach().float().cpu().clone(),
+                          b_enc=(self.b_enc.detach() / scale).float().cpu(),
+                          W_dec=self.W_dec.detach().float().cpu().clone(),
+                          b_dec=(self.b_dec.detach() / scale).float().cpu(), cfg=cfg)
+
+
+# --- L_N --------------------------------------------------------------------------------------
+
+def _masked_mm(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int],
+               dense_RD: torch.Tensor) -> torch.Tensor:
+    """S @ dense for S sparse [R, C] given as (rows, cols, vals), without materialising S densely."""
+    S = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, shape, check_invariants=False)
+    return torch.sparse.mm(S, dense_RD)
+
+
+class _LNLoss(torch.autograd.Function):
+    """Σ_{(b,j) active} 1 - cos(ū_j ⊙ w_j, u_b ⊙ w_j) and its exact gradient w.r.t. u, ū and W.
+
+    `mask_BF` marks the pairs that count. Pairs where either vector is zero count with cos = 0 and
+    no gradient. The backward pass works on the active pairs only (sparse), or densely when many
+    pairs are active (early in training)."""
+
+    @staticmethod
+    def forward(ctx, u_BD, ubar_FD, W_DF, mask_BF):
+        W2_DF = W_DF * W_DF
+        M_DF = ubar_FD.T * W2_DF
+        num_BF = u_BD @ M_DF
+        nb_BF = (u_BD * u_BD) @ W2_DF
+        nh_F = (ubar_FD.T * ubar_FD.T * W2_DF).sum(0)
+        den_BF = torch.sqrt(nb_BF * nh_F)
+        ok_BF = mask_BF & (den_BF > 1e-20)
+        cos_BF = torch.where(ok_BF, num_BF / den_BF.clamp_min(1e-20), torch.zeros_like(num_BF))
+        loss = (mask_BF.sum() - cos_BF.sum()).to(u_BD.dtype)
+        b_idx, f_idx = ok_BF.nonzero(as_tuple=True)
+        ctx.save_for_backward(u_BD, ubar_FD, W_DF, W2_DF, M_DF, b_idx, f_idx, cos_BF[b_idx, f_idx],
+                              nb_BF[b_idx, f_idx], den_BF[b_idx, f_idx], nh_F)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        u_BD, ubar_FD, W_DF, W2_DF, M_DF, b_idx, f_idx, cos_n, nb_n, den_n, nh_F = ctx.saved_tensors
+        B, F = u_BD.shape[0], ubar_FD.shape[0]
+        g1_n = -g / den_n  # dL/dnum
+        g2_n = g * cos_n / (2 * nb_n)  # dL/dnb
+        g3_F = torch.zeros(F, dtype=u_BD.dtype, device=u_BD.device).index_add_(0, f_idx, cos_n)
+        g3_F = g3_F * g / (2 * nh_F.clamp_min(1e-30))  # dL/dnh
+        if b_idx.numel() <= SPARSE_BACKWARD_MAX_DENSITY * B * F:
+            dM_FD = _masked_mm(f_idx, b_idx, g1_n, (F, B), u_BD)  # (u^T G1)^T
+            dW2a_FD = _masked_mm(f_idx, b_idx, g2_n, (F, B), u_BD * u_BD)
+            du_BD = _masked_mm(b_idx, f_idx, g1_n, (B, F), M_DF.T.contiguous())
+            du_BD += 2 * u_BD * _masked_mm(b_idx, f_idx, g2_n, (B, F), W2_DF.T.contiguous())
+        else:
+            G1 = torch.zeros(B, F, dtype=u_BD.dtype, device=u_BD.device)
+            G1[b_idx, f_idx] = g1_n
+            G2 = torch.zeros_like(G1)
+            G2[b_idx, f_idx] = g2_n
+            dM_FD = G1.T @ u_BD
+            dW2a_FD = G2.T @ (u_BD * u_BD)
+            du_BD = G1 @ M_DF.T + 2 * u_BD * (G2 @ W2_DF.T)
+        ubar_DF = ubar_FD.T
+        dW2_DF = dM_FD.T * ubar_DF + dW2a_FD.T + g3_F * ubar_DF * ubar_DF
+        dW_DF = 2 * W_DF * dW2_DF
+        dubar_FD = (dM_FD.T * W2_DF).T + 2 * g3_F[:, None] * ubar_FD * W2_DF.T
+        return du_BD, dubar_FD, dW_DF, None
+
+
+def ln_loss(u_BD: torch.Tensor, ubar_FD: torch.Tensor, W_enc_DF: torch.Tensor, mask_BF: torch.Tensor) -> torch.Tensor:
+    """L_N summed over the batch and the active features (see the module docstring)."""
+    return _LNLoss.apply(u_BD, ubar_FD, W_enc_DF, mask_BF)
+
+
+def ln_loss_reference(u_BD, ubar_FD, W_enc_DF, mask_BF) -> torch.Tensor:
+    """The same sum by a loop over (input, feature) pairs: the oracle for tests."""
+    total = u_BD.new_zeros(())
+    for b in range(u_BD.shape[0]):
+        for j in range(ubar_FD.shape[0]):
+            if mask_BF[b, j]:
+                w = W_enc_DF[:, j]
+                total = total + 1 - torch.cosine_similarity(ubar_FD[j] * w, u_BD[b] * w, dim=0, eps=1e-30)
+    return total
+
+
+@dataclass
+class LNLookup:
+    """h̄: per-feature average of the raw inputs that activated each feature (a detached buffer)."""
+
+    mean_FD: torch.Tensor
+    count_F: torch.Tensor  # activating inputs seen (float64)
+    momentum: float = 0.9
+    rule: str = "ema"
+
+    @classmethod
+    def empty(cls, d_sae: int, d_in: int, momentum: float = 0.9, rule: str = "ema", device="cpu") -> "LNLookup":
+        return cls(torch.zeros(d_sae, d_in, device=device), torch.zeros(d_sae, dtype=torch.float64, device=device),
+                   momentum, rule)
+
+    @property
+    def valid_F(self) -> torch.Tensor:
+        return self.count_F > 0
+
+    @torch.no_grad()
+    def update(self, x_BD: torch.Tensor, active_BF: torch.Tensor) -> None:
+        """Fold in one batch: per feature, the mean of the inputs in the batch that activated it."""
+        b_idx, f_idx = active_BF.nonzero(as_tuple=True)
+        F, B = self.mean_FD.shape[0], x_BD.shape[0]
+        n_F = torch.bincount(f_idx, minlength=F).to(self.count_F.dtype)
+        sum_FD = _masked_mm(f_idx, b_idx, torch.ones_like(f_idx, dtype=x_BD.dtype), (F, B), x_BD)
+        seen = n_F > 0
+        batch_mean_FD = sum_FD / n_F.clamp_min(1).to(x_BD.dtype)[:, None]
+        first = seen & (self.count_F == 0)
+        if self.rule == "ema":
+            later = seen & ~first
+            m = self.momentum
+            self.mean_FD[later] = m * self.mean_FD[later] + (1 - m) * batch_mean_FD[later]
+            self.mean_FD[first] = batch_mean_FD[first]
+        else:
+            total_F = self.count_F + n_F
+            w_F = (n_F / total_F.clamp_min(1)).to(x_BD.dtype)[:, None]
+            self.mean_FD[seen] = ((1 - w_F) * self.mean_FD + w_F * batch_mean_FD)[seen]
+        self.count_F += n_F
+
+    def reset(self, features: torch.Tensor) -> None:
+        self.mean_FD[features] = 0
+        self.count_F[features] = 0
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, constant, then a linear decay to 0 over the last 20%."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    decay_from = int(0.8 * steps)
+    if step >= decay_from and steps > decay_from:
+        return max(0.0, (steps - step) / (steps - decay_from))
+    return 1.0
+
+
+@dataclass
+class TrainState:
+    """What a training run leaves besides the weights."""
+
+    scale: float
+    history: list[dict] = field(default_factory=list)
+    resampled: list[int] = field(default_factory=list)  # features resampled at each resample step
+    last_l_n: float | None = None
+    lookup: LNLookup | None = None
+
+
+def input_scale(sample_ND: torch.Tensor) -> float:
+    """s such that E||s x||² = d_in on the sample."""
+    ms = float((sample_ND.double() ** 2).sum(dim=1).mean())
+    return math.sqrt(sample_ND.shape[1] / ms) if ms > 0 else 1.0
+
+
+def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, l1: float) -> tuple[torch.Tensor, dict, tuple]:
+    """MSE (summed over d_in, mean over the batch) + l1 · Σ_j f_j (TopK: no L1)."""
+    u_BD, f_BF, xhat_BD = sae(x_BD)
+    mse = (xhat_BD - x_BD).pow(2).sum(dim=1).mean()
+    loss = mse
+    parts = {"mse": mse.detach()}
+    if sae.architecture == "standard" and l1 > 0:
+        sparsity = f_BF.sum(dim=1).mean()  # decoder rows have unit norm
+        loss = loss + l1 * sparsity
+        parts["l1"] = sparsity.detach()
+    return loss, parts, (u_BD, f_BF, xhat_BD)
+
+
+@torch.no_grad()
+def resample_dead(sae: SparseAutoencoder, opt: torch.optim.Adam, dead_F: torch.Tensor, x_ND: torch.Tensor,
+                  gen: torch.Generator) -> torch.Tensor:
+    """Towards Monosemanticity's resampling of the features in `dead_F` (bool [F]), in place, from
+    inputs x_ND drawn with probability ∝ squared reconstruction loss. Returns the feature indices."""
+    dead = dead_F.nonzero().squeeze(1)
+    if dead.numel() == 0:
+        return dead
+    _, _, xhat = sae(x_ND)
+    loss_N = (xhat - x_ND).pow(2).sum(dim=1).double()
+    p = loss_N.pow(2)
+    if not torch.isfinite(p).all() or p.sum() <= 0:
+        p = torch.ones_like(p)
+    pick = torch.multinomial((p / p.sum()).cpu(), dead.numel(), replacement=dead.numel() > len(p), generator=gen)
+    u_KD = x_ND[pick.to(x_ND.device)] - sae.b_dec
+    dirs_KD = u_KD / u_KD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    alive = ~dead_F
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+    sae.W_dec[dead] = dirs_KD
+    sae.W_enc[:, dead] = (dirs_KD * 0.2 * enc_norm).T
+    sae.b_enc[dead] = 0.0
+    for p_, sel in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
+        st = opt.state.get(p_, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                st[key][sel] = 0.0
+    return dead
+
+
+SMALL_STEP_FLOPS = 1 << 28  # below this many multiply-adds per product, train on one CPU thread
+
+
+@contextlib.contextmanager
+def cpu_threads_for(flops: int, device: str):
+    """One torch thread for small products on CPU: with two, small ops ran up to 10x slower on our
+    shared 2-core machines (thread hand-offs dominate); big products keep every thread."""
+    if device != "cpu" or flops >= SMALL_STEP_FLOPS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_sae(batches: Iterator[torch.Tensor], d_in: int, settings: SAETrainSettings, device: str = "cpu",
+              progress: Callable[[int, dict], None] | None = None, log_every: int = 50) -> tuple[SparseAutoencoder, TrainState]:
+    """Train on raw-scale batches [batch_size, d_in] (an endless iterator). Returns the SAE (training
+    scale) and its TrainState (with the scale to fold)."""
+    flops = settings.batch_size * d_in * max(1, round(settings.expansion * d_in))
+    with cpu_threads_for(flops, str(device)):
+        return _train_sae(batches, d_in, settings, device, progress, log_every)
+
+
+def _train_sae(batches, d_in, settings, device, progress, log_every):
+    s = settings
+    torch.manual_seed(s.seed)
+    gen = torch.Generator().manual_seed(s.seed)
+    first = next(batches).to(device).float()
+    scale = input_scale(first)
+    sae = SparseAutoencoder(d_in, max(1, round(s.expansion * d_in)), s.architecture, s.topk, s.seed, device)
+    with torch.no_grad():
+        sae.b_dec.copy_((first * scale).mean(dim=0))
+    opt = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(0.9, 0.999))
+    use_ln = s.ln_coef > 0
+    lookup = LNLookup.empty(sae.d_sae, d_in, s.ln_momentum, s.ln_update, device) if use_ln else None
+    state = TrainState(scale=scale, lookup=lookup)
+    fired_F = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
+    resample_at = set(s.resample_steps)
+    pending = first
+    for step in range(s.steps):
+        x_BD = (pending if pending is not None else next(batches)).to(device).float() * scale
+        pending = None
+        for group in opt.param_groups:
+            group["lr"] = s.lr * lr_factor(step, s.steps, s.warmup_steps)
+        loss, parts, (u_BD, f_BF, _) = sae_loss(sae, x_BD, s.l1)
+        active_BF = f_BF > 0
+        if use_ln and step >= s.ln_start and lookup.valid_F.any():
+            ubar_FD = lookup.mean_FD - sae.b_dec
+            l_n = ln_loss(u_BD, ubar_FD, sae.W_enc, active_BF & lookup.valid_F)
+            loss = loss + s.ln_coef * l_n
+            parts["l_n"] = l_n.detach()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grad()
+        opt.step()
+        sae.normalize_decoder()
+        fired_F |= active_BF.any(dim=0)
+        if use_ln:
+            lookup.update(x_BD, active_BF)
+        if step + 1 in resample_at:
+            sample = torch.cat([next(batches).to(device).float() for _ in range(max(1, 16384 // len(x_BD)))]) * scale
+            revived = resample_dead(sae, opt, ~fired_F, sample, gen)
+            if use_ln:
+                lookup.reset(revived)
+            state.resampled.append(int(revived.numel()))
+            fired_F.zero_()
+        if "l_n" in parts:
+            state.last_l_n = float(parts["l_n"])
+        if step % log_every == 0 or step == s.steps - 1:
+            rec = {"step": step, "loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()},
+                   "l0": float(active_BF.sum(dim=1).float().mean())}
+            state.history.append(rec)
+            if progress is not None:
+                progress(step, rec)
+        elif progress is not None:
+            progress(step, {})
+    return sae, state
+
+
+# --- evaluation on cached activations ---------------------------------------------------------
+
+@torch.no_grad()
+def reconstruction_metrics(weights: SAEWeights, batches: Callable[[], Iterator[torch.Tensor]],
+                           device: str = "cpu") -> dict:
+    """explained_variance, mse (per element), l0, dead_fraction, dense_fraction and l_n of saved
+    weights over held-out activations. `batches()` yields the same rows each call (two passes: the
+    first builds h̄ from these rows, the second measures L_N against it).
+
+    l_n here is the mean over active (input, feature) pairs of 1 - cos(h̄_j ⊙ w_j, u_b ⊙ w_j), with h̄_j
+    the mean of the held-out inputs that activate j: comparable between SAEs trained with or without L_N.
+    """
+    W = SAEWeights(**{k: getattr(weights, k).to(device) if isinstance(getattr(weights, k), torch.Tensor) else getattr(weights, k)
+                      for k in ("W_enc", "b_enc", "W_dec", "b_dec", "cfg", "threshold")})
+    F = W.d_sae
+    n = 0
+    sq_err = sum_x = sum_x2 = l0 = 0.0
+    sum_xD = torch.zeros(W.d_in, dtype=torch.float64, device=device)
+    fires_F = torch.zeros(F, dtype=torch.float64, device=device)
+    lookup = LNLookup.empty(F, W.d_in, rule="mean", device=device)
+    for x_BD in batches():
+        x_BD = x_BD.to(device).float()
+        f_BF = W.encode(x_BD)
+        xhat_BD = W.decode(f_BF)
+        active_BF = f_BF > 0
+        n += len(x_BD)
+        sq_err += float((xhat_BD - x_BD).double().pow(2).sum())
+        sum_xD += x_BD.double().sum(dim=0)
+        sum_x2 += float(x_BD.double().pow(2).sum())
+        l0 += float(active_BF.sum())
+        fires_F += active_BF.sum(dim=0).double()
+        lookup.update(x_BD, active_BF)
+    total_var = sum_x2 - float((sum_xD ** 2).sum()) / n
+    ln_sum = pairs = 0.0
+    for x_BD in batches():
+        x_BD = x_BD.to(device).float()
+        active_BF = W.encode(x_BD) > 0
+        ln_sum += float(ln_loss(W.encoder_input(x_BD), W.encoder_input(lookup.mean_FD), W.W_enc, active_BF))
+        pairs += float(active_BF.sum())
+    freq_F = fires_F / n
+    return {
+        "n_tokens": n,
+        "d_in": W.d_in,
+        "d_sae": F,
+        "mse": sq_err / (n * W.d_in),
+        "explained_variance": 1.0 - sq_err / total_var if total_var > 0 else float("nan"),
+        "l0": l0 / n,
+        "dead_fraction": float((fires_F == 0).double().mean()),
+        "dense_fraction": float((freq_F > DENSE_THRESHOLD).double().mean()),
+        "l_n": ln_sum / pairs if pairs else float("nan"),
+    }
