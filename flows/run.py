@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from prefect import flow, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.futures import as_completed
+from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.runners import task_runner
 from storage.lock import writer_lock
-from tasks.cluster import cluster_shard_task
-from tasks.embed import embed_shard_task
+from storage.store import Store
 from tasks.prepare import prepare_task
 from tasks.scan import maxima_block_task, scan_block_task
-from tasks.similar import centroid_shard_task, similar_shard_task
+from tasks.shards import ShardBatchFailed, shard_batch_task, shard_batches
+from tasks.similar import similar_shard_task
 from tasks.summarise import summarise_task
 
 
@@ -25,22 +25,35 @@ class ShardsFailed(RuntimeError):
     """Some shards failed; the message names them. Rerun to compute only those."""
 
 
-def _follow(stage: str, futures: list) -> list[str]:
-    """Wait for a stage's tasks, updating its progress artifact in the UI as each one finishes;
-    return a message per failed shard."""
+def _follow(out: str, stages: tuple[str, ...], total: int, futures: list, poll_s: float = 1.0) -> list[str]:
+    """Wait for tasks, keeping a progress artifact per stage (`<stage>-progress`, units complete out
+    of `total`) up to date from the store's markers, so the UI moves shard by shard even when a
+    task runs a batch of shards; return a message per failed shard."""
     if not futures:
         return []
-    artifact = create_progress_artifact(0.0, key=f"{stage}-progress",
-                                        description=f"{stage}: shards complete out of {len(futures)}")
-    failed, done = [], 0
-    for f in as_completed(futures):
-        done += 1
-        update_progress_artifact(artifact, 100.0 * done / len(futures))
-        try:
-            f.result()
-        except BaseException as e:  # noqa: BLE001 - collected into one message naming each shard
-            failed.append(f"{e}" if "shard" in str(e) else f"{stage}: {type(e).__name__}: {e}")
-    return failed
+    store = Store(out)
+    artifacts = {stage: create_progress_artifact(0.0, key=f"{stage}-progress",
+                                                 description=f"{stage}: units complete out of {total}")
+                 for stage in stages}
+    shown = dict.fromkeys(stages, -1)
+    failed: list[str] = []
+    pending = list(futures)
+    while True:
+        done, not_done = wait(pending, timeout=poll_s)
+        for f in done:
+            try:
+                f.result()
+            except BaseException as e:  # noqa: BLE001 - collected into one message naming each shard
+                msgs = [str(m) for m in e.args] if isinstance(e, ShardBatchFailed) else [str(e)]
+                failed += [m if "shard" in m else f"{stages[0]}: {type(e).__name__}: {m}" for m in msgs]
+        for stage in stages:
+            n = sum(1 for v in store.marker_states(stage).values() if v == "complete")
+            if n != shown[stage] or not not_done:
+                shown[stage] = n
+                update_progress_artifact(artifacts[stage], 100.0 * min(n, total) / total)
+        if not not_done:
+            return failed
+        pending = list(not_done)
 
 
 def _raise_if(failed: list[str]) -> None:
@@ -85,7 +98,21 @@ def neuron_embeddings_run(
                    workers=workers, sae=sae)
     with writer_lock(out, run_name=_run_name()):
         shards = shard_flow.with_options(task_runner=task_runner(workers, dask_address))
-        return shards(out, options, batch_size, device, task_retries, fault_shard)
+        return shards(out, options, batch_size, device, task_retries, fault_shard,
+                      _count_workers(workers, dask_address))
+
+
+def _count_workers(workers: int, dask_address: str | None) -> int:
+    """How many workers the shards spread over (an existing Dask cluster: its current size)."""
+    if not dask_address:
+        return workers
+    try:
+        from distributed import Client
+
+        with Client(dask_address, timeout=10) as client:
+            return max(1, len(client.scheduler_info()["workers"]))
+    except Exception:  # noqa: BLE001 - only sizes the batches; the runner reports a bad address
+        return max(1, workers)
 
 
 def _expand_out(out: str) -> str:
@@ -105,7 +132,7 @@ def _run_name() -> str:
 
 @flow(name="neuron-embeddings-shards", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def shard_flow(out: str, options: dict, batch_size: int, device: str, task_retries: int,
-               fault_shard: str | None) -> dict:
+               fault_shard: str | None, n_workers: int = 1) -> dict:
     """The stages, on the task runner the parent flow chose."""
     plan = prepare_task.submit(out, options).result()
     retry = dict(retries=task_retries, retry_delay_seconds=[2, 10, 30][:max(task_retries, 1)])
@@ -113,21 +140,16 @@ def shard_flow(out: str, options: dict, batch_size: int, device: str, task_retri
     if plan["band"]:
         futs = maxima_block_task.with_options(**retry).map(
             unmapped(out), blocks, unmapped(batch_size), unmapped(device), unmapped(fault_shard))
-        _raise_if(_follow("maxima", list(futs)))
+        _raise_if(_follow(out, ("maxima",), len(blocks), list(futs)))
     futs = scan_block_task.with_options(**retry).map(
         unmapped(out), blocks, unmapped(batch_size), unmapped(device), unmapped(fault_shard))
-    _raise_if(_follow("scan", list(futs)))
-    embeds = embed_shard_task.with_options(**retry).map(unmapped(out), plan["shards"], unmapped(fault_shard))
-    clusters = [cluster_shard_task.with_options(**retry).submit(out, shard, fault_shard, wait_for=[e])
-                for shard, e in zip(plan["shards"], embeds, strict=True)]
-    centroids = [centroid_shard_task.with_options(**retry).submit(out, shard, fault_shard, wait_for=[c])
-                 for shard, c in zip(plan["shards"], clusters, strict=True)]
-    failed = _follow("embed", list(embeds))
-    for stage, futs in (("cluster", clusters), ("centroids", centroids)):
-        failed += [m for m in _follow(stage, futs) if "NotReady" not in m and "upstream" not in m.lower()]
-    _raise_if(failed)
+    _raise_if(_follow(out, ("scan",), len(blocks), list(futs)))
+    # embed -> cluster -> centroids, shard by shard, in batches of shards (tasks.shards)
+    batches = shard_batches(plan["shards"], n_workers)
+    futs = shard_batch_task.with_options(**retry).map(unmapped(out), batches, unmapped(fault_shard))
+    _raise_if(_follow(out, ("embed", "cluster", "centroids"), len(plan["shards"]), list(futs)))
     # every cluster's nearest clusters of other neurons: needs every shard's centroids
     similar = similar_shard_task.with_options(**retry).map(unmapped(out), plan["shards"], unmapped(device),
                                                            unmapped(fault_shard))
-    _raise_if(_follow("similar", list(similar)))
+    _raise_if(_follow(out, ("similar",), len(plan["shards"]), list(similar)))
     return summarise_task.submit(out).result()

@@ -237,14 +237,16 @@ def cluster_store_shard(out: str, shard: dict, fault_unit: str | None = None) ->
     from threadpoolctl import threadpool_limits
 
     from storage import store as st
-    from tasks.common import run_unit
+    from tasks.common import hand_over, handed_over, run_unit
 
     def work(store: st.Store) -> dict:
         s = store.settings()
         region = (shard["row"], slice(shard["start"], shard["stop"]))
         if not store.is_complete("embed", shard["id"]):
             raise RuntimeError(f"cluster shard {shard['id']}: its embed shard is not complete")
-        emb, act = st.read(store, "embeddings", region), st.read(store, "topk/act", region)
+        emb, act = handed_over(out, shard["id"], "embeddings"), handed_over(out, shard["id"], "act")
+        if emb is None or act is None:
+            emb, act = st.read(store, "embeddings", region), st.read(store, "topk/act", region)
         # many tiny matrix products: one BLAS thread each (multi-threaded OpenBLAS on 16x50x768
         # products stalls for seconds when the cores are busy); parallelism comes from workers
         with threadpool_limits(limits=1, user_api="blas"):
@@ -253,6 +255,7 @@ def cluster_store_shard(out: str, shard: dict, fault_unit: str | None = None) ->
         st.write(store, "clusters/linkage", region, res.linkage)
         for name in ("n_examples", "n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter"):
             st.write(store, f"metrics/{name}", region, getattr(res, name))
+        hand_over(out, shard["id"], labels=res.labels)
         return {"neurons": shard["stop"] - shard["start"], "examples": int(res.n_examples.sum()),
                 "mean_clusters": round(float(res.n_clusters.mean()), 3)}
 

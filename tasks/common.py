@@ -7,6 +7,7 @@ unit's data is written; an exception leaves a `.failed` marker with the message 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Callable
 
@@ -71,6 +72,26 @@ def run_unit(store_url: str, stage: str, unit: str, work: Callable[[Store], dict
     log.info("%s %s: done in %.2f s %s", stage, unit, record["seconds"],
              {k: v for k, v in record.items() if k not in ("stage", "unit", "skipped", "seconds")})
     return record
+
+
+_HANDOFF: dict[tuple[str, str], dict] = {}
+_HANDOFF_LOCK = threading.Lock()
+
+
+def hand_over(out: str, shard_id: str, **arrays) -> None:
+    """Keep a shard's just-written arrays in memory for the next stage of the same shard in this
+    process (tasks.shards runs them back to back), so it need not read them back from the store.
+    Only the latest shard is kept; the arrays must equal what was written."""
+    with _HANDOFF_LOCK:
+        kept = _HANDOFF.get((out, shard_id), {})
+        _HANDOFF.clear()
+        _HANDOFF[(out, shard_id)] = {**kept, **arrays}
+
+
+def handed_over(out: str, shard_id: str, name: str):
+    """An array `hand_over` kept for this shard, or None (then read it from the store)."""
+    with _HANDOFF_LOCK:
+        return _HANDOFF.get((out, shard_id), {}).get(name)
 
 
 def progress_artifact(key: str, description: str):

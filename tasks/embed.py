@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage import store as st
-from tasks.common import run_unit
+from tasks.common import hand_over, run_unit
 from tasks.scan import merge_blocks, neuron_embeddings
 
 
@@ -25,6 +25,7 @@ def embed_shard(out: str, shard: dict, fault_unit: str | None = None) -> dict:
         st.write(store, "topk/pos", region, top.pos)
         st.write(store, "topk/window", region, top.win)
         st.write(store, "embeddings", region, emb)
+        hand_over(out, shard["id"], embeddings=emb, act=top.act, seq=top.seq, pos=top.pos)
         return {"neurons": shard["stop"] - shard["start"], "examples": int((top.seq >= 0).sum())}
 
     return run_unit(out, "embed", shard["id"], work, fault_unit)
