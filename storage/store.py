@@ -26,6 +26,10 @@ import zarr
 from neuron_embeddings.errors import UserError
 from neuron_embeddings.settings import RunSettings
 
+# Every write covers whole chunks of real data: skip Zarr's check of each chunk against the fill
+# value (a full pass over 20 MB embedding chunks), and write what we were given.
+zarr.config.set({"array.write_empty_chunks": True})
+
 SCHEMA_VERSION = "neuron-embeddings/1"
 STAGES = ("prepare", "maxima", "scan", "embed", "cluster", "centroids", "similar")
 N_SIMILAR = 5  # nearest clusters of other neurons stored per cluster (similar/*)
