@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     sae_sub = sae.add_subparsers(dest="sae_command", required=True)  # sae train / sae evaluate
     _add_sae_evaluate(sae_sub)
     _add_sae_train(sae_sub)
+    bench = sub.add_parser("benchmark", help="benchmarks of the method itself")
+    bench_sub = bench.add_subparsers(dest="benchmark_command", required=True)
+    from neuron_embeddings.groundtruth.cli import add_ground_truth_parser
+
+    add_ground_truth_parser(bench_sub)
     return ap
 
 
@@ -303,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sae_train(a)
         if a.command == "sae" and a.sae_command == "evaluate":
             return cmd_run(a, _options(a))
+        if a.command == "benchmark" and a.benchmark_command == "ground-truth":
+            from neuron_embeddings.groundtruth.cli import cmd_ground_truth
+
+            return cmd_ground_truth(a)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

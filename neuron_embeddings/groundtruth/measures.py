@@ -79,7 +79,8 @@ def random_labels(labels_n: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def evaluate(ex: NeuronExamples, linkage: str = "average", threshold: float = 0.5, seed: int = 0) -> dict:
     """Per-neuron results [N] of one clustering configuration: ARI of every method against the true
-    features, numbers of clusters, true numbers of features, and the embedding clustering's metrics."""
+    features, numbers of clusters, true numbers of features, and the embedding clustering's metrics
+    (and its labels, ``labels_NK``, -1 where not clustered)."""
     mask_NK = ex.mask_NK()
     act_NK = np.where(mask_NK, ex.act_NK, np.nan).astype(np.float32)
     ne = cluster_shard(ex.emb_NKD, act_NK, linkage, threshold)
@@ -88,7 +89,7 @@ def evaluate(ex: NeuronExamples, linkage: str = "average", threshold: float = 0.
     N = len(act_NK)
     out = {f"ari_{m}": np.full(N, np.nan) for m in METHODS}
     out.update(n_examples=mask_NK.sum(1), n_present=np.zeros(N, dtype=np.int64), n_drivers=ex.n_drivers_N.copy(),
-               n_clusters_raw_x=rx.n_clusters.astype(np.int64))
+               n_clusters_raw_x=rx.n_clusters.astype(np.int64), labels_NK=ne.labels)
     for name in METRICS:
         out[name] = getattr(ne, name).astype(np.float64)
     for j in range(N):

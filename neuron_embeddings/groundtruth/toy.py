@@ -146,7 +146,19 @@ class _ToyNet(torch.nn.Module):
 
 
 def train_toy_model(cfg: ToyConfig, progress=None) -> ToyModel:
-    """Train the toy model of ``cfg`` (deterministic for a seed); ``progress(n_steps)`` after each chunk."""
+    """Train the toy model of ``cfg`` (deterministic for a seed); ``progress(n_steps)`` after each chunk.
+
+    Runs on one torch thread: the model is tiny, and small ops run several times slower on two.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: ToyConfig, progress) -> ToyModel:
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     net = _ToyNet(cfg, gen)
