@@ -1,8 +1,9 @@
 """prefect.yaml end to end, the way a user runs it: on a real Prefect server (the test harness), the
 real CLI creates the process work pool and deploys every deployment in prefect.yaml, a run of the
-`demo` deployment is created (CI-sized parameters: a tiny random GPT-2), and a real process worker
-started from another directory runs it. The flow run must complete and write the same store as the
-stages run in-process."""
+`demo` deployment is created (CI-sized parameters: a tiny random GPT-2, a transient fault in one
+shard), a real process worker started from another directory runs it and the flow run fails naming
+the shard; Prefect's Retry (`prefect flow-run retry`) and the worker again complete it, computing
+only that shard, and the store equals the stages run in-process."""
 from __future__ import annotations
 
 import json
@@ -72,9 +73,10 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tiny_
         assert weekly.parameters["model"] == "gpt2" and weekly.parameters.get("layers") is None
         client.delete_deployment(weekly.id)  # no scheduled GPT-2 runs left on the shared test server
 
-    # A run of the deployment with CI-sized parameters (they override the deployment's).
+    # A run of the deployment with CI-sized parameters (they override the deployment's), with a
+    # transient fault in one shard (its first attempt fails): the flow run fails, naming it.
     out = tmp_path / "deployed.zarr"
-    params = dict(CI_PARAMS, out=str(out), model=tiny_gpt2)
+    params = dict(CI_PARAMS, out=str(out), model=tiny_gpt2, fault_shard="embed/L01-N00064:once")
     created = _prefect(["deployment", "run", "neuron-embeddings/demo", "--params", json.dumps(params)],
                        _env(api_url, REPO), REPO, 60)
     match = re.search(r"UUID: ([0-9a-f-]{36})", created)
@@ -86,13 +88,29 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tiny_
     worker_dir = tmp_path / "worker"
     worker_dir.mkdir()
     worker_log = tmp_path / "worker.log"
-    _prefect(["worker", "start", "--pool", POOL, "--run-once"], _env(api_url, worker_dir), worker_dir, 240,
-             log=worker_log)
 
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(flow_run_id)
-    assert run.state is not None and run.state.is_completed(), (
-        f"flow run state {run.state!r}; worker log:\n{worker_log.read_text()[-4000:]}")
+    def run_worker_once() -> object:
+        _prefect(["worker", "start", "--pool", POOL, "--run-once"], _env(api_url, worker_dir), worker_dir, 240,
+                 log=worker_log)
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(flow_run_id).state
+
+    state = run_worker_once()
+    assert state is not None and state.is_failed(), f"{state!r}; worker log:\n{worker_log.read_text()[-4000:]}"
+    assert "L01-N00064" in worker_log.read_text()
+    st = store_status(str(out))
+    assert st.units["embed"]["L01-N00064"] == "failed" and st.failed == 1, st
+    before = _marker_mtimes(out)
+
+    # Prefect's Retry on the failed flow run (the UI's button; here its CLI): the worker runs it
+    # again and only the failed shard (and what needs it) is computed.
+    _prefect(["flow-run", "retry", flow_run_id], _env(api_url, REPO), REPO, 60)
+    state = run_worker_once()
+    assert state is not None and state.is_completed(), f"{state!r}; worker log:\n{worker_log.read_text()[-4000:]}"
+    after = _marker_mtimes(out)
+    changed = {k for k in after if before.get(k) != after[k]}
+    assert {k for k in changed if not k.startswith("similar/")} == {
+        "embed/L01-N00064.done", "cluster/L01-N00064.done", "centroids/L01-N00064.done"}
 
     st = store_status(str(out))
     assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 * 4, st
@@ -100,3 +118,7 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tiny_
     ref = tmp_path / "reference.zarr"
     run_stages(str(ref), **options(tiny_gpt2, n_sequences=16, k=4))
     assert_same_arrays(contract_arrays(str(ref)), contract_arrays(str(out)))
+
+
+def _marker_mtimes(out: Path) -> dict:
+    return {str(p.relative_to(out / "_markers")): p.stat().st_mtime_ns for p in (out / "_markers").rglob("*.done")}
