@@ -90,7 +90,9 @@ def neuron_embeddings_run(
 
     `out` may contain `{date}` (the flow run's scheduled start, YYYY-MM-DD), so that scheduled runs
     each write a new store while a retry of the same run resumes its own. The shards run on
-    `workers` local processes (a local Dask cluster) or on the Dask cluster at `dask_address`."""
+    `workers` local processes (a local Dask cluster) or on the Dask cluster at `dask_address`.
+    With `sae` (an SAE directory in SAELens's layout) the units are that SAE's features instead of
+    the MLP neurons: one row, the SAE's layer (`neuron-embeddings sae evaluate`)."""
     out = _expand_out(out)
     options = dict(model=model, dataset=dataset, layers=layers, n_sequences=n_sequences, ctx_len=ctx_len,
                    k=k, selection=selection, shard_size=shard_size, linkage=linkage, threshold=threshold,
