@@ -67,35 +67,38 @@ def _direct_neighbours(cent_ND, owner_N, n):
     return np.array(out_id), np.array(out_cos)
 
 
-@pytest.mark.parametrize("block", [3, 4096])
-def test_nearest_clusters_match_brute_force_for_any_block_size(block):
+def _set(cent, owner, ids):
+    c = torch.from_numpy(cent)
+    return ClusterSet(c, 1 / c.norm(dim=1), torch.from_numpy(owner), torch.from_numpy(ids))
+
+
+@pytest.mark.parametrize("block,dtype", [(3, torch.float32), (4096, torch.float32), (5, torch.bfloat16)])
+def test_nearest_clusters_match_brute_force_for_any_block_size(block, dtype):
     rng = np.random.default_rng(2)
-    N, D, n = 40, 6, 5
+    N, D, n = 60, 6, 5
     cent = rng.standard_normal((N, D)).astype(np.float32)
     owner = np.sort(rng.integers(0, 9, N))
-    ids = np.arange(N)
-    query = ClusterSet(torch.from_numpy(cent / np.linalg.norm(cent, axis=1, keepdims=True)),
-                       torch.from_numpy(owner), torch.from_numpy(ids))
-    refs = [ClusterSet(query.c_ND[a:b], query.owner_N[a:b], query.id_N[a:b]) for a, b in ((0, 17), (17, 40))]
-    got_id, got_cos = nearest_clusters(query, refs, n, block=block)
+    query = _set(cent, owner, np.arange(N))
+    refs = [_set(cent[a:b], owner[a:b], np.arange(a, b)) for a, b in ((0, 17), (17, 60))]
+    got_id, got_cos = nearest_clusters(query, refs, n, block=block, q_block=7, search_dtype=dtype)
     want_id, want_cos = _direct_neighbours(cent, owner, n)
     assert np.array_equal(got_id.numpy(), want_id)
-    np.testing.assert_allclose(got_cos.numpy(), want_cos, atol=1e-6)
+    np.testing.assert_allclose(got_cos.numpy(), want_cos, atol=1e-6)  # exact cosines, also after bf16 search
 
 
 def test_fewer_candidates_than_n_are_padded():
-    c = torch.eye(3)
-    q = ClusterSet(c, torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2]))
+    q = _set(np.eye(3, dtype=np.float32), np.array([0, 0, 1]), np.array([0, 1, 2]))
     ids, cos = nearest_clusters(q, [q], 5)
     assert ids[0].tolist() == [2, -1, -1, -1, -1] and ids[2].tolist()[:2] in ([0, 1], [1, 0])
     assert torch.isnan(cos[0, 1:]).all() and cos[0, 0] == 0
 
 
-def test_compact_keeps_only_existing_clusters():
+def test_compact_keeps_clusters_of_at_least_two_examples():
     cent = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2) + 1
-    cs = compact(cent, np.array([1, 3]), row=1, start=10, d_mlp=100)
+    cs = compact(cent, np.array([[2, 1, 0], [5, 2, 2]]), row=1, start=10, d_mlp=100)
     assert cs.owner_N.tolist() == [110, 111, 111, 111]
     assert cs.id_N.tolist() == [330, 333, 334, 335]
+    np.testing.assert_allclose(cs.unit().norm(dim=1).numpy(), 1, rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +111,17 @@ def test_store_neighbours_match_a_direct_computation_over_the_whole_store(store)
     L, M, K = store["clusters/labels"].shape
     emb, labels = store["embeddings"][:], store["clusters/labels"][:]
     nc = store["metrics/n_clusters"][:]
-    who, cents = [], []
+    who, cents, singles = [], [], []
     for r in range(L):
         cent = _direct_centroids(emb[r], labels[r])
         for j in range(M):
             for c in range(nc[r, j]):
-                who.append((r, j, c))
-                cents.append(cent[j, c])
-    assert len(who) > 100
+                if (labels[r, j] == c).sum() >= 2:
+                    who.append((r, j, c))
+                    cents.append(cent[j, c])
+                else:
+                    singles.append((r, j, c))
+    assert len(who) > 100 and len(singles) > 10
     owner = np.array([r * M + j for r, j, _ in who])
     want_id, want_cos = _direct_neighbours(np.array(cents), owner, 5)
     nb, cos = store["similar/neighbours"][:], store["similar/cosine"][:]
@@ -128,6 +134,9 @@ def test_store_neighbours_match_a_direct_computation_over_the_whole_store(store)
                 assert tuple(nb[r, j, c, i]) == who[want_id[q, i]]
                 checked += 1
     assert checked > len(who) * 3
+    for r, j, c in singles:  # a cluster of one example has no neighbours and is nobody's
+        assert (nb[r, j, c] == -1).all()
+    assert not {tuple(t) for t in nb.reshape(-1, 3)} & set(singles)
     # slots beyond a neuron's clusters stay empty
     empty = np.arange(K)[None, None, :] >= nc[:, :, None]
     assert (nb[empty] == -1).all() and np.isnan(cos[empty]).all()
