@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(demo, demo=True)
     status = sub.add_parser("status", help="shard states of a store")
     status.add_argument("store")
+    explore = sub.add_parser("explore", help="browse a store's neurons, clusters and examples in a web browser")
+    explore.add_argument("store")
+    explore.add_argument("--port", type=int, default=8501)
+    explore.add_argument("--host", default="127.0.0.1")
+    explore.add_argument("--model", default=None, help="the store's model, for token importance (optional)")
+    explore.add_argument("--device", default="auto", help="for --model: auto (default), cpu or cuda")
     sae = sub.add_parser("sae", help="sparse autoencoders: train one, or evaluate one with the same metrics")
     sae_sub = sae.add_subparsers(dest="sae_command", required=True)  # sae train / sae evaluate
     _add_sae_evaluate(sae_sub)
@@ -304,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_demo(a)
         if a.command == "status":
             return cmd_status(a)
+        if a.command == "explore":
+            from neuron_embeddings.explorer.app import serve
+
+            serve(a.store, host=a.host, port=a.port, model=a.model, device=a.device)
+            return 0
         if a.command == "sae" and a.sae_command == "train":
             return cmd_sae_train(a)
         if a.command == "sae" and a.sae_command == "evaluate":

@@ -1,0 +1,393 @@
+"""What the explorer's pages read from a store.
+
+A neuron page reads one neuron's row of `topk/*`, `clusters/*`, `embeddings`, `topk/window` and
+`similar/*` (each a read of the one chunk holding it), the tokens of its examples' sequences, and
+nothing else. The overview reads the `metrics/*` arrays ([layers, neurons]; read once, cached).
+Search uses each cluster's top token (`similar/top_token`, written by the `centroids` stage; for a
+store without it, computed here once and cached under `STORE/_explorer/`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
+
+import numpy as np
+import zarr
+
+from neuron_embeddings.errors import UserError
+from storage.store import METRICS, SCHEMA_VERSION, Store
+
+TOKENS_IN_MEMORY = 256 * 2**20  # read the whole tokens array once when it is at most this big
+
+
+# --- pure helpers -----------------------------------------------------------------------------
+
+
+def centrality(emb_nD: np.ndarray) -> np.ndarray:
+    """Mean cosine similarity of each of n embeddings to the n-1 others: float64 [n] (0 for n = 1).
+    Zero vectors count as orthogonal to everything."""
+    e = np.asarray(emb_nD, dtype=np.float64)
+    n = len(e)
+    if n < 2:
+        return np.zeros(n)
+    norm = np.linalg.norm(e, axis=1, keepdims=True)
+    u = e / np.where(norm == 0, 1.0, norm)
+    total_n = u @ u.sum(axis=0)  # sum over all j of cos(i, j), including j = i
+    return (total_n - (norm[:, 0] > 0)) / (n - 1)
+
+
+def central_first(slots_n: np.ndarray, emb_nD: np.ndarray) -> list[int]:
+    """The slots of a cluster with its most central example first, then the others in slot order
+    (activation descending)."""
+    slots = [int(s) for s in slots_n]
+    if len(slots) < 2:
+        return slots
+    cent = centrality(emb_nD)
+    c = int(np.flatnonzero(cent >= cent.max() - 1e-9)[0])  # ties (always for 2 examples): the first
+    return [slots[c]] + slots[:c] + slots[c + 1:]
+
+
+def is_wordpiece(vocab: np.ndarray) -> bool:
+    """True for a WordPiece vocabulary (BERT: continuation tokens start with '##')."""
+    return sum(str(t).startswith("##") for t in vocab[:50000]) > 0.01 * min(len(vocab), 50000)
+
+
+def display_texts(texts: list[str], wordpiece: bool) -> list[str]:
+    """Token strings as they read in running text: WordPiece tokens get a space before them unless
+    they continue a word ('##'); byte-level BPE strings already carry their spaces."""
+    if not wordpiece:
+        return list(texts)
+    return [t[2:] if t.startswith("##") else (t if i == 0 else " " + t) for i, t in enumerate(texts)]
+
+
+# --- what a page gets -------------------------------------------------------------------------
+
+
+@dataclass
+class Token:
+    text: str
+    act: float  # NaN where unknown
+    is_max: bool
+
+
+@dataclass
+class Example:
+    slot: int
+    act: float
+    seq: int
+    pos: int
+    tokens: list[Token]
+    central: bool = False
+
+
+@dataclass
+class Neighbour:
+    layer: int
+    neuron: int
+    cluster: int
+    cosine: float
+    token: str  # the neighbour cluster's top token ('' if unknown)
+
+
+@dataclass
+class ClusterView:
+    label: int
+    size: int
+    top_tokens: list[tuple[str, int]]  # (token text, examples peaking on it), most frequent first
+    examples: list[Example]
+    similar: list[Neighbour] = field(default_factory=list)
+
+
+@dataclass
+class NeuronView:
+    row: int
+    layer: int
+    neuron: int
+    metrics: dict
+    max_act: float
+    clusters: list[ClusterView]
+    unclustered: list[Example]
+    linkage: np.ndarray  # float64 [n-1, 4] over the clustered examples
+    leaf_slots: np.ndarray  # int [n]: the slot of each clustered example (the linkage's leaves)
+    leaf_labels: np.ndarray  # int [n]
+    leaf_names: list[str]  # the max token of each clustered example
+    similar_state: str  # "ready", "pending" (not computed yet) or "absent" (store has no similar/*)
+
+
+class ExplorerData:
+    """A store opened read-only for the explorer (writes only its own cache under `_explorer/`)."""
+
+    def __init__(self, url: str, zarr_store=None):
+        """`zarr_store`: read the arrays through this Zarr store instead of opening `url` (tests
+        count the chunks a page reads with it)."""
+        self.store = Store(url)
+        try:
+            attrs = self.store.attrs if self.store.exists() else {}
+        except (OSError, ValueError, KeyError):  # noqa: BLE001 - any unreadable group means "not a store"
+            attrs = {}
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(f"{url} is not a neuron-embeddings store; give the --out path of a "
+                            "`neuron-embeddings run` or `demo`")
+        self.url, self.attrs = str(url), attrs
+        self.group = zarr.open_group(zarr_store or self.store._zarr_target(), mode="r")
+        self.layers: list[int] = [int(x) for x in attrs["layers"]]
+        self.unit = attrs.get("unit", "mlp-neuron")
+        self.unit_word = "feature" if self.unit == "sae-feature" else "neuron"
+        self.d_mlp, self.k = int(attrs["d_mlp"]), int(attrs["k"])
+        self.window = (int(attrs.get("window_before", 24)), int(attrs.get("window_after", 8)))
+        self.has_window = "window" in self._members("topk")
+        self.has_similar = "neighbours" in self._members("similar")
+        self._lock = threading.Lock()
+
+    def _members(self, group: str) -> set[str]:
+        try:
+            return set(self.group[group].array_keys())
+        except KeyError:
+            return set()
+
+    # --- small whole arrays, cached ---
+
+    @cached_property
+    def metrics(self) -> dict[str, np.ndarray]:
+        """Every metrics/* array, [n_rows, d_mlp]."""
+        return {m: self.group[f"metrics/{m}"][...] for m in METRICS}
+
+    @cached_property
+    def vocab(self) -> np.ndarray:
+        return self.group["vocab"][...]
+
+    @cached_property
+    def wordpiece(self) -> bool:
+        return is_wordpiece(self.vocab)
+
+    @cached_property
+    def _tokens(self):
+        a = self.group["tokens"]
+        return a[...] if a.nbytes <= TOKENS_IN_MEMORY else a
+
+    def _rows(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted distinct sequence indices >= 0, their token rows [R, ctx_len])."""
+        rows = np.unique(np.asarray(seqs)[np.asarray(seqs) >= 0])
+        t = self._tokens
+        got = t[rows] if isinstance(t, np.ndarray) else t.get_orthogonal_selection((rows, slice(None)))
+        return rows, got
+
+    def token_rows(self, seqs: np.ndarray) -> dict[int, np.ndarray]:
+        """{sequence index: its row of token ids} for the given sequences."""
+        rows, got = self._rows(seqs)
+        return {int(s): got[i] for i, s in enumerate(rows)}
+
+    def peak_tokens(self, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """int32 token id at each (seq, pos); -1 where seq < 0."""
+        out = np.full(seq.shape, -1, dtype=np.int32)
+        ok = seq >= 0
+        if ok.any():
+            rows, got = self._rows(seq[ok])
+            out[ok] = got[np.searchsorted(rows, seq[ok]), pos[ok]]
+        return out
+
+    # --- addressing ---
+
+    def row_of(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} is not in this store (layers {self.layers})")
+        return self.layers.index(layer)
+
+    def check(self, layer: int, neuron: int) -> int:
+        row = self.row_of(layer)
+        if not 0 <= neuron < self.d_mlp:
+            raise KeyError(f"{self.unit_word} {neuron} is out of range (0-{self.d_mlp - 1})")
+        return row
+
+    def step(self, layer: int, neuron: int, delta: int) -> tuple[int, int]:
+        """The neuron `delta` places away in store order (layer by layer), wrapping around."""
+        flat = (self.row_of(layer) * self.d_mlp + neuron + delta) % (len(self.layers) * self.d_mlp)
+        return self.layers[flat // self.d_mlp], flat % self.d_mlp
+
+    def random_neuron(self, rng: random.Random | None = None) -> tuple[int, int]:
+        """A random neuron with at least 2 clustered examples (any neuron if none has)."""
+        rng = rng or random.Random()
+        rows, cols = np.nonzero(self.metrics["n_examples"] >= 2)
+        if rows.size == 0:
+            return self.layers[rng.randrange(len(self.layers))], rng.randrange(self.d_mlp)
+        i = rng.randrange(rows.size)
+        return self.layers[int(rows[i])], int(cols[i])
+
+    # --- one neuron ---
+
+    def read_neuron(self, row: int, j: int) -> dict[str, np.ndarray]:
+        """The neuron's slice of every per-neuron array the page shows (one chunk read each)."""
+        names = ["topk/act", "topk/seq", "topk/pos", "clusters/labels", "clusters/linkage", "embeddings"]
+        if self.has_window:
+            names.append("topk/window")
+        if self.has_similar:
+            names += ["similar/neighbours", "similar/cosine"]
+        return {n: self.group[n][row, j] for n in names}
+
+    def similar_state(self, row: int, j: int) -> str:
+        if not self.has_similar:
+            return "absent"
+        shard = self.store.settings().shard_size
+        unit = f"L{self.layers[row]:02d}-N{j // shard * shard:05d}"
+        return "ready" if self.store.is_complete("similar", unit) else "pending"
+
+    def example(self, slot: int, a: dict, tokens_row: np.ndarray, max_act: float) -> Example:
+        seq, pos, act = int(a["topk/seq"][slot]), int(a["topk/pos"][slot]), float(a["topk/act"][slot])
+        before, after = self.window
+        lo, hi = max(0, pos - before), min(len(tokens_row), pos + after + 1)
+        ids = tokens_row[lo:hi]
+        if "topk/window" in a:
+            acts = a["topk/window"][slot][lo - (pos - before):hi - (pos - before)]
+        else:  # a store without window activations: only the max token's activation is known
+            acts = np.where(np.arange(lo, hi) == pos, act, np.nan)
+        texts = display_texts([str(self.vocab[t]) for t in ids], self.wordpiece)
+        toks = [Token(t, float(v), lo + i == pos) for i, (t, v) in enumerate(zip(texts, acts))]
+        return Example(slot, act, seq, pos, toks)
+
+    def neighbours(self, a: dict, label: int) -> list[Neighbour]:
+        out = []
+        for (r, j, c), cos in zip(a["similar/neighbours"][label], a["similar/cosine"][label]):
+            if r < 0:
+                continue
+            t = int(self.top_tokens[0][r, j, c])
+            out.append(Neighbour(self.layers[int(r)], int(j), int(c), float(cos),
+                                 str(self.vocab[t]) if t >= 0 else ""))
+        return out
+
+    @lru_cache(maxsize=128)
+    def neuron(self, layer: int, neuron: int) -> NeuronView:
+        """Everything the neuron page shows; clusters largest first, each central example first."""
+        row = self.check(layer, neuron)
+        a = self.read_neuron(row, neuron)
+        labels, seq = a["clusters/labels"], a["topk/seq"]
+        rows = self.token_rows(seq)
+        acts = a["topk/act"]
+        max_act = float(np.nanmax(acts)) if np.isfinite(acts).any() else float("nan")
+        sim_state = self.similar_state(row, neuron)
+        clusters = []
+        for c in range(int(labels.max()) + 1 if (labels >= 0).any() else 0):
+            slots = np.flatnonzero(labels == c)
+            order = central_first(slots, a["embeddings"][slots])
+            exs = [self.example(s, a, rows[int(seq[s])], max_act) for s in order]
+            exs[0].central = len(exs) > 1
+            counts: dict[str, int] = {}
+            for e in exs:
+                t = next(t.text for t in e.tokens if t.is_max)
+                counts[t] = counts.get(t, 0) + 1
+            top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+            sim = self.neighbours(a, c) if sim_state == "ready" else []
+            clusters.append(ClusterView(c, len(slots), top, exs, sim))
+        unclustered = [self.example(s, a, rows[int(seq[s])], max_act)
+                       for s in np.flatnonzero((labels < 0) & (seq >= 0))]
+        leaf_slots = np.flatnonzero(labels >= 0)
+        n = len(leaf_slots)
+        names = [next(t.text for t in self.example(s, a, rows[int(seq[s])], max_act).tokens if t.is_max)
+                 for s in leaf_slots]
+        m = {k: self.metrics[k][row, neuron].item() for k in METRICS}
+        return NeuronView(row, layer, neuron, m, max_act, clusters, unclustered,
+                          np.asarray(a["clusters/linkage"][:max(n - 1, 0)], dtype=np.float64),
+                          leaf_slots, labels[leaf_slots], names, sim_state)
+
+    # --- overview ---
+
+    def ranked(self, n: int = 20) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(layer, neuron) of the n most and n least polysemantic neurons (as the run's summary
+        ranks them: clusters, then mean distance; neurons with at least k/2 examples)."""
+        from tasks.summarise import rank_neurons
+
+        m = self.metrics
+        most, least = rank_neurons(m["n_examples"], m["n_clusters"], m["mean_distance"],
+                                   min_examples=max(2, self.k // 2))
+        return ([(self.layers[r], j) for r, j in most[:n]], [(self.layers[r], j) for r, j in least[:n]])
+
+    def settings_table(self) -> list[tuple[str, str]]:
+        skip = {"schema_version"}
+        return [(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+                for k, v in sorted(self.attrs.items()) if k not in skip]
+
+    # --- search by token ---
+
+    @cached_property
+    def top_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """(token, count) int32 [n_rows, d_mlp, k]: each cluster's most frequent peak token and how
+        many of its examples peak on it; -1 / 0 where no such cluster."""
+        if self.has_similar and self._all_complete("centroids"):
+            return self.group["similar/top_token"][...], self.group["similar/top_count"][...]
+        return self._cached_top_tokens()
+
+    def _all_complete(self, stage: str) -> bool:
+        states = self.store.marker_states(stage)
+        from storage.store import stage_units
+
+        units = stage_units(stage, self.store.settings(), self.d_mlp)
+        return bool(units) and all(states.get(u) == "complete" for u in units)
+
+    def _cached_top_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """Computed from the whole store once; kept in `_explorer/top_tokens.npz`, valid while the
+        set of complete cluster shards is unchanged."""
+        from tasks.similar import cluster_top_tokens
+
+        done = sorted(u for u, v in self.store.marker_states("cluster").items() if v == "complete")
+        stamp = json.dumps(done)
+        path = f"{self.store.root}/_explorer/top_tokens.npz"
+        try:
+            with self.store.fs.open(path, "rb") as f:
+                z = np.load(io.BytesIO(f.read()))
+                if str(z["stamp"]) == stamp:
+                    return z["token"], z["count"]
+        except (OSError, KeyError, ValueError):
+            pass
+        g = self.group
+        labels, seq, pos = g["clusters/labels"][...], g["topk/seq"][...], g["topk/pos"][...]
+        L, M, K = labels.shape
+        peak = self.peak_tokens(seq, pos)
+        tok, cnt = cluster_top_tokens(labels.reshape(L * M, K), peak.reshape(L * M, K))
+        tok, cnt = tok.reshape(L, M, K), cnt.reshape(L, M, K)
+        try:
+            buf = io.BytesIO()
+            np.savez(buf, token=tok, count=cnt, stamp=np.array(stamp))
+            self.store._write_atomic(path, buf.getvalue())
+        except OSError:  # a read-only store: keep it in memory only
+            pass
+        return tok, cnt
+
+    @cached_property
+    def _cluster_sizes(self) -> np.ndarray:
+        """int32 [n_rows, d_mlp, k]: examples in each cluster."""
+        labels = self.group["clusters/labels"][...]
+        L, M, K = labels.shape
+        flat = labels.reshape(L * M, K)
+        s_N, slot_N = np.nonzero(flat >= 0)
+        sizes = np.bincount(s_N * K + flat[s_N, slot_N], minlength=L * M * K)
+        return sizes.reshape(L, M, K).astype(np.int32)
+
+    def matching_tokens(self, text: str) -> np.ndarray:
+        """Token ids whose text equals `text` once surrounding whitespace is stripped (and a
+        WordPiece '##' prefix); case-insensitive when nothing matches exactly."""
+        q = text.strip()
+        stripped = np.array([str(t).strip().removeprefix("##") if self.wordpiece else str(t).strip()
+                             for t in self.vocab])
+        ids = np.flatnonzero(stripped == q)
+        if ids.size == 0:
+            ids = np.flatnonzero(np.char.lower(stripped) == q.lower())
+        return ids
+
+    def search(self, text: str, limit: int = 200) -> tuple[list[str], list[dict]]:
+        """Clusters whose examples most often peak on a token with this text, most examples first:
+        (the matching token strings, [{layer, neuron, cluster, count, size}])."""
+        ids = self.matching_tokens(text)
+        if ids.size == 0:
+            return [], []
+        tok, cnt = self.top_tokens
+        r, j, c = np.nonzero(np.isin(tok, ids))
+        sizes = self._cluster_sizes[r, j, c]
+        counts = cnt[r, j, c]
+        order = np.lexsort((j, r, -sizes, -counts))[:limit]
+        hits = [{"layer": self.layers[int(r[i])], "neuron": int(j[i]), "cluster": int(c[i]),
+                 "count": int(counts[i]), "size": int(sizes[i]), "token": str(self.vocab[tok[r[i], j[i], c[i]]])}
+                for i in order]
+        return [str(self.vocab[i]) for i in ids], hits
