@@ -194,7 +194,7 @@ class ProgressMonitor(threading.Thread):
                 bar = self._bar(stage, full, "seq")
                 bar.n = min(full, sum(p["done"] for p in prog.values()))
                 bar.refresh()
-        for stage in ("embed", "cluster"):
+        for stage in ("embed", "cluster", "centroids", "similar"):
             done = sum(1 for v in store.marker_states(stage).values() if v == "complete")
             if done or stage in self.bars:
                 bar = self._bar(stage, len(stage_units(stage, s, d_mlp)), "shard")
