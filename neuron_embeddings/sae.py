@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -46,11 +47,12 @@ from neuron_embeddings.errors import UserError
 from neuron_embeddings.sae_io import SAEWeights
 
 log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 ARCHITECTURES = ("standard", "topk")
 LN_UPDATES = ("ema", "mean")
 DENSE_THRESHOLD = 0.1  # fraction of firings above which a feature counts as dense
-SPARSE_BACKWARD_MAX_DENSITY = 0.05  # above this share of active pairs, L_N's backward uses dense products
+SPARSE_MAX_DENSITY = 0.02  # above this share of active pairs, products over them run dense (see ActivePairs)
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -152,6 +154,14 @@ class SparseAutoencoder(nn.Module):
         f_BF = self.activate(u_BD @ self.W_enc + self.b_enc)
         return u_BD, f_BF, f_BF @ self.W_dec + self.b_dec
 
+    def forward_train(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, "ActivePairs"]:
+        """(f, x_hat, active pairs), the same values as `forward` with a backward pass over the active
+        pairs only (see _SAEDecode)."""
+        holder: dict = {}
+        xhat_BD, f_BF = _SAEDecode.apply(x_BD, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.architecture,
+                                         self.k, holder)
+        return f_BF, xhat_BD, holder["pairs"]
+
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -171,69 +181,153 @@ class SparseAutoencoder(nn.Module):
                           b_dec=(self.b_dec.detach() / scale).float().cpu(), cfg=cfg)
 
 
-# --- L_N --------------------------------------------------------------------------------------
+# --- products over the active (input, feature) pairs --------------------------------------------
 
-def _masked_mm(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int],
-               dense_RD: torch.Tensor) -> torch.Tensor:
-    """S @ dense for S sparse [R, C] given as (rows, cols, vals), without materialising S densely."""
-    S = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, shape, check_invariants=False)
-    return torch.sparse.mm(S, dense_RD)
+class ActivePairs:
+    """The (b, j) pairs where a [B, F] mask is true, and the products the SAE and L_N need over them.
+
+    Trained SAEs keep well under 1% of the pairs active, so those products run as sparse kernels
+    (CSR: S @ D, S^T @ A, and the sampled product (A @ C)[pairs]) at a fraction of a dense product's
+    cost; when more than `max_density` of the pairs are active (early in training) they run as
+    dense products, which are then cheaper. Values `vals_n` follow the pairs' row-major order."""
+
+    def __init__(self, mask_BF: torch.Tensor, max_density: float | None = None):
+        self.shape = tuple(mask_BF.shape)
+        B, F = self.shape
+        self.b, self.f = mask_BF.nonzero(as_tuple=True)
+        self.n = int(self.b.numel())
+        limit = SPARSE_MAX_DENSITY if max_density is None else max_density
+        self.sparse = self.n <= limit * B * F
+        if self.sparse:
+            dev = mask_BF.device
+            self.crow = torch.zeros(B + 1, dtype=torch.int64, device=dev)
+            self.crow[1:] = torch.bincount(self.b, minlength=B).cumsum(0)
+            self.order = torch.argsort(self.f, stable=True)  # feature-major order, for S^T
+            self.crow_t = torch.zeros(F + 1, dtype=torch.int64, device=dev)
+            self.crow_t[1:] = torch.bincount(self.f, minlength=F).cumsum(0)
+            self.col_t = self.b[self.order]
+
+    def _csr(self, vals_n):
+        return torch.sparse_csr_tensor(self.crow, self.f, vals_n, self.shape, check_invariants=False)
+
+    def _csr_t(self, vals_n):
+        return torch.sparse_csr_tensor(self.crow_t, self.col_t, vals_n[self.order], self.shape[::-1],
+                                       check_invariants=False)
+
+    def dense(self, vals_n: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(self.shape, dtype=vals_n.dtype, device=vals_n.device)
+        out[self.b, self.f] = vals_n
+        return out
+
+    def sample(self, A_BK: torch.Tensor, C_KF: torch.Tensor) -> torch.Tensor:
+        """(A @ C) at the pairs: [n]."""
+        if not self.sparse:
+            return (A_BK @ C_KF)[self.b, self.f]
+        if self.n == 0:
+            return A_BK.new_zeros(0)
+        zeros = torch.zeros(self.n, dtype=A_BK.dtype, device=A_BK.device)
+        return torch.sparse.sampled_addmm(self._csr(zeros), A_BK, C_KF, beta=0.0).values()
+
+    def mm(self, vals_n: torch.Tensor, D_FK: torch.Tensor) -> torch.Tensor:
+        """S @ D: [B, K]."""
+        return self._csr(vals_n) @ D_FK if self.sparse else self.dense(vals_n) @ D_FK
+
+    def tmm(self, vals_n: torch.Tensor, A_BK: torch.Tensor) -> torch.Tensor:
+        """S^T @ A: [F, K]."""
+        return self._csr_t(vals_n) @ A_BK if self.sparse else self.dense(vals_n).T @ A_BK
 
 
-class _LNLoss(torch.autograd.Function):
-    """Σ_{(b,j) active} 1 - cos(ū_j ⊙ w_j, u_b ⊙ w_j) and its exact gradient w.r.t. u, ū and W.
-
-    `mask_BF` marks the pairs that count. Pairs where either vector is zero count with cos = 0 and
-    no gradient. The backward pass works on the active pairs only (sparse), or densely when many
-    pairs are active (early in training)."""
+class _SAEDecode(torch.autograd.Function):
+    """x_hat = f @ W_dec + b_dec with f = act(u @ W_enc + b_enc), u = x - b_dec, returning
+    (x_hat, f); the backward pass works over the active pairs only. Exact for ReLU and TopK: an
+    inactive entry of f has zero gradient through the activation either way."""
 
     @staticmethod
-    def forward(ctx, u_BD, ubar_FD, W_DF, mask_BF):
+    def forward(ctx, x_BD, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, architecture, k, holder):
+        u_BD = x_BD - b_dec_D
+        pre_BF = u_BD @ W_enc_DF + b_enc_F
+        f_BF = torch.relu(pre_BF)
+        if architecture == "topk":
+            vals_BK, idx_BK = f_BF.topk(min(k, f_BF.shape[1]), dim=-1)
+            f_BF = torch.zeros_like(f_BF).scatter_(-1, idx_BK, vals_BK)
+        pairs = ActivePairs(f_BF > 0)
+        f_n = f_BF[pairs.b, pairs.f]
+        xhat_BD = pairs.mm(f_n, W_dec_FD) + b_dec_D
+        ctx.pairs = pairs
+        ctx.save_for_backward(u_BD, f_n, W_enc_DF, W_dec_FD)
+        holder["pairs"] = pairs
+        return xhat_BD, f_BF
+
+    @staticmethod
+    def backward(ctx, g_xhat_BD, g_f_BF):
+        pairs = ctx.pairs
+        u_BD, f_n, W_enc_DF, W_dec_FD = ctx.saved_tensors
+        g_n = pairs.sample(g_xhat_BD, W_dec_FD.T)  # dL/df at the active pairs (= dL/dpre there)
+        if g_f_BF is not None:
+            g_n = g_n + g_f_BF[pairs.b, pairs.f]
+        dW_dec = pairs.tmm(f_n, g_xhat_BD)
+        dW_enc = pairs.tmm(g_n, u_BD).T
+        db_enc = torch.zeros(pairs.shape[1], dtype=g_n.dtype, device=g_n.device).index_add_(0, pairs.f, g_n)
+        du_BD = pairs.mm(g_n, W_enc_DF.T)
+        db_dec = g_xhat_BD.sum(0) - du_BD.sum(0)
+        return None, dW_enc, db_enc, dW_dec, db_dec, None, None, None
+
+
+# --- L_N --------------------------------------------------------------------------------------
+
+class _LNLoss(torch.autograd.Function):
+    """Σ over the pairs of weight · (1 - cos(ū_j ⊙ w_j, u_b ⊙ w_j)), and its exact gradient w.r.t.
+    u, ū and W. A pair where either vector is zero counts with cos = 0 and no gradient.
+    ū comes as [D, F] like W, so every elementwise product over [D, F] runs on contiguous memory."""
+
+    @staticmethod
+    def forward(ctx, u_BD, ubar_DF, W_DF, pairs, weight_n):
+        ubar_DF, W_DF = ubar_DF.contiguous(), W_DF.contiguous()
         W2_DF = W_DF * W_DF
-        M_DF = ubar_FD.T * W2_DF
-        num_BF = u_BD @ M_DF
-        nb_BF = (u_BD * u_BD) @ W2_DF
-        nh_F = (ubar_FD.T * ubar_FD.T * W2_DF).sum(0)
-        den_BF = torch.sqrt(nb_BF * nh_F)
-        ok_BF = mask_BF & (den_BF > 1e-20)
-        cos_BF = torch.where(ok_BF, num_BF / den_BF.clamp_min(1e-20), torch.zeros_like(num_BF))
-        loss = (mask_BF.sum() - cos_BF.sum()).to(u_BD.dtype)
-        b_idx, f_idx = ok_BF.nonzero(as_tuple=True)
-        ctx.save_for_backward(u_BD, ubar_FD, W_DF, W2_DF, M_DF, b_idx, f_idx, cos_BF[b_idx, f_idx],
-                              nb_BF[b_idx, f_idx], den_BF[b_idx, f_idx], nh_F)
-        return loss
+        M_DF = ubar_DF * W2_DF  # ū_dj w_dj²
+        num_n = pairs.sample(u_BD, M_DF)  # Σ_d u_bd ū_dj w_dj²
+        nb_n = pairs.sample(u_BD * u_BD, W2_DF)  # |u_b ⊙ w_j|²
+        nh_F = (ubar_DF * M_DF).sum(0)  # |ū_j ⊙ w_j|²
+        den_n = torch.sqrt(nb_n * nh_F[pairs.f])
+        ok_n = den_n > 1e-20
+        cos_n = torch.where(ok_n, num_n / den_n.clamp_min(1e-20), torch.zeros_like(num_n)) * weight_n
+        ctx.pairs = pairs
+        ctx.save_for_backward(u_BD, ubar_DF, W_DF, W2_DF, M_DF, cos_n, nb_n.clamp_min(1e-30),
+                              den_n.clamp_min(1e-20), nh_F, ok_n.to(u_BD.dtype) * weight_n)
+        return (weight_n.sum() - cos_n.sum()).to(u_BD.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        u_BD, ubar_FD, W_DF, W2_DF, M_DF, b_idx, f_idx, cos_n, nb_n, den_n, nh_F = ctx.saved_tensors
-        B, F = u_BD.shape[0], ubar_FD.shape[0]
-        g1_n = -g / den_n  # dL/dnum
-        g2_n = g * cos_n / (2 * nb_n)  # dL/dnb
-        g3_F = torch.zeros(F, dtype=u_BD.dtype, device=u_BD.device).index_add_(0, f_idx, cos_n)
+        pairs = ctx.pairs
+        u_BD, ubar_DF, W_DF, W2_DF, M_DF, cos_n, nb_n, den_n, nh_F, w_n = ctx.saved_tensors
+        F = W_DF.shape[1]
+        g1_n = -g * w_n / den_n  # dL/dnum
+        g2_n = g * cos_n / (2 * nb_n)  # dL/dnb (cos_n already carries the weight)
+        g3_F = torch.zeros(F, dtype=u_BD.dtype, device=u_BD.device).index_add_(0, pairs.f, cos_n)
         g3_F = g3_F * g / (2 * nh_F.clamp_min(1e-30))  # dL/dnh
-        if b_idx.numel() <= SPARSE_BACKWARD_MAX_DENSITY * B * F:
-            dM_FD = _masked_mm(f_idx, b_idx, g1_n, (F, B), u_BD)  # (u^T G1)^T
-            dW2a_FD = _masked_mm(f_idx, b_idx, g2_n, (F, B), u_BD * u_BD)
-            du_BD = _masked_mm(b_idx, f_idx, g1_n, (B, F), M_DF.T.contiguous())
-            du_BD += 2 * u_BD * _masked_mm(b_idx, f_idx, g2_n, (B, F), W2_DF.T.contiguous())
-        else:
-            G1 = torch.zeros(B, F, dtype=u_BD.dtype, device=u_BD.device)
-            G1[b_idx, f_idx] = g1_n
-            G2 = torch.zeros_like(G1)
-            G2[b_idx, f_idx] = g2_n
-            dM_FD = G1.T @ u_BD
-            dW2a_FD = G2.T @ (u_BD * u_BD)
-            du_BD = G1 @ M_DF.T + 2 * u_BD * (G2 @ W2_DF.T)
-        ubar_DF = ubar_FD.T
-        dW2_DF = dM_FD.T * ubar_DF + dW2a_FD.T + g3_F * ubar_DF * ubar_DF
-        dW_DF = 2 * W_DF * dW2_DF
-        dubar_FD = (dM_FD.T * W2_DF).T + 2 * g3_F[:, None] * ubar_FD * W2_DF.T
-        return du_BD, dubar_FD, dW_DF, None
+        dM_DF = pairs.tmm(g1_n, u_BD).T.contiguous()  # u^T G1
+        dW2a_DF = pairs.tmm(g2_n, u_BD * u_BD).T.contiguous()  # (u²)^T G2
+        du_BD = pairs.mm(g1_n, M_DF.T) + 2 * u_BD * pairs.mm(g2_n, W2_DF.T)
+        # num = Σ u ū w², nb = Σ u² w², nh = Σ ū² w²:
+        #   dL/dū = w² (dM + 2 g3 ū);  dL/dw² = ū dM + dW2a + g3 ū²;  dL/dw = 2 w dL/dw²
+        t_DF = torch.addcmul(dM_DF, ubar_DF, g3_F)  # dM + g3 ū
+        dubar_DF = W2_DF * (t_DF + g3_F * ubar_DF)
+        dW_DF = 2 * W_DF * torch.addcmul(dW2a_DF, ubar_DF, t_DF)
+        return du_BD, dubar_DF, dW_DF, None, None
+
+
+def ln_loss_pairs(u_BD: torch.Tensor, ubar_DF: torch.Tensor, W_enc_DF: torch.Tensor, pairs: ActivePairs,
+                  weight_n: torch.Tensor | None = None) -> torch.Tensor:
+    """L_N over given pairs, with ū as [D, F] (weight 0 drops a pair, e.g. a feature with no lookup
+    entry yet)."""
+    if weight_n is None:
+        weight_n = torch.ones(pairs.n, dtype=u_BD.dtype, device=u_BD.device)
+    return _LNLoss.apply(u_BD, ubar_DF, W_enc_DF, pairs, weight_n.to(u_BD.dtype))
 
 
 def ln_loss(u_BD: torch.Tensor, ubar_FD: torch.Tensor, W_enc_DF: torch.Tensor, mask_BF: torch.Tensor) -> torch.Tensor:
-    """L_N summed over the batch and the active features (see the module docstring)."""
-    return _LNLoss.apply(u_BD, ubar_FD, W_enc_DF, mask_BF)
+    """L_N summed over the batch and the features active in `mask_BF` (see the module docstring)."""
+    return ln_loss_pairs(u_BD, ubar_FD.T, W_enc_DF, ActivePairs(mask_BF))
 
 
 def ln_loss_reference(u_BD, ubar_FD, W_enc_DF, mask_BF) -> torch.Tensor:
@@ -249,45 +343,47 @@ def ln_loss_reference(u_BD, ubar_FD, W_enc_DF, mask_BF) -> torch.Tensor:
 
 @dataclass
 class LNLookup:
-    """h̄: per-feature average of the raw inputs that activated each feature (a detached buffer)."""
+    """h̄: per-feature average of the raw inputs that activated each feature (a detached buffer),
+    kept as [D, F] like W_enc (`mean_FD` is its transposed view)."""
 
-    mean_FD: torch.Tensor
+    mean_DF: torch.Tensor
     count_F: torch.Tensor  # activating inputs seen (float64)
     momentum: float = 0.9
     rule: str = "ema"
 
     @classmethod
     def empty(cls, d_sae: int, d_in: int, momentum: float = 0.9, rule: str = "ema", device="cpu") -> "LNLookup":
-        return cls(torch.zeros(d_sae, d_in, device=device), torch.zeros(d_sae, dtype=torch.float64, device=device),
+        return cls(torch.zeros(d_in, d_sae, device=device), torch.zeros(d_sae, dtype=torch.float64, device=device),
                    momentum, rule)
+
+    @property
+    def mean_FD(self) -> torch.Tensor:
+        return self.mean_DF.T
 
     @property
     def valid_F(self) -> torch.Tensor:
         return self.count_F > 0
 
     @torch.no_grad()
-    def update(self, x_BD: torch.Tensor, active_BF: torch.Tensor) -> None:
-        """Fold in one batch: per feature, the mean of the inputs in the batch that activated it."""
-        b_idx, f_idx = active_BF.nonzero(as_tuple=True)
-        F, B = self.mean_FD.shape[0], x_BD.shape[0]
-        n_F = torch.bincount(f_idx, minlength=F).to(self.count_F.dtype)
-        sum_FD = _masked_mm(f_idx, b_idx, torch.ones_like(f_idx, dtype=x_BD.dtype), (F, B), x_BD)
-        seen = n_F > 0
-        batch_mean_FD = sum_FD / n_F.clamp_min(1).to(x_BD.dtype)[:, None]
-        first = seen & (self.count_F == 0)
+    def update(self, x_BD: torch.Tensor, active: torch.Tensor | ActivePairs) -> None:
+        """Fold in one batch: per feature, the mean of the inputs in the batch that activated it
+        (`active`: a [B, F] mask or its ActivePairs). First activation: that mean; then
+        h̄ <- h̄ + w (batch mean - h̄) with w = 1 - momentum (ema) or n_batch / n_total (mean)."""
+        pairs = active if isinstance(active, ActivePairs) else ActivePairs(active)
+        F = self.mean_DF.shape[1]
+        n_F = torch.bincount(pairs.f, minlength=F).to(self.count_F.dtype)
+        sum_FD = pairs.tmm(torch.ones(pairs.n, dtype=x_BD.dtype, device=x_BD.device), x_BD)
+        batch_mean_DF = sum_FD.T / n_F.clamp_min(1).to(x_BD.dtype)
         if self.rule == "ema":
-            later = seen & ~first
-            m = self.momentum
-            self.mean_FD[later] = m * self.mean_FD[later] + (1 - m) * batch_mean_FD[later]
-            self.mean_FD[first] = batch_mean_FD[first]
+            w_F = torch.where(self.count_F == 0, 1.0, 1.0 - self.momentum)
         else:
-            total_F = self.count_F + n_F
-            w_F = (n_F / total_F.clamp_min(1)).to(x_BD.dtype)[:, None]
-            self.mean_FD[seen] = ((1 - w_F) * self.mean_FD + w_F * batch_mean_FD)[seen]
+            w_F = n_F / (self.count_F + n_F).clamp_min(1)
+        w_F = torch.where(n_F > 0, w_F, 0.0).to(self.mean_DF.dtype)
+        self.mean_DF.lerp_(batch_mean_DF.to(self.mean_DF.dtype), w_F)
         self.count_F += n_F
 
     def reset(self, features: torch.Tensor) -> None:
-        self.mean_FD[features] = 0
+        self.mean_DF[:, features] = 0
         self.count_F[features] = 0
 
 
@@ -321,8 +417,9 @@ def input_scale(sample_ND: torch.Tensor) -> float:
 
 
 def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, l1: float) -> tuple[torch.Tensor, dict, tuple]:
-    """MSE (summed over d_in, mean over the batch) + l1 · Σ_j f_j (TopK: no L1)."""
-    u_BD, f_BF, xhat_BD = sae(x_BD)
+    """MSE (summed over d_in, mean over the batch) + l1 · Σ_j f_j (TopK: no L1).
+    Returns (loss, its parts, (u_BD, f_BF, pairs)) with u = x - b_dec (differentiable) and the active pairs."""
+    f_BF, xhat_BD, pairs = sae.forward_train(x_BD)
     mse = (xhat_BD - x_BD).pow(2).sum(dim=1).mean()
     loss = mse
     parts = {"mse": mse.detach()}
@@ -330,7 +427,7 @@ def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, l1: float) -> tuple[tor
         sparsity = f_BF.sum(dim=1).mean()  # decoder rows have unit norm
         loss = loss + l1 * sparsity
         parts["l1"] = sparsity.detach()
-    return loss, parts, (u_BD, f_BF, xhat_BD)
+    return loss, parts, (x_BD - sae.b_dec, f_BF, pairs)
 
 
 @torch.no_grad()
@@ -389,6 +486,29 @@ def train_sae(batches: Iterator[torch.Tensor], d_in: int, settings: SAETrainSett
         return _train_sae(batches, d_in, settings, device, progress, log_every)
 
 
+def train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x_BD: torch.Tensor, s: SAETrainSettings,
+               step: int, lookup: LNLookup | None = None) -> tuple[torch.Tensor, dict, ActivePairs]:
+    """One optimiser step on a training-scale batch: learning-rate schedule, MSE + L1 (+ L_N from
+    `ln_start` on, against the lookup of earlier batches), gradient with W_dec's parallel part
+    removed, Adam, decoder rows renormalised, then the lookup folds in this batch.
+    Returns (loss, its parts, the active pairs)."""
+    for group in opt.param_groups:
+        group["lr"] = s.lr * lr_factor(step, s.steps, s.warmup_steps)
+    loss, parts, (u_BD, _, pairs) = sae_loss(sae, x_BD, s.l1)
+    if lookup is not None and step >= s.ln_start and bool(lookup.valid_F.any()):
+        l_n = ln_loss_pairs(u_BD, lookup.mean_DF - sae.b_dec[:, None], sae.W_enc, pairs, lookup.valid_F[pairs.f])
+        loss = loss + s.ln_coef * l_n
+        parts["l_n"] = l_n.detach()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_parallel_grad()
+    opt.step()
+    sae.normalize_decoder()
+    if lookup is not None:
+        lookup.update(x_BD, pairs)
+    return loss.detach(), parts, pairs
+
+
 def _train_sae(batches, d_in, settings, device, progress, log_every):
     s = settings
     torch.manual_seed(s.seed)
@@ -408,23 +528,8 @@ def _train_sae(batches, d_in, settings, device, progress, log_every):
     for step in range(s.steps):
         x_BD = (pending if pending is not None else next(batches)).to(device).float() * scale
         pending = None
-        for group in opt.param_groups:
-            group["lr"] = s.lr * lr_factor(step, s.steps, s.warmup_steps)
-        loss, parts, (u_BD, f_BF, _) = sae_loss(sae, x_BD, s.l1)
-        active_BF = f_BF > 0
-        if use_ln and step >= s.ln_start and lookup.valid_F.any():
-            ubar_FD = lookup.mean_FD - sae.b_dec
-            l_n = ln_loss(u_BD, ubar_FD, sae.W_enc, active_BF & lookup.valid_F)
-            loss = loss + s.ln_coef * l_n
-            parts["l_n"] = l_n.detach()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_parallel_grad()
-        opt.step()
-        sae.normalize_decoder()
-        fired_F |= active_BF.any(dim=0)
-        if use_ln:
-            lookup.update(x_BD, active_BF)
+        loss, parts, pairs = train_step(sae, opt, x_BD, s, step, lookup)
+        fired_F[pairs.f] = True
         if step + 1 in resample_at:
             sample = torch.cat([next(batches).to(device).float() for _ in range(max(1, 16384 // len(x_BD)))]) * scale
             revived = resample_dead(sae, opt, ~fired_F, sample, gen)
@@ -432,11 +537,11 @@ def _train_sae(batches, d_in, settings, device, progress, log_every):
                 lookup.reset(revived)
             state.resampled.append(int(revived.numel()))
             fired_F.zero_()
-        if "l_n" in parts:
-            state.last_l_n = float(parts["l_n"])
         if step % log_every == 0 or step == s.steps - 1:
+            if "l_n" in parts:
+                state.last_l_n = float(parts["l_n"])
             rec = {"step": step, "loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()},
-                   "l0": float(active_BF.sum(dim=1).float().mean())}
+                   "l0": pairs.n / len(x_BD)}
             state.history.append(rec)
             if progress is not None:
                 progress(step, rec)

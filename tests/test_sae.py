@@ -18,9 +18,9 @@ from storage.activations import ActivationCache, CacheWriter, ShuffledBatches
 
 # --- L_N ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backward", ["sparse", "dense"])
-def test_ln_loss_equals_loop_value_and_gradients(monkeypatch, backward):
-    monkeypatch.setattr(S, "SPARSE_BACKWARD_MAX_DENSITY", 1.0 if backward == "sparse" else -1.0)
+@pytest.mark.parametrize("products", ["sparse", "dense"])
+def test_ln_loss_equals_loop_value_and_gradients(monkeypatch, products):
+    monkeypatch.setattr(S, "SPARSE_MAX_DENSITY", 1.0 if products == "sparse" else -1.0)
     g = torch.Generator().manual_seed(1)
     B, D, F = 7, 5, 9
     u = torch.randn(B, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -37,6 +37,31 @@ def test_ln_loss_equals_loop_value_and_gradients(monkeypatch, backward):
     for a, b in zip(grads_fast, grads_slow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(lambda *t: S.ln_loss(*t, mask), (u, ubar, W))
+
+
+@pytest.mark.parametrize("products", ["sparse", "dense"])
+@pytest.mark.parametrize("architecture,k", [("standard", None), ("topk", 3)])
+def test_sparse_training_pass_equals_plain_autograd(monkeypatch, products, architecture, k):
+    """The training forward/backward over active pairs gives the plain autograd loss and gradients."""
+    monkeypatch.setattr(S, "SPARSE_MAX_DENSITY", 1.0 if products == "sparse" else -1.0)
+    g = torch.Generator().manual_seed(7)
+    sae = S.SparseAutoencoder(6, 10, architecture, k, seed=1).double()
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(10, generator=g, dtype=torch.float64) * 0.5)
+        sae.b_dec.copy_(torch.randn(6, generator=g, dtype=torch.float64) * 0.1)
+    x = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    grads = []
+    for fast in (True, False):
+        sae.zero_grad()
+        if fast:
+            f, xhat, pairs = sae.forward_train(x)
+            assert pairs.n == int((f > 0).sum())
+        else:
+            _, f, xhat = sae(x)
+        ((xhat - x).pow(2).sum(1).mean() + 0.7 * f.sum(1).mean()).backward()
+        grads.append([p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_ln_loss_zero_when_inputs_match_lookup():
@@ -72,7 +97,7 @@ def test_lookup_running_mean_is_the_mean_of_all_activating_inputs():
     for _ in range(6):
         x = torch.randn(8, 4, generator=g, dtype=torch.float64)
         a = torch.rand(8, 5, generator=g) < 0.4
-        lk.mean_FD = lk.mean_FD.double()
+        lk.mean_DF = lk.mean_DF.double()
         lk.update(x, a)
         xs.append(x)
         acts.append(a)

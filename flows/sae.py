@@ -1,0 +1,113 @@
+"""The SAE flow: cache -> train a standard SAE and an L_N SAE -> evaluate both and the layer's
+neurons with the neuron-embedding pipeline -> compare (markdown table, PNG plot, Prefect artifacts).
+
+Orchestration only; the work lives in tasks/sae.py (cache, train), the pipeline flow
+(flows/run.py) and tasks/sae_report.py (figures). Everything lands under `out`:
+
+    out/activations.zarr          the cached activations (shared by both SAEs)
+    out/sae-standard/, sae-ln/    cfg.json, sae_weights.safetensors, metrics.json (SAELens layout)
+    out/neurons.zarr              the layer's MLP neurons   (contract store, unit mlp-neuron)
+    out/features-standard.zarr    the standard SAE's features (unit sae-feature)
+    out/features-ln.zarr          the L_N SAE's features
+    out/report.md, comparison.png, comparison.json
+
+Each step resumes: a complete cache, SAE directory or store made with the same settings is reused.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.run import neuron_embeddings_run
+from tasks.sae import cache_activations_task, train_sae_task
+
+STEPS = 7  # cache, 2 trainings, 3 evaluations, report
+
+
+@task(name="sae-compare", cache_policy=NO_CACHE)
+def compare_task(out: str, stores: dict, sae_dirs: dict, title: str, settings: dict) -> dict:
+    import json
+
+    from tasks.sae_report import comparison_rows, write_report
+
+    metrics = {name: json.loads((Path(d) / "metrics.json").read_text()) for name, d in sae_dirs.items()}
+    rows = comparison_rows(stores, metrics)
+    rep = write_report(out, rows, title, settings)
+    return {"rows": rows, **rep}
+
+
+@flow(name="neuron-embeddings-sae", log_prints=True)
+def sae_flow(
+    out: str,
+    model: str = "builtin:all-MiniLM-L6-v2",
+    dataset: str = "builtin:python-docs",
+    layer: int = 3,
+    hook: str = "post",
+    n_sequences: int = 768,
+    ctx_len: int = 64,
+    architecture: str = "standard",
+    topk: int | None = None,
+    expansion: float = 4.0,
+    l1: float = 5.0,
+    ln_coef: float = 1e-3,
+    ln_start: int = 0,
+    ln_momentum: float = 0.9,
+    ln_update: str = "ema",
+    steps: int = 2000,
+    batch_size: int = 4096,
+    lr: float = 1e-3,
+    seed: int = 0,
+    k: int = 50,
+    selection: str = "top",
+    linkage: str = "average",
+    threshold: float = 0.5,
+    shard_size: int = 256,
+    activation_dtype: str = "float16",
+    device: str = "auto",
+    workers: int = 1,
+) -> dict:
+    """Are the SAE features more monosemantic than the layer's neurons, and does L_N help at the
+    same reconstruction quality? The same SAE settings train both SAEs; only `ln_coef` differs."""
+    from neuron_embeddings.sae import SAETrainSettings
+
+    base = dict(expansion=expansion, architecture=architecture, topk=topk, l1=l1, ln_start=ln_start,
+                ln_momentum=ln_momentum, ln_update=ln_update, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    plain = SAETrainSettings(**base, ln_coef=0.0).to_dict()  # validates before any work
+    with_ln = SAETrainSettings(**base, ln_coef=ln_coef).to_dict()
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    progress = create_progress_artifact(0.0, key="sae-flow-progress", description="SAE flow: steps done of 7")
+    done = [0]
+
+    def advance() -> None:
+        done[0] += 1
+        update_progress_artifact(progress, 100.0 * done[0] / STEPS)
+
+    cache = str(root / "activations.zarr")
+    cache_activations_task(cache, model, dataset, layer, hook, n_sequences, ctx_len, 16, device, activation_dtype)
+    advance()
+    sae_dirs = {"sae-standard": str(root / "sae-standard"), "sae-ln": str(root / "sae-ln")}
+    for name, settings in (("sae-standard", plain), ("sae-ln", with_ln)):
+        train_sae_task(sae_dirs[name], cache, settings, device)
+        advance()
+    run_opts = dict(model=model, dataset=dataset, n_sequences=n_sequences, ctx_len=ctx_len, k=k, selection=selection,
+                    shard_size=shard_size, linkage=linkage, threshold=threshold, seed=seed, device=device,
+                    workers=workers)
+    stores = {"neurons": str(root / "neurons.zarr"), "sae-standard": str(root / "features-standard.zarr"),
+              "sae-ln": str(root / "features-ln.zarr")}
+    neuron_embeddings_run.with_options(name="neurons")(out=stores["neurons"], layers=str(layer), **run_opts)
+    advance()
+    for name in ("sae-standard", "sae-ln"):
+        neuron_embeddings_run.with_options(name=f"features-{name}")(out=stores[name], sae=sae_dirs[name], **run_opts)
+        advance()
+    title = f"Layer {layer} of {model}: MLP neurons vs SAE features ({hook}, {architecture}, L_N coef {ln_coef})"
+    rep = compare_task(str(root), stores, sae_dirs, title,
+                       {"model": model, "dataset": dataset, "layer": layer, "hook": hook, "n_sequences": n_sequences,
+                        "ctx_len": ctx_len, "k": k, "threshold": threshold, "sae": with_ln})
+    create_markdown_artifact(rep["markdown"], key="sae-comparison", description="neurons vs SAE features")
+    advance()
+    print(rep["table"])
+    return {"rows": rep["rows"], "report": rep["report"], "plot": rep["plot"], "sae_dirs": sae_dirs, "stores": stores}

@@ -1,0 +1,124 @@
+"""Compare units by their neuron-embedding metrics: a layer's MLP neurons vs SAE features.
+
+Pure functions over the stores' `metrics/*` arrays (row 0: the stores compared here have one
+layer), a markdown table and a PNG plot for the SAE flow's report.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from storage import store as st
+
+METRIC_ARRAYS = ("n_examples", "n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter")
+SAE_FIGURES = ("explained_variance", "mse", "l0", "dead_fraction", "dense_fraction", "l_n", "delta_lm_loss",
+               "loss_recovered")
+
+
+def unit_summary(m: dict[str, np.ndarray]) -> dict:
+    """Figures over the units that have examples (n_examples >= 2) of one store row.
+
+    `m` maps each of METRIC_ARRAYS to a [units] array."""
+    have = m["n_examples"] >= 2
+    n = int(have.sum())
+
+    def mean(name):
+        v = m[name][have].astype(np.float64)
+        v = v[~np.isnan(v)]
+        return float(v.mean()) if v.size else None
+
+    clusters = m["n_clusters"][have].astype(np.float64)
+    return {
+        "units": int(m["n_examples"].shape[0]),
+        "units_with_examples": n,
+        "mean_distance": mean("mean_distance"),
+        "max_distance": mean("max_distance"),
+        "clusters_mean": float(clusters.mean()) if n else None,
+        "clusters_median": float(np.median(clusters)) if n else None,
+        "mean_intra": mean("mean_intra"),
+        "mean_inter": mean("mean_inter"),
+        "share_single_cluster": float((clusters == 1).mean()) if n else None,
+    }
+
+
+def store_summary(url: str) -> dict:
+    store = st.Store(url)
+    m = {name: st.read(store, f"metrics/{name}")[0] for name in METRIC_ARRAYS}
+    return unit_summary(m)
+
+
+def comparison_rows(stores: dict[str, str], sae_metrics: dict[str, dict | None]) -> list[dict]:
+    """One row per compared unit kind: the store's unit figures plus the SAE's own figures."""
+    rows = []
+    for name, url in stores.items():
+        row = {"units_kind": name, **store_summary(url)}
+        figs = sae_metrics.get(name) or {}
+        row.update({k: figs.get(k) for k in SAE_FIGURES})
+        rows.append(row)
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
+TABLE_COLUMNS = [("units_kind", "units"), ("units", "n"), ("units_with_examples", "with examples"),
+                 ("mean_distance", "mean dist."), ("max_distance", "max dist."), ("clusters_mean", "clusters mean"),
+                 ("clusters_median", "clusters median"), ("mean_intra", "mean intra"), ("mean_inter", "mean inter"),
+                 ("share_single_cluster", "single-cluster share"), ("explained_variance", "expl. var."),
+                 ("mse", "MSE"), ("l0", "L0"), ("dead_fraction", "dead"), ("dense_fraction", "dense"),
+                 ("l_n", "L_N"), ("delta_lm_loss", "Δ LM loss")]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| " + " | ".join(t for _, t in TABLE_COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
+    body = ["| " + " | ".join(r[k] if k == "units_kind" else _fmt(r.get(k)) for k, _ in TABLE_COLUMNS) + " |"
+            for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def plot(rows: list[dict], path: str | Path, title: str) -> None:
+    """Bars of the polysemanticity figures per unit kind (lower = more monosemantic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("mean_distance", "mean distance"), ("clusters_mean", "clusters (mean)"),
+              ("share_single_cluster", "single-cluster share"), ("mean_intra", "mean intra distance")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+    names = [r["units_kind"] for r in rows]
+    colors = ["#888888", "#4c72b0", "#dd8452", "#55a868", "#c44e52"][:len(rows)]
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        vals = [np.nan if r.get(key) is None else r[key] for r in rows]
+        ax.bar(range(len(rows)), vals, color=colors)
+        ax.set_xticks(range(len(rows)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)
+    plt.close(fig)
+
+
+def write_report(out_dir: str, rows: list[dict], title: str, settings: dict) -> dict:
+    """report.md, comparison.png and comparison.json in `out_dir`; returns their paths and the markdown."""
+    d = Path(out_dir)
+    table = markdown_table(rows)
+    md = (f"# {title}\n\n{table}\n\n"
+          "Unit figures over the units with at least 2 examples: mean and max pairwise cosine distance of "
+          "their embeddings, clusters at the threshold (mean, median), mean distance within and between "
+          "clusters, and the share of units with a single cluster (higher = more monosemantic). SAE figures "
+          "on held-out activations (L_N: mean over active pairs of 1 - cos against the held-out mean input "
+          "of each feature).\n\n"
+          f"Settings: `{json.dumps(settings, sort_keys=True)}`\n\n![comparison](comparison.png)\n")
+    (d / "report.md").write_text(md)
+    (d / "comparison.json").write_text(json.dumps({"rows": rows, "settings": settings}, indent=2))
+    plot(rows, d / "comparison.png", title)
+    return {"report": str(d / "report.md"), "plot": str(d / "comparison.png"), "markdown": md, "table": table}
