@@ -381,7 +381,7 @@ def _markers(store: Path, stage: str) -> list[tuple[float, float, dict]]:
 
 
 def stage_times(store: Path, t_start: float, t_end: float) -> dict:
-    st = {s: _markers(store, s) for s in ("prepare", "scan", "embed", "cluster")}
+    st = {s: _markers(store, s) for s in ("prepare", "scan", "embed", "cluster", "centroids", "similar")}
 
     def span(ms):
         return (min(e - s for e, s, _ in ms), max(e for e, _, _ in ms)) if ms else (None, None)
@@ -390,7 +390,10 @@ def stage_times(store: Path, t_start: float, t_end: float) -> dict:
     scan_start, scan_end = span(st["scan"])
     emb_start, emb_end = span(st["embed"])
     clu_start, clu_end = span(st["cluster"])
-    last = max(x for x in (scan_end, emb_end, clu_end) if x is not None)
+    cen_start, cen_end = span(st["centroids"])
+    sim_start, sim_end = span(st["similar"])
+    shard_end = max(x for x in (scan_end, emb_end, clu_end, cen_end) if x is not None)
+    last = max(x for x in (shard_end, sim_end) if x is not None)
     r = {
         "units": {s: len(v) for s, v in st.items()},
         "startup_seconds": round(scan_start - t_start, 3),
@@ -404,11 +407,15 @@ def stage_times(store: Path, t_start: float, t_end: float) -> dict:
         "embed_work_seconds": round(sum(s for _, s, _ in st["embed"]), 3),
         "cluster_span": round(clu_end - clu_start, 3) if clu_end else None,
         "cluster_work_seconds": round(sum(s for _, s, _ in st["cluster"]), 3),
-        "scan_end_to_last_shard": round(last - scan_end, 3),
+        "centroids_work_seconds": round(sum(s for _, s, _ in st["centroids"]), 3),
+        "similar_span": round(sim_end - shard_end, 3) if sim_end else None,
+        "similar_work_seconds": round(sum(s for _, s, _ in st["similar"]), 3),
+        "scan_end_to_last_shard": round(shard_end - scan_end, 3),
         "summarise_and_exit_seconds": round(t_end - last, 3),
         "total_excl_startup": round(t_end - scan_start, 3),
     }
-    gaps = r["scan_end_to_last_shard"] - r["embed_work_seconds"] - r["cluster_work_seconds"]
+    gaps = (r["scan_end_to_last_shard"] - r["embed_work_seconds"] - r["cluster_work_seconds"]
+            - r["centroids_work_seconds"])
     r["embed_cluster_orchestration_seconds"] = round(gaps, 3)  # wall of the shard phase not in task bodies
     r["scan_write_seconds"] = round(r["scan_work_seconds"] - r["scan_model_seconds"], 3)
     return r
@@ -514,7 +521,9 @@ def report(res: dict) -> str:
                 ("scan (span)", run["scan_span"], f"model {run['scan_model_seconds']:.1f} s, write {run['scan_write_seconds']:.1f} s"),
                 ("embed (sum of shard bodies)", run["embed_work_seconds"], f"span {_f(run['embed_span'])} s"),
                 ("cluster (sum of shard bodies)", run["cluster_work_seconds"], f"span {_f(run['cluster_span'])} s"),
-                ("embed+cluster orchestration (wall not in bodies)", run["embed_cluster_orchestration_seconds"], None),
+                ("centroids (sum of shard bodies)", run["centroids_work_seconds"], None),
+                ("embed+cluster+centroids orchestration (wall not in bodies)", run["embed_cluster_orchestration_seconds"], None),
+                ("similar clusters (span after the last shard)", run["similar_span"], f"bodies {_f(run['similar_work_seconds'])} s"),
                 ("summarise + exit (last marker -> process exit)", run["summarise_and_exit_seconds"], None),
                 ("total excluding start-up (scan start -> exit)", run["total_excl_startup"], None),
                 ("wall time of the CLI process", run["wall_seconds"], None),

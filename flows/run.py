@@ -85,6 +85,7 @@ def neuron_embeddings_run(
     task_retries: int = 0,
     fault_shard: str | None = None,
     sae: str | None = None,
+    similar: bool = True,
 ) -> dict:
     """Neuron embeddings, clusters and polysemanticity metrics for every MLP neuron of `model`.
 
@@ -92,12 +93,14 @@ def neuron_embeddings_run(
     each write a new store while a retry of the same run resumes its own. The shards run on
     `workers` local processes (a local Dask cluster) or on the Dask cluster at `dask_address`.
     With `sae` (an SAE directory in SAELens's layout) the units are that SAE's features instead of
-    the MLP neurons: one row, the SAE's layer (`neuron-embeddings sae evaluate`)."""
+    the MLP neurons: one row, the SAE's layer (`neuron-embeddings sae evaluate`).
+    `similar=False` leaves out the all-pairs search for similar clusters (the explorer then shows
+    no similar-cluster links); it costs O(clusters² × d_model), more than the rest on big models."""
     out = _expand_out(out)
     options = dict(model=model, dataset=dataset, layers=layers, n_sequences=n_sequences, ctx_len=ctx_len,
                    k=k, selection=selection, shard_size=shard_size, linkage=linkage, threshold=threshold,
                    seed=seed, embedding_dtype=embedding_dtype, scan_blocks=scan_blocks, device=device,
-                   workers=workers, sae=sae)
+                   workers=workers, sae=sae, similar=similar)
     with writer_lock(out, run_name=_run_name()):
         shards = shard_flow.with_options(task_runner=task_runner(workers, dask_address))
         return shards(out, options, batch_size, device, task_retries, fault_shard,
@@ -150,8 +153,8 @@ def shard_flow(out: str, options: dict, batch_size: int, device: str, task_retri
     batches = shard_batches(plan["shards"], n_workers)
     futs = shard_batch_task.with_options(**retry).map(unmapped(out), batches, unmapped(fault_shard))
     _raise_if(_follow(out, ("embed", "cluster", "centroids"), len(plan["shards"]), list(futs)))
-    # every cluster's nearest clusters of other neurons: needs every shard's centroids
-    similar = similar_shard_task.with_options(**retry).map(unmapped(out), plan["shards"], unmapped(device),
-                                                           unmapped(fault_shard))
-    _raise_if(_follow(out, ("similar",), len(plan["shards"]), list(similar)))
+    if plan.get("similar", True):  # every cluster's nearest clusters of other neurons: needs every shard's centroids
+        similar = similar_shard_task.with_options(**retry).map(unmapped(out), plan["shards"], unmapped(device),
+                                                               unmapped(fault_shard))
+        _raise_if(_follow(out, ("similar",), len(plan["shards"]), list(similar)))
     return summarise_task.submit(out).result()

@@ -39,6 +39,9 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--workers", type=int, default=1, help="parallel workers on this machine")
     p.add_argument("--dask-address", default=None, help="run shards on an existing Dask cluster (tcp://HOST:PORT)")
+    p.add_argument("--no-similar", dest="similar", action="store_false",
+                   help="skip the similar-clusters stage (all pairs of clusters; the explorer then shows no "
+                        "similar-cluster links)")
     p.add_argument("--task-retries", type=int, default=0, help="Prefect retries per task for transient faults")
     p.add_argument("--verbose", action="store_true", help="show Prefect's logs")
     p.add_argument("--fault-shard", default=None, help=argparse.SUPPRESS)  # tests only
@@ -142,7 +145,8 @@ def _options(a: argparse.Namespace) -> dict:
     return dict(model=a.model, dataset=a.dataset, layers=a.layers, n_sequences=a.n_sequences, ctx_len=a.ctx_len,
                 k=a.k, selection=a.selection, shard_size=a.shard_size, linkage=a.linkage, threshold=a.threshold,
                 seed=a.seed, embedding_dtype=a.embedding_dtype, scan_blocks=a.scan_blocks, device=a.device,
-                workers=a.workers, sae=getattr(a, "sae", None))
+                workers=a.workers, sae=getattr(a, "sae", None),
+                similar=a.similar)
 
 
 def _quiet_prefect(verbose: bool) -> None:

@@ -66,6 +66,7 @@ class RunSettings:
     embedding_dtype: str = "float16"
     scan_blocks: int = 1
     sae: str | None = None  # an SAE directory: the store's units are its features (one row)
+    similar: bool = True  # the `similar` stage: each cluster's nearest clusters of other units
 
     def __post_init__(self) -> None:
         if self.k < 2:

@@ -81,6 +81,8 @@ def stage_units(stage: str, settings: RunSettings, d_mlp: int) -> list[str]:
         return [b.id for b in scan_blocks(settings)] if settings.band_fraction is not None else []
     if stage == "scan":
         return [b.id for b in scan_blocks(settings)]
+    if stage == "similar" and not settings.similar:
+        return []
     return [s.id for s in neuron_shards(settings, d_mlp)]
 
 

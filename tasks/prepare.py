@@ -26,6 +26,7 @@ def plan_record(settings: RunSettings, d_mlp: int) -> dict:
         "blocks": [b.__dict__ for b in st.scan_blocks(settings)],
         "shards": [{**s.__dict__, "id": s.id} for s in st.neuron_shards(settings, d_mlp)],
         "band": settings.band_fraction is not None,
+        "similar": settings.similar,
     }
 
 

@@ -100,3 +100,15 @@ def test_task_retries_absorb_a_transient_fault(prefect_server, tiny_gpt2, tmp_pa
     st = store_status(out)
     assert st.failed == 0 and st.pending == 0
     assert_same_arrays(reference, contract_arrays(out))
+
+
+def test_no_similar_leaves_that_stage_out(prefect_server, tiny_gpt2, tmp_path, reference):
+    import zarr
+
+    out = str(tmp_path / "nosim.zarr")
+    neuron_embeddings_run(out=out, model=tiny_gpt2, similar=False, **FLOW_OPTS)
+    st = store_status(out)
+    assert st.units["similar"] == {} and st.failed == 0 and st.pending == 0
+    assert st.complete == 1 + 1 + 8 * 3  # prepare, scan, 8 shards x (embed, cluster, centroids)
+    assert (zarr.open_group(out, mode="r")["similar/neighbours"][...] == -1).all()
+    assert_same_arrays(reference, contract_arrays(out))
