@@ -288,7 +288,7 @@ def bare_probe(lm, tokens, batch_size: int, device: str, batches: int) -> dict:
 # --- 2. the whole run via the CLI ---------------------------------------------------------------
 
 def run_cli(model: Path, store: Path, n_sequences: int, ctx_len: int, k: int, device: str, threads: int,
-            log_path: Path) -> dict:
+            log_path: Path, extra: tuple[str, ...] = ()) -> dict:
     """Run the real CLI in a subprocess; wall time, peak RSS, and per-stage times from the markers."""
     prefect_home = tempfile.mkdtemp(prefix="ne-bench-prefect-")
     env = dict(os.environ, PREFECT_HOME=prefect_home, PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -296,7 +296,7 @@ def run_cli(model: Path, store: Path, n_sequences: int, ctx_len: int, k: int, de
                **{v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     cmd = cli_command() + ["run", "--model", str(model), "--dataset", DATASET, "--out", str(store),
                            "--n-sequences", str(n_sequences), "--ctx-len", str(ctx_len), "--k", str(k),
-                           "--device", device]
+                           "--device", device, *extra]
     if store.exists():
         shutil.rmtree(store)
     _log(f"CLI: {shlex.join(cmd)}  (log: {log_path})")
@@ -589,6 +589,8 @@ def main(argv=None) -> int:
                     help="item 3 by the CLI at 2N (default) or scan_sequences alone at N and 2N (--quick default)")
     ap.add_argument("--skip-forward", action="store_true")
     ap.add_argument("--skip-run", action="store_true")
+    ap.add_argument("--no-similar", action="store_true",
+                    help="run the CLI with --no-similar (the core pipeline without the all-pairs similar-clusters stage)")
     ap.add_argument("--keep-stores", action="store_true")
     ap.add_argument("--_scan-child", dest="scan_child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -649,7 +651,8 @@ def main(argv=None) -> int:
     if not a.skip_run:
         _log(f"2. whole run via the CLI ({a.tokens:,} tokens) ...")
         store = stores / f"run-{n_seq}.zarr"
-        run = run_cli(model, store, n_seq, a.ctx_len, a.k, a.device, a.threads, workdir / f"cli-{n_seq}.log")
+        run = run_cli(model, store, n_seq, a.ctx_len, a.k, a.device, a.threads, workdir / f"cli-{n_seq}.log",
+                      ("--no-similar",) if a.no_similar else ())
         if run["returncode"] == 0:
             run["check_store"] = check_store(store)
             _log(f"   total excl. start-up {run['total_excl_startup']:.1f} s, start-up {run['startup_seconds']:.1f} s,"
@@ -668,7 +671,8 @@ def main(argv=None) -> int:
             if s not in runs_by_seq:
                 _log(f"3. CLI run at {s * a.ctx_len:,} tokens for the memory check ...")
                 store = stores / f"run-{s}.zarr"
-                runs_by_seq[s] = run_cli(model, store, s, a.ctx_len, a.k, a.device, a.threads, workdir / f"cli-{s}.log")
+                runs_by_seq[s] = run_cli(model, store, s, a.ctx_len, a.k, a.device, a.threads, workdir / f"cli-{s}.log",
+                                         ("--no-similar",) if a.no_similar else ())
                 if not a.keep_stores:
                     shutil.rmtree(store, ignore_errors=True)
             r = runs_by_seq[s]
