@@ -64,7 +64,7 @@ def cluster_top_tokens(labels_SK: np.ndarray, peak_SK: np.ndarray) -> tuple[np.n
 
 
 MIN_CLUSTER_SIZE = 2  # clusters of one example get no similar clusters and are nobody's neighbour
-RESCORE_EXTRA = 16  # candidates re-scored exactly per block beyond n, when the search runs in bfloat16
+RESCORE_EXTRA = 27  # candidates beyond n re-scored in float32 when the search runs in bfloat16
 
 
 @dataclass
@@ -129,37 +129,71 @@ def compact(cent_SKD: np.ndarray, size_SK: np.ndarray, row: int, start: int, d_m
     return ClusterSet(c_ND, inv_N, owner_N, owner_N * K + torch.from_numpy(c_N.astype(np.int64)).to(device))
 
 
+def _mask_same_owner(sim_QR: torch.Tensor, q_own: torch.Tensor, r_own: torch.Tensor) -> None:
+    """Set -inf where query and reference belong to the same neuron. Owners ascend in both, so
+    only the references whose owners fall in the queries' range are compared."""
+    lo = int(torch.searchsorted(r_own, q_own[0]))
+    hi = int(torch.searchsorted(r_own, q_own[-1], right=True))
+    if hi > lo:
+        sub = sim_QR[:, lo:hi]
+        sub.masked_fill_(q_own[:, None] == r_own[None, lo:hi], -torch.inf)
+
+
 def nearest_clusters(query: ClusterSet, refs: Iterable[ClusterSet], n: int, block: int = 8192,
-                     q_block: int = 1024, search_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                     q_block: int = 1024, search_dtype: torch.dtype = torch.float32,
+                     extra: int = RESCORE_EXTRA) -> tuple[torch.Tensor, torch.Tensor]:
     """For each query cluster, the `n` reference clusters of other neurons with the largest
     centroid cosine: (id int64 [Q, n], -1 where fewer; cosine float32 [Q, n], NaN there), best
-    first. The references come block by block; a [q_block, block] similarity tile is the largest
+    first. Owners (neurons) must ascend within the query and within each reference set.
+
+    The references come block by block; a [q_block, block] similarity tile is the largest
     temporary, so memory does not grow with the store. With `search_dtype` bfloat16 (fast on
-    CPUs with AVX512-BF16 and on GPUs) each tile's n + RESCORE_EXTRA best candidates are found
-    in bfloat16 and re-scored in float32: the result differs from the float32 one only if rounding
-    pushes one of a tile's true n best below 16 others."""
+    CPUs with AVX512-BF16 and on GPUs) each reference set's n + `extra` best candidates are found
+    in bfloat16, then re-scored in float32: the result differs from the float32 one only if
+    rounding pushes one of the true n best below `extra` others."""
     Q, dev = len(query), query.c_ND.device
     low = search_dtype != torch.float32
-    m = n + RESCORE_EXTRA if low else n
+    m = n + extra if low else n
     q_unit = query.unit()
     q_search = q_unit.to(search_dtype)
     best_cos = torch.full((Q, n), -torch.inf, device=dev)
     best_id = torch.full((Q, n), -1, dtype=torch.int64, device=dev)
     for ref in refs:
-        for r0 in range(0, len(ref), block):
+        R = len(ref)
+        if Q == 0 or R == 0:
+            continue
+        mm = min(m, R)
+        cand_s = torch.full((Q, mm), -torch.inf, dtype=search_dtype, device=dev)
+        cand_at = torch.full((Q, mm), -1, dtype=torch.int64, device=dev)
+        for r0 in range(0, R, block):
             rs = slice(r0, r0 + block)
-            r_search, r_own, r_id = ref.search(rs, search_dtype), ref.owner_N[rs], ref.id_N[rs]
-            mm = min(m, r_search.shape[0])
+            r_search, r_own = ref.search(rs, search_dtype), ref.owner_N[rs]
+            at_R = torch.arange(r0, r0 + r_search.shape[0], device=dev)
             for q0 in range(0, Q, q_block):
                 q = slice(q0, q0 + q_block)
-                sim = (q_search[q] @ r_search.T).float()
-                sim.masked_fill_(query.owner_N[q, None] == r_own[None, :], -torch.inf)
-                cos, at = torch.topk(sim, mm, dim=1)
-                if low:  # re-score the candidates in float32
-                    exact = torch.einsum("qd,qmd->qm", q_unit[q], ref.unit(at + r0))
-                    cos = torch.where(torch.isinf(cos), cos, exact)
-                top_cos, top_at = torch.topk(torch.cat([best_cos[q], cos], dim=1), n, dim=1)
-                best_cos[q], best_id[q] = top_cos, torch.gather(torch.cat([best_id[q], r_id[at]], dim=1), 1, top_at)
+                sim = q_search[q] @ r_search.T  # [q, r] in the search dtype
+                _mask_same_owner(sim, query.owner_N[q], r_own)
+                # only rows with a value above their current m-th best can change (few, after the
+                # first tiles): top-k of those rows of the tile, merged with their candidates
+                rows = q0 + torch.nonzero(sim.amax(dim=1) > cand_s[q, -1]).squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                top, at = torch.topk(sim[rows - q0], min(mm, sim.shape[1]), dim=1)
+                top, pick = torch.topk(torch.cat([cand_s[rows], top], dim=1), mm, dim=1)
+                cand_s[rows] = top
+                cand_at[rows] = torch.gather(torch.cat([cand_at[rows], at_R[at]], dim=1), 1, pick)
+        ok = torch.isfinite(cand_s.float()) & (cand_at >= 0)
+        if low:  # re-score the candidates in float32, a few queries at a time
+            exact = torch.empty((Q, mm), device=dev)
+            for q0 in range(0, Q, 256):
+                q = slice(q0, q0 + 256)
+                exact[q] = torch.einsum("qd,qmd->qm", q_unit[q], ref.unit(cand_at[q].clamp_min(0)))
+        else:
+            exact = cand_s.float()
+        exact = torch.where(ok, exact, torch.full_like(exact, -torch.inf))
+        ids = torch.where(ok, ref.id_N[cand_at.clamp_min(0)], torch.full_like(cand_at, -1))
+        top_cos, top_at = torch.topk(torch.cat([best_cos, exact], dim=1), n, dim=1)
+        best_cos, best_id = top_cos, torch.gather(torch.cat([best_id, ids], dim=1), 1, top_at)
     missing = torch.isinf(best_cos)
     best_id[missing] = -1
     best_cos[missing] = torch.nan
@@ -170,23 +204,20 @@ _DTYPE_CHOICE: dict[str, torch.dtype] = {}
 
 
 def search_dtype(device: str) -> torch.dtype:
-    """bfloat16 where a quick trial shows its matrix products at least twice as fast as float32's
+    """bfloat16 where a quick trial shows its matrix products at least 1.5x as fast as float32's
     (CPUs with AVX512-BF16 or AMX), else float32. Measured once per process and device."""
     if device not in _DTYPE_CHOICE:
         import time
 
-        a, b = torch.randn(512, 768, device=device), torch.randn(4096, 768, device=device)
-        best = {}
-        for dt in (torch.float32, torch.bfloat16):
-            x, y = a.to(dt), b.to(dt)
-            x @ y.T
-            times = []
-            for _ in range(3):
+        a, b = torch.randn(1024, 768, device=device), torch.randn(4096, 768, device=device)
+        best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+        for _ in range(4):  # interleaved, best of 4: robust to other work on the machine
+            for dt in best:
+                x, y = a.to(dt), b.to(dt)
                 t0 = time.perf_counter()
-                (x @ y.T).float().sum().item()
-                times.append(time.perf_counter() - t0)
-            best[dt] = min(times)
-        _DTYPE_CHOICE[device] = torch.bfloat16 if best[torch.bfloat16] * 2 < best[torch.float32] else torch.float32
+                (x @ y.T).amax().item()
+                best[dt] = min(best[dt], time.perf_counter() - t0)
+        _DTYPE_CHOICE[device] = torch.bfloat16 if best[torch.bfloat16] * 1.5 < best[torch.float32] else torch.float32
     return _DTYPE_CHOICE[device]
 
 

@@ -19,6 +19,7 @@ from neuron_embeddings.explorer.data import Example, ExplorerData
 from neuron_embeddings.explorer.plots import cluster_colour, dendrogram_svg, histogram_svg
 
 TEMPLATES = Path(__file__).parent / "templates"
+SHOWN = 8  # examples shown per cluster; the rest behind "more examples"
 
 
 # --- small pure helpers -----------------------------------------------------------------------
@@ -125,7 +126,7 @@ class Explorer:
         d = self.data
         v = d.neuron(layer, neuron)
         link = (lambda e: f"/importance/{layer}/{neuron}/{e.slot}") if self.model is not None else (lambda e: None)
-        return self.page("neuron.html", v=v, k=d.k, nav_layer=layer, nav_neuron=neuron,
+        return self.page("neuron.html", v=v, k=d.k, nav_layer=layer, nav_neuron=neuron, shown=SHOWN,
                          prev=d.step(layer, neuron, -1), next=d.step(layer, neuron, 1),
                          dendrogram=dendrogram_svg(v.linkage, v.leaf_labels, float(d.attrs["threshold"]), v.leaf_names),
                          example=lambda e: example_html(e, v.max_act, link(e)))
