@@ -13,6 +13,7 @@ from neuron_embeddings.cli import main
 from neuron_embeddings.groundtruth.ari import adjusted_rand_index, contingency_table
 from neuron_embeddings.groundtruth.measures import n_present
 from neuron_embeddings.groundtruth.planted import merged_x, store_examples
+from neuron_embeddings.groundtruth.sae_bench import mmcs
 from neuron_embeddings.groundtruth.toy import (ToyConfig, active_set_ids, dominant_feature, feature_scales,
                                                sample_features, select_examples, toy_dataset, toy_examples,
                                                train_toy_model)
@@ -138,6 +139,13 @@ def test_toy_selection_and_examples(toy) -> None:
     assert active_set_ids(np.array([[0, 1.0], [0, 0.5], [1, 0], [0, 0]])).tolist() == [1, 1, 2, 0]
 
 
+def test_mmcs() -> None:
+    true = np.array([[1.0, 0, 0], [0, 2.0, 0]])
+    assert mmcs(true, np.array([[0, 0, 1.0], [0, -5.0, 0], [3.0, 0, 0]])) == (0.5, 0.5)  # sign matters
+    m, rec = mmcs(true, np.array([[1.0, 1.0, 0]]))  # one decoder row halfway between both
+    assert m == pytest.approx(2 ** -0.5) and rec == 0.0
+
+
 # --------------------------------------------------------------------------- the quick configuration
 
 
@@ -201,6 +209,10 @@ def test_quick_report(quick) -> None:
     assert len(toy["sweep"]) == len(results["config"]["linkages"]) * len(results["config"]["thresholds"])
     assert toy["default"]["n_neurons"] >= 30
     assert toy["default"]["ari_embedding_multi"] > toy["default"]["ari_random_multi"] + 0.3
+    sae = results["sae"]["rows"]
+    assert [r["name"] for r in sae] == ["standard", "L_N x 0.01"]
+    assert all(0 < r["mmcs"] <= 1 and 0 < r["explained_variance"] <= 1 for r in sae)
+    assert (out / "sae.png").exists() and "| `standard` |" in report
 
 
 def test_benchmark_cli_rejects_a_file_as_out(tmp_path, capsys) -> None:

@@ -53,6 +53,7 @@ def _planted_variants(d_mlp: int, n_docs: int) -> list[PlantedVariant]:
         PlantedVariant("shared-0.6", {**base, "shared_directions": 0.6}, n_docs=n_docs),
         PlantedVariant("unequal", {**base, "feature_scales": unequal_scales(6)}, n_docs=n_docs),
         PlantedVariant("noise-2", {**base, "noise": 2.0}, n_docs=n_docs),
+        PlantedVariant("noise-4", {**base, "noise": 4.0}, n_docs=n_docs),
     ]
 
 
@@ -67,14 +68,14 @@ TOY_VARIANTS = {
 
 def full_config() -> BenchConfig:
     return BenchConfig("full", _planted_variants(96, 1000), [0, 1, 2], dict(TOY_VARIANTS), [0, 1, 2],
-                       sae=dict(steps=3000, seeds=[0, 1, 2]))
+                       sae=dict(steps=3000, seeds=[0, 1], ln_coefs=(0.0, 1e-3, 1e-2)))
 
 
 def quick_config() -> BenchConfig:
     planted = [v for v in _planted_variants(48, 500) if v.name in ("clean", "shared-0.3")]
     return BenchConfig("quick", planted, [0], {"base": {"steps": 1500}}, [0], toy_eval=10000,
                        thresholds=(0.2, 0.5, 0.8), linkages=("average", "complete"),
-                       sae=dict(steps=600, seeds=[0]))
+                       sae=dict(steps=300, seeds=[0], ln_coefs=(0.0, 1e-2), toy={"steps": 1500}))
 
 
 # --------------------------------------------------------------------------- running
@@ -130,7 +131,7 @@ def _git_commit() -> str:
 def _n_steps(cfg: BenchConfig) -> int:
     planted = len(cfg.planted_variants) * len(cfg.selections) * (len(cfg.planted_seeds) + 1)
     toy = len(cfg.toy_variants) * (len(cfg.toy_seeds) + len(cfg.selections))
-    sae = len(cfg.sae.get("seeds", [])) if cfg.sae else 0
+    sae = len(cfg.sae.get("seeds", [])) * len(cfg.sae.get("ln_coefs", ())) if cfg.sae else 0
     return planted + toy + sae
 
 
@@ -176,7 +177,7 @@ def _planted_datasets(cfg: BenchConfig, work: Path, bar) -> list[dict]:
 
 
 def _toy_datasets(cfg: BenchConfig, bar) -> list[dict]:
-    from neuron_embeddings.groundtruth.toy import ToyConfig, toy_dataset, toy_examples, train_toy_model
+    from neuron_embeddings.groundtruth.toy import ToyConfig, cached_toy_model, toy_dataset, toy_examples
 
     out = []
     for name, over in cfg.toy_variants.items():
@@ -184,7 +185,7 @@ def _toy_datasets(cfg: BenchConfig, bar) -> list[dict]:
         losses = []
         for seed in cfg.toy_seeds:
             bar.set_postfix_str(f"toy {name} seed {seed}")
-            model = train_toy_model(ToyConfig(seed=seed, **over))
+            model = cached_toy_model(ToyConfig(seed=seed, **over))
             losses.append(model.final_loss)
             data = toy_dataset(model, cfg.toy_eval, seed=10_000 + seed)
             for selection in cfg.selections:
@@ -208,7 +209,12 @@ def _sae_results(cfg: BenchConfig, bar) -> dict | None:
     try:
         from neuron_embeddings.groundtruth.sae_bench import sae_benchmark
     except ImportError as e:  # the SAE training module is not available
-        bar.update(len(cfg.sae.get("seeds", [])))
+        bar.update(_n_steps(BenchConfig("", [], [], {}, [], sae=cfg.sae)))
         return {"skipped": f"SAE training unavailable: {e}"}
-    return sae_benchmark(cfg.sae, lambda: bar.update(1))
+
+    def tick(name: str) -> None:
+        bar.set_postfix_str(f"SAE {name}")
+        bar.update(1)
+
+    return sae_benchmark(cfg.sae, tick)
 

@@ -45,6 +45,19 @@ def _best(sweep: list[dict], key: str) -> dict:
     return max(vals, key=lambda r: r[key]) if vals else {}
 
 
+def good_thresholds(sweep: list[dict], key: str, linkage: str = "average", within: float = 0.05) -> list[float]:
+    """Thresholds at which ``key`` (with ``linkage``) is within ``within`` of its best over the whole sweep."""
+    best = _best(sweep, key).get(key)
+    if best is None:
+        return []
+    return [r["threshold"] for r in sweep if r["linkage"] == linkage and r.get(key) is not None
+            and r[key] >= best - within]
+
+
+def _ts(ts: list[float]) -> str:
+    return ", ".join(f"{t:g}" for t in ts) or "none"
+
+
 def best_table(datasets: list[dict]) -> list[str]:
     rows = []
     for d in datasets:
@@ -52,9 +65,12 @@ def best_table(datasets: list[dict]) -> list[str]:
         rows.append([d["generator"], d["variant"], d["selection"], _f(d["default"]["ari_embedding_all"]),
                      _f(d["default"]["ari_raw_x_all"]),
                      f"{_f(be.get('ari_embedding_all'))} ({be.get('linkage')}, {be.get('threshold')})",
-                     f"{_f(bx.get('ari_raw_x_all'))} ({bx.get('linkage')}, {bx.get('threshold')})"])
+                     f"{_f(bx.get('ari_raw_x_all'))} ({bx.get('linkage')}, {bx.get('threshold')})",
+                     _ts(good_thresholds(d["sweep"], "ari_embedding_all")),
+                     _ts(good_thresholds(d["sweep"], "ari_raw_x_all"))])
     header = ["model", "variant", "selection", "ARI all at default: **embeddings**", "raw x",
-              "best over the sweep: **embeddings** (linkage, t)", "raw x (linkage, t)"]
+              "best over the sweep: **embeddings** (linkage, t)", "raw x (linkage, t)",
+              "average-linkage thresholds within 0.05 of the best: **emb.**", "raw x"]
     return _table(header, rows)
 
 
@@ -103,11 +119,13 @@ def sae_section(sae: dict | None) -> list[str]:
         return [f"Not run: {sae['skipped']}."]
     rows = []
     for r in sae["rows"]:
-        rows.append([r["name"], str(r["n_runs"]), _f(r["mmcs"], 3), _f(r["mmcs_std"], 3), _f(r["recovered"], 2),
-                     _f(r["explained_variance"], 3), _f(r["mse"], 4), _f(r["l0"], 2), _f(r["dead"], 2)])
+        rows.append([f"`{r['name']}`", str(r["n_runs"]), _f(r["mmcs"], 3), _f(r["mmcs_std"], 3), _f(r["recovered"], 2),
+                     _f(r["mmcs_all_features"], 3), _f(r["explained_variance"], 3), _f(r["mse"], 5), _f(r["l0"], 2),
+                     _f(r["dead_fraction"], 2), _f(r["l_n"], 3)])
     return [sae.get("description", ""), ""] + _table(
-        ["SAE", "runs", "MMCS (decoder vs true)", "± std over runs", "true features recovered (cos > 0.9)",
-         "explained variance", "MSE", "L0", "dead fraction"], rows)
+        ["SAE", "runs", "MMCS (represented features)", "± std over runs", "recovered (cos > 0.9)",
+         "MMCS (all features)", "explained variance", "MSE", "L0", "dead fraction", "held-out L_N (mean per pair)"],
+        rows)
 
 
 def findings(datasets: list[dict]) -> list[str]:
@@ -226,10 +244,11 @@ def _plot_sae(sae: dict, path: Path) -> None:
     rows = sae["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(7, 2.8))
     names = [r["name"] for r in rows]
-    axes[0].bar(names, [r["mmcs"] for r in rows], yerr=[r["mmcs_std"] or 0 for r in rows], color=["C0", "C1"][: len(rows)])
+    colors = [f"C{i}" for i in range(len(rows))]
+    axes[0].bar(names, [r["mmcs"] for r in rows], yerr=[r["mmcs_std"] or 0 for r in rows], color=colors)
     axes[0].set_ylabel("MMCS to true features")
     axes[0].set_ylim(0, 1)
-    axes[1].bar(names, [r["explained_variance"] for r in rows], color=["C0", "C1"][: len(rows)])
+    axes[1].bar(names, [r["explained_variance"] for r in rows], color=colors)
     axes[1].set_ylabel("explained variance")
     axes[1].set_ylim(0, 1)
     for ax in axes:
@@ -268,7 +287,7 @@ def write_report(results: dict, out: Path) -> Path:
         "corpus of random feature and filler words; an example's true feature is the feature of the token it "
         "peaks on. Variants: `clean`; `shared-s` (every pair of feature directions has cosine s); `unequal` "
         "(feature strengths scaled by 0.35-1); `noise-2` (token embeddings get a noise vector of norm 2 "
-        "orthogonal to every feature direction).",
+        "orthogonal to every feature direction) and `noise-4` (norm 4).",
         f"- **toy**: a toy model of superposition (Elhage et al. 2022), trained: 80 sparse features -> x (20 "
         f"dims) -> 40 ReLU neurons -> 80 outputs, importance-weighted MSE (seeds {cfg['toy_seeds']}; "
         f"{cfg['toy_eval']} evaluation inputs). An example's true feature for neuron j is the active feature "
@@ -281,7 +300,10 @@ def write_report(results: dict, out: Path) -> Path:
         "pipeline's own code (`tasks.cluster.cluster_shard`) and scored with the adjusted Rand index (ARI) "
         "against their true features. A feature is *present* in a neuron's examples when it is the true "
         "feature of at least max(2, 10 %) of them; *1-feature* / *multi* neurons have one / several present. "
-        "*Feature recall* = features present / true features from the weights.",
+        "*Feature recall* = features present / true features from the weights. *ARI all* is the mean over "
+        "every evaluated neuron (a 1-feature neuron scores 1 when its examples stay in one cluster, else 0); "
+        "*ARI multi* only over multi-feature neurons; *exact # clusters*: the share of neurons whose number of "
+        "clusters equals the number of features present.",
         "- Methods on the same examples: **neuron embeddings** `x ⊙ w_j` (the tool); **raw x** (the MLP inputs, "
         "same clustering); **input identity** (one cluster per token id; in the toy model per set of active "
         "features); **random** (the embedding clusters' sizes, assigned at random).",

@@ -28,6 +28,7 @@ Hard variants: fewer dimensions per feature (``d_model`` small: directions share
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -181,6 +182,12 @@ def _train(cfg: ToyConfig, progress) -> ToyModel:
     as_np = lambda p: p.detach().numpy().astype(np.float32).copy()  # noqa: E731
     return ToyModel(cfg, as_np(net.W_FD), as_np(net.W_in_DM), as_np(net.b_in_M), as_np(net.W_out_MF),
                     as_np(net.b_out_F), scale_F, float(loss.detach()))
+
+
+@functools.lru_cache(maxsize=32)
+def cached_toy_model(cfg: ToyConfig) -> ToyModel:
+    """``train_toy_model(cfg)``, trained once per process (the benchmark's sections share models)."""
+    return train_toy_model(cfg)
 
 
 @dataclass
