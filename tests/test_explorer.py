@@ -240,3 +240,25 @@ def test_token_importance(store, data, tiny_gpt2):
     alone = float(cache[HOOK_ACTIVATION.format(layer=1)][0, p0, j])
     assert drops[earlier[0]] == pytest.approx(r["original"] - alone, abs=1e-4)
     assert Path(store, "_explorer", "importance.json").exists()  # cached on disk
+
+
+# --- an SAE store -------------------------------------------------------------------------------
+
+def test_sae_store_pages_and_importance(tiny_gpt2, tmp_path):
+    from neuron_embeddings.explorer.importance import ImportanceModel
+    from tests.test_sae_evaluate import write_saelens_dir
+
+    write_saelens_dir(tmp_path / "sae", 256, 48, "blocks.1.mlp.hook_post", 1)
+    out = str(tmp_path / "sae.zarr")
+    g = run_stages(out, **options(tiny_gpt2, sae=str(tmp_path / "sae"), k=5, shard_size=16, n_sequences=16))
+    d = ExplorerData(out)
+    assert d.unit_word == "feature" and d.layers == [1]
+    client = TestClient(create_app(d, ImportanceModel(tiny_gpt2, d.attrs, "cpu")))
+    home = client.get("/")
+    assert "48 features in 1 layer" in home.text and "Most polysemantic features" in home.text
+    j = int(np.argmax(g["metrics/n_examples"][0]))
+    page = client.get(f"/neuron/1/{j}")
+    assert page.status_code == 200 and "Layer 1 · Feature" in page.text and 'class="t max"' in page.text
+    assert client.get(f"/importance/1/{j}/0").status_code == 200
+    r = client.app.state.explorer.cache.get(1, j, 0)
+    assert r["original"] == pytest.approx(float(g["topk/act"][0, j, 0]), rel=1e-4, abs=1e-5)  # the SAE's activation
