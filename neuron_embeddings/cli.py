@@ -1,4 +1,4 @@
-"""The `neuron-embeddings` command line: run, demo, status.
+"""The `neuron-embeddings` command line: run, demo, status, explore (and sae, benchmark).
 
 User mistakes (UserError) print as one line on stderr with exit status 2; a run whose shards did
 not all complete exits 1 and says how to resume.
