@@ -174,6 +174,17 @@ def test_token_index_without_the_similar_stage_is_computed_and_cached(store, dat
     np.testing.assert_array_equal(again[0], want_tok)
 
 
+def test_similar_state_of_a_run_without_the_similar_stage(store, tmp_path):
+    copy = tmp_path / "nosim.zarr"
+    shutil.copytree(store, copy)
+    shutil.rmtree(copy / "_markers" / "similar")
+    assert ExplorerData(str(copy)).neuron(0, 3).similar_state == "pending"  # not computed yet
+    zarr.open_group(str(copy), mode="r+").attrs["similar"] = False  # as made with --no-similar
+    v = ExplorerData(str(copy)).neuron(0, 3)
+    assert v.similar_state == "off" and all(not c.similar for c in v.clusters)
+    assert "--no-similar" in TestClient(create_app(ExplorerData(str(copy)))).get("/neuron/0/3").text
+
+
 def test_navigation(data):
     last = (data.layers[-1], data.d_mlp - 1)
     assert data.step(*last, 1) == (data.layers[0], 0) and data.step(data.layers[0], 0, -1) == last

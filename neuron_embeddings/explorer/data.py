@@ -115,7 +115,7 @@ class NeuronView:
     leaf_slots: np.ndarray  # int [n]: the slot of each clustered example (the linkage's leaves)
     leaf_labels: np.ndarray  # int [n]
     leaf_names: list[str]  # the max token of each clustered example
-    similar_state: str  # "ready", "pending" (not computed yet) or "absent" (store has no similar/*)
+    similar_state: str  # "ready", "pending" (not computed yet), "off" (--no-similar), "absent" (no similar/*)
 
 
 class ExplorerData:
@@ -231,6 +231,8 @@ class ExplorerData:
     def similar_state(self, row: int, j: int) -> str:
         if not self.has_similar:
             return "absent"
+        if self.attrs.get("similar") is False:  # made with --no-similar
+            return "off"
         shard = self.store.settings().shard_size
         unit = f"L{self.layers[row]:02d}-N{j // shard * shard:05d}"
         return "ready" if self.store.is_complete("similar", unit) else "pending"
