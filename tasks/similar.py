@@ -244,15 +244,20 @@ def scatter_neighbours(query: ClusterSet, id_QN: torch.Tensor, cos_QN: torch.Ten
 def centroid_shard(out: str, shard: dict, fault_unit: str | None = None) -> dict:
     """A shard's cluster centroids and top tokens (whole chunks of similar/centroids, similar/top_token)."""
     from storage import store as st
-    from tasks.common import run_unit
+    from tasks.common import handed_over, run_unit
 
     def work(store: st.Store) -> dict:
         if not store.is_complete("cluster", shard["id"]):
             raise RuntimeError(f"centroids shard {shard['id']}: its cluster shard is not complete")
         region = (shard["row"], slice(shard["start"], shard["stop"]))
-        labels = st.read(store, "clusters/labels", region)
-        cent = cluster_centroids(st.read(store, "embeddings", region), labels)
-        top, cnt = cluster_top_tokens(labels, peak_tokens(store, region))
+
+        def get(name: str, array: str) -> np.ndarray:  # in memory when the shard's embed/cluster just ran here
+            kept = handed_over(out, shard["id"], name)
+            return kept if kept is not None else st.read(store, array, region)
+
+        labels = get("labels", "clusters/labels")
+        cent = cluster_centroids(get("embeddings", "embeddings"), labels)
+        top, cnt = cluster_top_tokens(labels, peak_tokens(store, region, get("seq", "topk/seq"), get("pos", "topk/pos")))
         st.write(store, "similar/centroids", region, cent.astype(store.array("similar/centroids").dtype))
         st.write(store, "similar/top_token", region, top)
         st.write(store, "similar/top_count", region, cnt)
@@ -261,11 +266,12 @@ def centroid_shard(out: str, shard: dict, fault_unit: str | None = None) -> dict
     return run_unit(out, "centroids", shard["id"], work, fault_unit)
 
 
-def peak_tokens(store, region: tuple) -> np.ndarray:
+def peak_tokens(store, region: tuple, seq: np.ndarray | None = None, pos: np.ndarray | None = None) -> np.ndarray:
     """int32 [S, K] token id at each example's max token (-1 where no example)."""
     from storage import store as st
 
-    seq, pos = st.read(store, "topk/seq", region), st.read(store, "topk/pos", region)
+    if seq is None or pos is None:
+        seq, pos = st.read(store, "topk/seq", region), st.read(store, "topk/pos", region)
     ok = seq >= 0
     out = np.full(seq.shape, -1, dtype=np.int32)
     if ok.any():
