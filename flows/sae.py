@@ -6,9 +6,10 @@ Orchestration only; the work lives in tasks/sae.py (cache, train), the pipeline 
 
     out/activations.zarr          the cached activations (shared by both SAEs)
     out/sae-standard/, sae-ln/    cfg.json, sae_weights.safetensors, metrics.json (SAELens layout)
+                                  (several L_N coefficients: sae-ln-<coef>/ each)
     out/neurons.zarr              the layer's MLP neurons   (contract store, unit mlp-neuron)
     out/features-standard.zarr    the standard SAE's features (unit sae-feature)
-    out/features-ln.zarr          the L_N SAE's features
+    out/features-ln.zarr          the L_N SAE's features (features-ln-<coef>.zarr each)
     out/report.md, comparison.png, comparison.json
 
 Each step resumes: a complete cache, SAE directory or store made with the same settings is reused.
@@ -24,7 +25,13 @@ from prefect.cache_policies import NO_CACHE
 from flows.run import neuron_embeddings_run
 from tasks.sae import cache_activations_task, train_sae_task
 
-STEPS = 7  # cache, 2 trainings, 3 evaluations, report
+
+def ln_names(ln_coef: float | list[float]) -> dict[str, float]:
+    """{unit-kind name: coefficient}: `sae-ln` for one coefficient, `sae-ln-<coef>` for several."""
+    coefs = [float(ln_coef)] if isinstance(ln_coef, (int, float)) else [float(c) for c in ln_coef]
+    if len(coefs) == 1:
+        return {"sae-ln": coefs[0]}
+    return {f"sae-ln-{c:g}": c for c in coefs}
 
 
 @task(name="sae-compare", cache_policy=NO_CACHE)
@@ -52,7 +59,7 @@ def sae_flow(
     topk: int | None = None,
     expansion: float = 4.0,
     l1: float = 5.0,
-    ln_coef: float = 1e-3,
+    ln_coef: float | list[float] = 1e-3,
     ln_start: int = 0,
     ln_momentum: float = 0.9,
     ln_update: str = "ema",
@@ -70,43 +77,45 @@ def sae_flow(
     workers: int = 1,
 ) -> dict:
     """Are the SAE features more monosemantic than the layer's neurons, and does L_N help at the
-    same reconstruction quality? The same SAE settings train both SAEs; only `ln_coef` differs."""
+    same reconstruction quality? The same SAE settings train every SAE; only `ln_coef` differs
+    (a list of coefficients trains one L_N SAE per coefficient)."""
     from neuron_embeddings.sae import SAETrainSettings
 
     base = dict(expansion=expansion, architecture=architecture, topk=topk, l1=l1, ln_start=ln_start,
                 ln_momentum=ln_momentum, ln_update=ln_update, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    plain = SAETrainSettings(**base, ln_coef=0.0).to_dict()  # validates before any work
-    with_ln = SAETrainSettings(**base, ln_coef=ln_coef).to_dict()
+    trained = {"sae-standard": SAETrainSettings(**base, ln_coef=0.0).to_dict()}  # validates before any work
+    trained.update({name: SAETrainSettings(**base, ln_coef=c).to_dict() for name, c in ln_names(ln_coef).items()})
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    progress = create_progress_artifact(0.0, key="sae-flow-progress", description="SAE flow: steps done of 7")
+    n_steps = 3 + 2 * len(trained)  # cache, trainings, evaluations (neurons + SAEs), report
+    progress = create_progress_artifact(0.0, key="sae-flow-progress", description=f"SAE flow: steps done of {n_steps}")
     done = [0]
 
     def advance() -> None:
         done[0] += 1
-        update_progress_artifact(progress, 100.0 * done[0] / STEPS)
+        update_progress_artifact(progress, 100.0 * done[0] / n_steps)
 
     cache = str(root / "activations.zarr")
     cache_activations_task(cache, model, dataset, layer, hook, n_sequences, ctx_len, 16, device, activation_dtype)
     advance()
-    sae_dirs = {"sae-standard": str(root / "sae-standard"), "sae-ln": str(root / "sae-ln")}
-    for name, settings in (("sae-standard", plain), ("sae-ln", with_ln)):
+    sae_dirs = {name: str(root / name) for name in trained}
+    for name, settings in trained.items():
         train_sae_task(sae_dirs[name], cache, settings, device)
         advance()
     run_opts = dict(model=model, dataset=dataset, n_sequences=n_sequences, ctx_len=ctx_len, k=k, selection=selection,
                     shard_size=shard_size, linkage=linkage, threshold=threshold, seed=seed, device=device,
                     workers=workers)
-    stores = {"neurons": str(root / "neurons.zarr"), "sae-standard": str(root / "features-standard.zarr"),
-              "sae-ln": str(root / "features-ln.zarr")}
+    stores = {"neurons": str(root / "neurons.zarr")}
+    stores.update({name: str(root / f"features-{name[4:]}.zarr") for name in trained})
     neuron_embeddings_run.with_options(name="neurons")(out=stores["neurons"], layers=str(layer), **run_opts)
     advance()
-    for name in ("sae-standard", "sae-ln"):
+    for name in trained:
         neuron_embeddings_run.with_options(name=f"features-{name}")(out=stores[name], sae=sae_dirs[name], **run_opts)
         advance()
     title = f"Layer {layer} of {model}: MLP neurons vs SAE features ({hook}, {architecture}, L_N coef {ln_coef})"
     rep = compare_task(str(root), stores, sae_dirs, title,
                        {"model": model, "dataset": dataset, "layer": layer, "hook": hook, "n_sequences": n_sequences,
-                        "ctx_len": ctx_len, "k": k, "threshold": threshold, "sae": with_ln})
+                        "ctx_len": ctx_len, "k": k, "threshold": threshold, "sae": {**base, "ln_coef": ln_coef}})
     create_markdown_artifact(rep["markdown"], key="sae-comparison", description="neurons vs SAE features")
     advance()
     print(rep["table"])

@@ -13,16 +13,24 @@ encoder column W_enc[:, j]; `h_b` is the encoder input u_b = x_b - b_dec, and h�
 a per-feature average of the raw inputs x that activated j (the lookup). Using the encoder input
 makes L_N the same cosine as the evaluation's neuron embeddings `(x - b_dec) ⊙ W_enc[:, j]` (the
 lookup keeps raw x, so the current b_dec is subtracted exactly: a mean of x minus b_dec is the mean
-of x - b_dec). The lookup is a detached buffer: first activation stores the batch's mean activating
+of x - b_dec). The lookup is a detached buffer, and so is b_dec inside L_N: L_N's gradient goes
+into the encoder weights W_enc only, the loss that shapes each feature's encoder column; b_dec, the
+offset shared by every feature, is left to the reconstruction (letting L_N move it would let it align
+all inputs at once instead of shaping features, and costs two more sparse products per step; the
+autograd function computes those gradients too when asked, which the tests check).
+First activation stores the batch's mean activating
 input, then an exponential moving average per batch (momentum m: h̄ <- m h̄ + (1 - m) batch mean) or
 the exact running mean over all activating inputs seen.
 
-L_N is computed with matrix products, never a loop over features:
-    num_BF  = u_BD @ (h̄_FD^T ⊙ W_enc²)        = Σ_d u_bd h̄_jd w_dj²
-    |u_b ⊙ w_j|²  = (u_BD ⊙ u_BD) @ W_enc²     [B, F]
-    |h̄_j ⊙ w_j|²  = Σ_d h̄_jd² w_dj²            [F]
-and its backward pass (a custom autograd function) only touches the active (b, j) pairs with
-sparse-dense products, so a step with L_N costs about two more dense products than a standard step.
+L_N is computed with matrix products, never a loop over features (ū = h̄ - b_dec):
+    num   = u_BD @ (ū_DF ⊙ W_enc²)     = Σ_d u_bd ū_dj w_dj²
+    nb    = (u_BD ⊙ u_BD) @ W_enc²     = |u_b ⊙ w_j|²
+    nh_F  = Σ_d ū_dj² w_dj²            = |ū_j ⊙ w_j|²
+    cos   = num / sqrt(nb · nh)
+evaluated only at the active (b, j) pairs (sampled products, see ActivePairs), and a custom backward
+pass over the same pairs. The SAE's own training pass also runs over the active pairs (only the
+encoder's pre-activations are a dense product), which is what makes it faster than a plain PyTorch
+SAE (benchmarks/bench_sae.py).
 
 Inputs are scaled by a constant s (so that E||s x||² = d_in, Anthropic's convention) while
 training, which makes `--l1` mean the same on any model; the saved weights act on raw activations
@@ -307,11 +315,14 @@ class _LNLoss(torch.autograd.Function):
         g3_F = g3_F * g / (2 * nh_F.clamp_min(1e-30))  # dL/dnh
         dM_DF = pairs.tmm(g1_n, u_BD).T.contiguous()  # u^T G1
         dW2a_DF = pairs.tmm(g2_n, u_BD * u_BD).T.contiguous()  # (u²)^T G2
-        du_BD = pairs.mm(g1_n, M_DF.T) + 2 * u_BD * pairs.mm(g2_n, W2_DF.T)
+        du_BD = dubar_DF = None
+        if ctx.needs_input_grad[0]:  # the trainer detaches u and ū (see train_step): then skipped
+            du_BD = pairs.mm(g1_n, M_DF.T) + 2 * u_BD * pairs.mm(g2_n, W2_DF.T)
         # num = Σ u ū w², nb = Σ u² w², nh = Σ ū² w²:
         #   dL/dū = w² (dM + 2 g3 ū);  dL/dw² = ū dM + dW2a + g3 ū²;  dL/dw = 2 w dL/dw²
         t_DF = torch.addcmul(dM_DF, ubar_DF, g3_F)  # dM + g3 ū
-        dubar_DF = W2_DF * (t_DF + g3_F * ubar_DF)
+        if ctx.needs_input_grad[1]:
+            dubar_DF = W2_DF * (t_DF + g3_F * ubar_DF)
         dW_DF = 2 * W_DF * torch.addcmul(dW2a_DF, ubar_DF, t_DF)
         return du_BD, dubar_DF, dW_DF, None, None
 
@@ -494,9 +505,10 @@ def train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x_BD: torch.T
     Returns (loss, its parts, the active pairs)."""
     for group in opt.param_groups:
         group["lr"] = s.lr * lr_factor(step, s.steps, s.warmup_steps)
-    loss, parts, (u_BD, _, pairs) = sae_loss(sae, x_BD, s.l1)
+    loss, parts, (_, _, pairs) = sae_loss(sae, x_BD, s.l1)
     if lookup is not None and step >= s.ln_start and bool(lookup.valid_F.any()):
-        l_n = ln_loss_pairs(u_BD, lookup.mean_DF - sae.b_dec[:, None], sae.W_enc, pairs, lookup.valid_F[pairs.f])
+        b_dec = sae.b_dec.detach()  # L_N shapes the encoder columns only (see the module docstring)
+        l_n = ln_loss_pairs(x_BD - b_dec, lookup.mean_DF - b_dec[:, None], sae.W_enc, pairs, lookup.valid_F[pairs.f])
         loss = loss + s.ln_coef * l_n
         parts["l_n"] = l_n.detach()
     opt.zero_grad(set_to_none=True)
