@@ -153,7 +153,7 @@ def run_benchmark(out_dir: str | Path, quick: bool = False, work_dir: str | Path
     results = {"config": _jsonable(asdict(cfg)), "commit": _git_commit(), "machine": platform.platform(),
                "seconds": round(time.time() - t0, 1), "datasets": _jsonable(datasets), "sae": _jsonable(sae),
                "command": command or f"neuron-embeddings benchmark ground-truth {'--quick ' if quick else ''}--out {out_dir}"}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.json").write_text(json.dumps(results, separators=(",", ":")))
     from neuron_embeddings.groundtruth.report import write_report
 
     write_report(results, out)
