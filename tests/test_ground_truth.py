@@ -14,9 +14,17 @@ from neuron_embeddings.groundtruth.ari import adjusted_rand_index, contingency_t
 from neuron_embeddings.groundtruth.measures import n_present
 from neuron_embeddings.groundtruth.planted import merged_x, store_examples
 from neuron_embeddings.groundtruth.sae_bench import mmcs
-from neuron_embeddings.groundtruth.toy import (ToyConfig, active_set_ids, dominant_feature, feature_scales,
-                                               sample_features, select_examples, toy_dataset, toy_examples,
-                                               train_toy_model)
+from neuron_embeddings.groundtruth.toy import (
+    ToyConfig,
+    active_set_ids,
+    dominant_feature,
+    feature_scales,
+    sample_features,
+    select_examples,
+    toy_dataset,
+    toy_examples,
+    train_toy_model,
+)
 from neuron_embeddings.synthetic import PlantedTruth
 
 # --------------------------------------------------------------------------- ARI

@@ -17,8 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from neuron_embeddings.groundtruth.measures import NeuronExamples, evaluate, spearman_table, summarise
-from neuron_embeddings.groundtruth.planted import PlantedVariant, planted_examples, unequal_scales
+from neuron_embeddings.groundtruth.measures import (
+    NeuronExamples,
+    evaluate,
+    spearman_table,
+    summarise,
+)
+from neuron_embeddings.groundtruth.planted import (
+    PlantedVariant,
+    planted_examples,
+    unequal_scales,
+)
 
 DEFAULT_LINKAGE, DEFAULT_THRESHOLD = "average", 0.5
 ALL_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -122,7 +131,7 @@ def dataset_result(generator: str, variant: str, selection: str, ex: NeuronExamp
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
                               cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -177,7 +186,12 @@ def _planted_datasets(cfg: BenchConfig, work: Path, bar) -> list[dict]:
 
 
 def _toy_datasets(cfg: BenchConfig, bar) -> list[dict]:
-    from neuron_embeddings.groundtruth.toy import ToyConfig, cached_toy_model, toy_dataset, toy_examples
+    from neuron_embeddings.groundtruth.toy import (
+        ToyConfig,
+        cached_toy_model,
+        toy_dataset,
+        toy_examples,
+    )
 
     out = []
     for name, over in cfg.toy_variants.items():

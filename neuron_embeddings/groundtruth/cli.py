@@ -42,8 +42,8 @@ def cmd_ground_truth(a: argparse.Namespace) -> int:
 
     command = f"neuron-embeddings benchmark ground-truth {'--quick ' if a.quick else ''}--out {a.out}"
     results = run_benchmark(out, quick=a.quick, work_dir=a.work, command=command)
-    print(f"\nARI against the true features at the defaults (average linkage, t = 0.5); multi = neurons "
-          f"with several true features in their examples")
+    print("\nARI against the true features at the defaults (average linkage, t = 0.5); multi = neurons "
+          "with several true features in their examples")
     print(f"{'model':8s} {'variant':11s} {'selection':9s} {'multi: emb.':>11s} {'raw x':>6s} {'token':>6s} "
           f"{'random':>6s} {'all: emb.':>10s} {'raw x':>6s}")
     for d in results["datasets"]:

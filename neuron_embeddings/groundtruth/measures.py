@@ -58,7 +58,7 @@ class NeuronExamples:
     @staticmethod
     def concat(name: str, parts: list[NeuronExamples]) -> NeuronExamples:
         """The neurons of several parts (same k and D) as one set."""
-        cat = lambda attr: np.concatenate([getattr(p, attr) for p in parts])  # noqa: E731
+        cat = lambda attr: np.concatenate([getattr(p, attr) for p in parts])
         return NeuronExamples(name, cat("act_NK"), cat("emb_NKD"), cat("x_NKD"), cat("true_NK"), cat("input_NK"),
                               cat("n_drivers_N"), dict(parts=[p.info for p in parts]))
 

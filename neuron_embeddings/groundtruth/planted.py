@@ -14,7 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from neuron_embeddings.synthetic import PlantedTruth, build_planted_model, write_planted_corpus
+from neuron_embeddings.synthetic import (
+    PlantedTruth,
+    build_planted_model,
+    write_planted_corpus,
+)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from neuron_embeddings.groundtruth.toy import ToyConfig, ToyModel, cached_toy_model, sample_features
+from neuron_embeddings.groundtruth.toy import (
+    ToyConfig,
+    ToyModel,
+    cached_toy_model,
+    sample_features,
+)
 
 RECOVERED_COS = 0.9
 REPRESENTED_NORM = 0.5

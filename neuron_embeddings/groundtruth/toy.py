@@ -179,7 +179,7 @@ def _train(cfg: ToyConfig, progress) -> ToyModel:
         opt.step()
         if progress is not None and ((step + 1) % chunk == 0 or step + 1 == cfg.steps):
             progress((step % chunk) + 1)
-    as_np = lambda p: p.detach().numpy().astype(np.float32).copy()  # noqa: E731
+    as_np = lambda p: p.detach().numpy().astype(np.float32).copy()
     return ToyModel(cfg, as_np(net.W_FD), as_np(net.W_in_DM), as_np(net.b_in_M), as_np(net.W_out_MF),
                     as_np(net.b_out_F), scale_F, float(loss.detach()))
 
@@ -214,7 +214,7 @@ def select_examples(act_BM: np.ndarray, k: int, band: float | None, seed: int) -
     ``band=F``: a seeded uniform sample of up to k examples whose activation >= F * the neuron's
     maximum (the tool's ``band:F``), then ordered by activation.
     """
-    B, M = act_BM.shape
+    M = act_BM.shape[1]
     out_MK = np.full((M, k), -1, dtype=np.int64)
     rng = np.random.default_rng(seed)
     for j in range(M):
