@@ -71,7 +71,10 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tiny_
         assert demo.parameters["model"] == "builtin:all-MiniLM-L6-v2"
         assert [s.schedule.cron for s in weekly.schedules] == ["0 3 * * 1"]
         assert weekly.parameters["model"] == "gpt2" and weekly.parameters.get("layers") is None
-        client.delete_deployment(weekly.id)  # no scheduled GPT-2 runs left on the shared test server
+        sae = client.read_deployment_by_name("neuron-embeddings-sae/gpt2-small-sae")
+        assert sae.entrypoint == "flows/sae.py:sae_flow" and sae.work_pool_name == POOL
+        for d in (weekly, sae):
+            client.delete_deployment(d.id)  # no scheduled GPT-2 runs left on the shared test server
 
     # A run of the deployment with CI-sized parameters (they override the deployment's), with a
     # transient fault in one shard (its first attempt fails): the flow run fails, naming it.
