@@ -92,8 +92,9 @@ def plot(rows: list[dict], path: str | Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("mean_distance", "mean distance"), ("clusters_mean", "clusters (mean)"),
-              ("share_single_cluster", "single-cluster share"), ("mean_intra", "mean intra distance")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+              ("share_single_cluster", "single-cluster share"), ("mean_intra", "mean intra distance"),
+              ("explained_variance", "explained variance (SAEs)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.2))
     names = [r["units_kind"] for r in rows]
     colors = ["#888888", "#4c72b0", "#dd8452", "#55a868", "#c44e52"][:len(rows)]
     for ax, (key, label) in zip(axes, panels, strict=True):
