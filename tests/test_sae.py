@@ -169,11 +169,14 @@ def _stream(x: torch.Tensor, batch: int, seed: int = 0):
         yield x[torch.randint(0, len(x), (batch,), generator=g)]
 
 
-@pytest.mark.parametrize("ln_coef", [0.0, 1e-3])
-def test_training_keeps_decoder_rows_unit_norm_and_learns(ln_coef):
+@pytest.mark.parametrize("ln_coef,topk", [(0.0, None), (1e-3, None), (1e-3, 4)])
+def test_training_keeps_decoder_rows_unit_norm_and_learns(ln_coef, topk):
     x = _blobs(2048, 16, 0)
-    s = S.SAETrainSettings(expansion=2, steps=150, batch_size=128, l1=0.5, ln_coef=ln_coef, lr=3e-3, resample_every=0)
+    s = S.SAETrainSettings(expansion=2, steps=150, batch_size=128, l1=0.5, ln_coef=ln_coef, lr=3e-3, resample_every=0,
+                           architecture="topk" if topk else "standard", topk=topk)
     sae, state = S.train_sae(_stream(x, 128), 16, s)
+    if topk:
+        assert all(h["l0"] <= topk for h in state.history)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32), rtol=0, atol=1e-5)
     assert state.history[-1]["mse"] < 0.3 * state.history[0]["mse"]
     assert (state.last_l_n is not None) == (ln_coef > 0)
