@@ -23,9 +23,9 @@ input, then an exponential moving average per batch (momentum m: h̄ <- m h̄ + 
 the exact running mean over all activating inputs seen.
 
 L_N is computed with matrix products, never a loop over features (ū = h̄ - b_dec):
-    num   = u_BD @ (ū_DF ⊙ W_enc²)     = Σ_d u_bd ū_dj w_dj²
+    num   = u_BD @ (ū_FD ⊙ W_enc^T²)^T = Σ_d u_bd ū_jd w_dj²
     nb    = (u_BD ⊙ u_BD) @ W_enc²     = |u_b ⊙ w_j|²
-    nh_F  = Σ_d ū_dj² w_dj²            = |ū_j ⊙ w_j|²
+    nh_F  = Σ_d ū_jd² w_dj²            = |ū_j ⊙ w_j|²
     cos   = num / sqrt(nb · nh)
 evaluated only at the active (b, j) pairs (sampled products, see ActivePairs), and a custom backward
 pass over the same pairs. The SAE's own training pass also runs over the active pairs (only the
@@ -285,60 +285,61 @@ class _SAEDecode(torch.autograd.Function):
 
 class _LNLoss(torch.autograd.Function):
     """Σ over the pairs of weight · (1 - cos(ū_j ⊙ w_j, u_b ⊙ w_j)), and its exact gradient w.r.t.
-    u, ū and W. A pair where either vector is zero counts with cos = 0 and no gradient.
-    ū comes as [D, F] like W, so every elementwise product over [D, F] runs on contiguous memory."""
+    u, ū and W (the last two computed only when asked). A pair where either vector is zero counts
+    with cos = 0 and no gradient. Feature-major layout ([F, D]) throughout: every elementwise product
+    runs on contiguous memory, and the sampled products read W's columns contiguously."""
 
     @staticmethod
-    def forward(ctx, u_BD, ubar_DF, W_DF, pairs, weight_n):
-        ubar_DF, W_DF = ubar_DF.contiguous(), W_DF.contiguous()
-        W2_DF = W_DF * W_DF
-        M_DF = ubar_DF * W2_DF  # ū_dj w_dj²
-        num_n = pairs.sample(u_BD, M_DF)  # Σ_d u_bd ū_dj w_dj²
-        nb_n = pairs.sample(u_BD * u_BD, W2_DF)  # |u_b ⊙ w_j|²
-        nh_F = (ubar_DF * M_DF).sum(0)  # |ū_j ⊙ w_j|²
+    def forward(ctx, u_BD, ubar_FD, W_DF, pairs, weight_n):
+        ubar_FD = ubar_FD.contiguous()
+        W_FD = W_DF.T.contiguous()
+        W2_FD = W_FD * W_FD
+        M_FD = ubar_FD * W2_FD  # ū_jd w_dj²
+        num_n = pairs.sample(u_BD, M_FD.T)  # Σ_d u_bd ū_jd w_dj²
+        nb_n = pairs.sample(u_BD * u_BD, W2_FD.T)  # |u_b ⊙ w_j|²
+        nh_F = (ubar_FD * M_FD).sum(1)  # |ū_j ⊙ w_j|²
         den_n = torch.sqrt(nb_n * nh_F[pairs.f])
         ok_n = den_n > 1e-20
         cos_n = torch.where(ok_n, num_n / den_n.clamp_min(1e-20), torch.zeros_like(num_n)) * weight_n
         ctx.pairs = pairs
-        ctx.save_for_backward(u_BD, ubar_DF, W_DF, W2_DF, M_DF, cos_n, nb_n.clamp_min(1e-30),
+        ctx.save_for_backward(u_BD, ubar_FD, W_FD, W2_FD, M_FD, cos_n, nb_n.clamp_min(1e-30),
                               den_n.clamp_min(1e-20), nh_F, ok_n.to(u_BD.dtype) * weight_n)
         return (weight_n.sum() - cos_n.sum()).to(u_BD.dtype)
 
     @staticmethod
     def backward(ctx, g):
         pairs = ctx.pairs
-        u_BD, ubar_DF, W_DF, W2_DF, M_DF, cos_n, nb_n, den_n, nh_F, w_n = ctx.saved_tensors
-        F = W_DF.shape[1]
+        u_BD, ubar_FD, W_FD, W2_FD, M_FD, cos_n, nb_n, den_n, nh_F, w_n = ctx.saved_tensors
+        F = W_FD.shape[0]
         g1_n = -g * w_n / den_n  # dL/dnum
         g2_n = g * cos_n / (2 * nb_n)  # dL/dnb (cos_n already carries the weight)
         g3_F = torch.zeros(F, dtype=u_BD.dtype, device=u_BD.device).index_add_(0, pairs.f, cos_n)
-        g3_F = g3_F * g / (2 * nh_F.clamp_min(1e-30))  # dL/dnh
-        dM_DF = pairs.tmm(g1_n, u_BD).T.contiguous()  # u^T G1
-        dW2a_DF = pairs.tmm(g2_n, u_BD * u_BD).T.contiguous()  # (u²)^T G2
-        du_BD = dubar_DF = None
+        g3_F = (g3_F * g / (2 * nh_F.clamp_min(1e-30)))[:, None]  # dL/dnh
+        dM_FD = pairs.tmm(g1_n, u_BD)  # G1^T u
+        dW2a_FD = pairs.tmm(g2_n, u_BD * u_BD)  # G2^T u²
+        du_BD = dubar_FD = None
         if ctx.needs_input_grad[0]:  # the trainer detaches u and ū (see train_step): then skipped
-            du_BD = pairs.mm(g1_n, M_DF.T) + 2 * u_BD * pairs.mm(g2_n, W2_DF.T)
+            du_BD = pairs.mm(g1_n, M_FD) + 2 * u_BD * pairs.mm(g2_n, W2_FD)
         # num = Σ u ū w², nb = Σ u² w², nh = Σ ū² w²:
         #   dL/dū = w² (dM + 2 g3 ū);  dL/dw² = ū dM + dW2a + g3 ū²;  dL/dw = 2 w dL/dw²
-        t_DF = torch.addcmul(dM_DF, ubar_DF, g3_F)  # dM + g3 ū
+        t_FD = torch.addcmul(dM_FD, ubar_FD, g3_F)  # dM + g3 ū
         if ctx.needs_input_grad[1]:
-            dubar_DF = W2_DF * (t_DF + g3_F * ubar_DF)
-        dW_DF = 2 * W_DF * torch.addcmul(dW2a_DF, ubar_DF, t_DF)
-        return du_BD, dubar_DF, dW_DF, None, None
+            dubar_FD = W2_FD * (t_FD + g3_F * ubar_FD)
+        dW_FD = 2 * W_FD * torch.addcmul(dW2a_FD, ubar_FD, t_FD)
+        return du_BD, dubar_FD, dW_FD.T, None, None
 
 
-def ln_loss_pairs(u_BD: torch.Tensor, ubar_DF: torch.Tensor, W_enc_DF: torch.Tensor, pairs: ActivePairs,
+def ln_loss_pairs(u_BD: torch.Tensor, ubar_FD: torch.Tensor, W_enc_DF: torch.Tensor, pairs: ActivePairs,
                   weight_n: torch.Tensor | None = None) -> torch.Tensor:
-    """L_N over given pairs, with ū as [D, F] (weight 0 drops a pair, e.g. a feature with no lookup
-    entry yet)."""
+    """L_N over given pairs (weight 0 drops a pair, e.g. a feature with no lookup entry yet)."""
     if weight_n is None:
         weight_n = torch.ones(pairs.n, dtype=u_BD.dtype, device=u_BD.device)
-    return _LNLoss.apply(u_BD, ubar_DF, W_enc_DF, pairs, weight_n.to(u_BD.dtype))
+    return _LNLoss.apply(u_BD, ubar_FD, W_enc_DF, pairs, weight_n.to(u_BD.dtype))
 
 
 def ln_loss(u_BD: torch.Tensor, ubar_FD: torch.Tensor, W_enc_DF: torch.Tensor, mask_BF: torch.Tensor) -> torch.Tensor:
     """L_N summed over the batch and the features active in `mask_BF` (see the module docstring)."""
-    return ln_loss_pairs(u_BD, ubar_FD.T, W_enc_DF, ActivePairs(mask_BF))
+    return ln_loss_pairs(u_BD, ubar_FD, W_enc_DF, ActivePairs(mask_BF))
 
 
 def ln_loss_reference(u_BD, ubar_FD, W_enc_DF, mask_BF) -> torch.Tensor:
@@ -354,22 +355,17 @@ def ln_loss_reference(u_BD, ubar_FD, W_enc_DF, mask_BF) -> torch.Tensor:
 
 @dataclass
 class LNLookup:
-    """h̄: per-feature average of the raw inputs that activated each feature (a detached buffer),
-    kept as [D, F] like W_enc (`mean_FD` is its transposed view)."""
+    """h̄: per-feature average of the raw inputs that activated each feature (a detached buffer)."""
 
-    mean_DF: torch.Tensor
+    mean_FD: torch.Tensor
     count_F: torch.Tensor  # activating inputs seen (float64)
     momentum: float = 0.9
     rule: str = "ema"
 
     @classmethod
     def empty(cls, d_sae: int, d_in: int, momentum: float = 0.9, rule: str = "ema", device="cpu") -> "LNLookup":
-        return cls(torch.zeros(d_in, d_sae, device=device), torch.zeros(d_sae, dtype=torch.float64, device=device),
+        return cls(torch.zeros(d_sae, d_in, device=device), torch.zeros(d_sae, dtype=torch.float64, device=device),
                    momentum, rule)
-
-    @property
-    def mean_FD(self) -> torch.Tensor:
-        return self.mean_DF.T
 
     @property
     def valid_F(self) -> torch.Tensor:
@@ -381,20 +377,21 @@ class LNLookup:
         (`active`: a [B, F] mask or its ActivePairs). First activation: that mean; then
         h̄ <- h̄ + w (batch mean - h̄) with w = 1 - momentum (ema) or n_batch / n_total (mean)."""
         pairs = active if isinstance(active, ActivePairs) else ActivePairs(active)
-        F = self.mean_DF.shape[1]
+        F = self.mean_FD.shape[0]
         n_F = torch.bincount(pairs.f, minlength=F).to(self.count_F.dtype)
         sum_FD = pairs.tmm(torch.ones(pairs.n, dtype=x_BD.dtype, device=x_BD.device), x_BD)
-        batch_mean_DF = sum_FD.T / n_F.clamp_min(1).to(x_BD.dtype)
         if self.rule == "ema":
             w_F = torch.where(self.count_F == 0, 1.0, 1.0 - self.momentum)
         else:
             w_F = n_F / (self.count_F + n_F).clamp_min(1)
-        w_F = torch.where(n_F > 0, w_F, 0.0).to(self.mean_DF.dtype)
-        self.mean_DF.lerp_(batch_mean_DF.to(self.mean_DF.dtype), w_F)
+        w_F = torch.where(n_F > 0, w_F, 0.0)
+        # mean <- mean + w (sum / n - mean), in one pass over [F, D]
+        scale_F = (w_F / n_F.clamp_min(1)).to(self.mean_FD.dtype)[:, None]
+        self.mean_FD.mul_(1 - w_F.to(self.mean_FD.dtype)[:, None]).add_(sum_FD.to(self.mean_FD.dtype) * scale_F)
         self.count_F += n_F
 
     def reset(self, features: torch.Tensor) -> None:
-        self.mean_DF[:, features] = 0
+        self.mean_FD[features] = 0
         self.count_F[features] = 0
 
 
@@ -508,7 +505,7 @@ def train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x_BD: torch.T
     loss, parts, (_, _, pairs) = sae_loss(sae, x_BD, s.l1)
     if lookup is not None and step >= s.ln_start and bool(lookup.valid_F.any()):
         b_dec = sae.b_dec.detach()  # L_N shapes the encoder columns only (see the module docstring)
-        l_n = ln_loss_pairs(x_BD - b_dec, lookup.mean_DF - b_dec[:, None], sae.W_enc, pairs, lookup.valid_F[pairs.f])
+        l_n = ln_loss_pairs(x_BD - b_dec, lookup.mean_FD - b_dec, sae.W_enc, pairs, lookup.valid_F[pairs.f])
         loss = loss + s.ln_coef * l_n
         parts["l_n"] = l_n.detach()
     opt.zero_grad(set_to_none=True)

@@ -43,10 +43,37 @@ def unit_summary(m: dict[str, np.ndarray]) -> dict:
     }
 
 
+def peak_token_perplexity(seq_UK: np.ndarray, pos_UK: np.ndarray, tokens_ST: np.ndarray) -> np.ndarray:
+    """[U] exp(entropy) of the tokens each unit's examples peak on (NaN under 2 examples): an
+    independent, token-level view of monosemanticity (1 = always the same token)."""
+    out = np.full(seq_UK.shape[0], np.nan)
+    for u in range(seq_UK.shape[0]):
+        ok = seq_UK[u] >= 0
+        if ok.sum() < 2:
+            continue
+        _, counts = np.unique(tokens_ST[seq_UK[u][ok], pos_UK[u][ok]], return_counts=True)
+        p = counts / counts.sum()
+        out[u] = float(np.exp(-(p * np.log(p)).sum()))
+    return out
+
+
+def effective_dims(W_DU: np.ndarray) -> np.ndarray:
+    """[U] participation ratio (Σ w²)² / Σ w⁴ of each unit's input weights: how many input
+    dimensions its embeddings x ⊙ w effectively span (cosines between embeddings of few dimensions
+    are high whatever the inputs, so L_N can lower the distances by shrinking this)."""
+    w2 = W_DU.astype(np.float64) ** 2
+    return w2.sum(0) ** 2 / np.maximum((w2 ** 2).sum(0), 1e-300)
+
+
 def store_summary(url: str) -> dict:
     store = st.Store(url)
     m = {name: st.read(store, f"metrics/{name}")[0] for name in METRIC_ARRAYS}
-    return unit_summary(m)
+    out = unit_summary(m)
+    ppl = peak_token_perplexity(st.read(store, "topk/seq")[0], st.read(store, "topk/pos")[0], st.read(store, "tokens"))
+    have = m["n_examples"] >= 2
+    out["peak_token_perplexity"] = float(np.nanmedian(ppl[have])) if have.any() else None
+    out["input_effective_dims"] = float(np.median(effective_dims(st.read(store, "weights/W_in")[0])))
+    return out
 
 
 def comparison_rows(stores: dict[str, str], sae_metrics: dict[str, dict | None]) -> list[dict]:
@@ -71,7 +98,8 @@ def _fmt(v) -> str:
 TABLE_COLUMNS = [("units_kind", "units"), ("units", "n"), ("units_with_examples", "with examples"),
                  ("mean_distance", "mean dist."), ("max_distance", "max dist."), ("clusters_mean", "clusters mean"),
                  ("clusters_median", "clusters median"), ("mean_intra", "mean intra"), ("mean_inter", "mean inter"),
-                 ("share_single_cluster", "single-cluster share"), ("explained_variance", "expl. var."),
+                 ("share_single_cluster", "single-cluster share"), ("peak_token_perplexity", "peak-token ppl."),
+                 ("input_effective_dims", "weight eff. dims"), ("explained_variance", "expl. var."),
                  ("mse", "MSE"), ("l0", "L0"), ("dead_fraction", "dead"), ("dense_fraction", "dense"),
                  ("l_n", "L_N"), ("delta_lm_loss", "Δ LM loss")]
 
@@ -115,7 +143,10 @@ def write_report(out_dir: str, rows: list[dict], title: str, settings: dict) -> 
     md = (f"# {title}\n\n{table}\n\n"
           "Unit figures over the units with at least 2 examples: mean and max pairwise cosine distance of "
           "their embeddings, clusters at the threshold (mean, median), mean distance within and between "
-          "clusters, and the share of units with a single cluster (higher = more monosemantic). SAE figures "
+          "clusters, and the share of units with a single cluster (higher = more monosemantic). Independent "
+          "checks (medians over units): the perplexity of the tokens a unit's examples peak on (1 = one "
+          "token), and the effective number of input dimensions of its weights w (participation ratio of "
+          "w²; embeddings x ⊙ w over few dimensions are near-parallel whatever the input). SAE figures "
           "on held-out activations (L_N: mean over active pairs of 1 - cos against the held-out mean input "
           "of each feature).\n\n"
           f"Settings: `{json.dumps(settings, sort_keys=True)}`\n\n![comparison](comparison.png)\n")

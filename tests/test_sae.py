@@ -97,7 +97,7 @@ def test_lookup_running_mean_is_the_mean_of_all_activating_inputs():
     for _ in range(6):
         x = torch.randn(8, 4, generator=g, dtype=torch.float64)
         a = torch.rand(8, 5, generator=g) < 0.4
-        lk.mean_DF = lk.mean_DF.double()
+        lk.mean_FD = lk.mean_FD.double()
         lk.update(x, a)
         xs.append(x)
         acts.append(a)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tasks.sae_report import markdown_table, unit_summary
+from tasks.sae_report import effective_dims, markdown_table, peak_token_perplexity, unit_summary
 
 
 def test_unit_summary_against_direct_numpy():
@@ -26,6 +26,16 @@ def test_unit_summary_against_direct_numpy():
     assert s["share_single_cluster"] == pytest.approx(1 / 3)
     table = markdown_table([{"units_kind": "neurons", **s}])
     assert table.count("\n") == 2 and "| neurons | 5 | 3 |" in table
+
+
+def test_peak_token_perplexity_and_effective_dims():
+    tokens = np.array([[5, 6, 7], [5, 5, 9]])
+    seq = np.array([[0, 1, 1, -1], [0, 1, 0, 1], [1, -1, -1, -1]])
+    pos = np.array([[0, 0, 1, -1], [1, 2, 1, 2], [0, -1, -1, -1]])
+    ppl = peak_token_perplexity(seq, pos, tokens)  # unit 0: tokens 5, 5, 5; unit 1: 6, 9, 6, 9; unit 2: one example
+    assert ppl[0] == pytest.approx(1.0) and ppl[1] == pytest.approx(2.0) and np.isnan(ppl[2])
+    W = np.array([[1.0, 1.0], [0.0, 1.0], [0.0, -1.0], [0.0, 1.0]])  # unit 0 reads one dimension, unit 1 four
+    np.testing.assert_allclose(effective_dims(W), [1.0, 4.0])
 
 
 def test_sae_flow_end_to_end(prefect_server, tiny_gpt2, tmp_path):
