@@ -5,7 +5,7 @@
                                              [--steps 3] [--l0 64] [--device cpu|cuda] [--out-json PATH]
 
 All ratios are against references measured in the same run, interleaved step by step (reference,
-ours, ours + L_N, reference, ...) so machine noise hits all alike; per-step medians are reported.
+ours, ours + L_N, then the reverse order, ...) so machine noise hits all alike; per-step medians.
 
 1. Training throughput (activations/s): `neuron_embeddings.sae.train_step` (standard SAE, L1) vs a
    plain PyTorch reference of the same SAE written below (same maths: ReLU encoder on x - b_dec,
@@ -133,7 +133,7 @@ def bench_steps(args, device: str) -> dict:
     info = {}
     for i in range(args.steps + 1):  # the first round warms up and is dropped
         x = data[(i % 4) * batch:((i % 4) + 1) * batch]
-        for name, fn in runners.items():
+        for name, fn in list(runners.items())[::1 if i % 2 else -1]:  # alternate the order: no position bias
             sync(device)
             t0 = time.perf_counter()
             out = fn(x)
