@@ -38,11 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from neuron_embeddings import sae as S  # noqa: E402
-
+from neuron_embeddings import sae as S
 
 # --- the reference: plain PyTorch, the same SAE -----------------------------------------------
 
@@ -123,12 +122,10 @@ def bench_steps(args, device: str) -> dict:
             out = S.train_step(sae, opt, x, s, counter["i"], lookup)
             counter["i"] += 1
             return out
-        return step, lookup
+        return step
 
     ref = ReferenceSAE(base.W_enc, base.b_enc, base.W_dec, base.b_dec, 1e-4, args.l1)
-    std_step, _ = ours(False)
-    ln_step, lookup = ours(True)
-    runners = {"reference": ref.step, "ours": std_step, "ours_ln": ln_step}
+    runners = {"reference": ref.step, "ours": ours(False), "ours_ln": ours(True)}
     times = {k: [] for k in runners}
     info = {}
     for i in range(args.steps + 1):  # the first round warms up and is dropped
@@ -141,7 +138,7 @@ def bench_steps(args, device: str) -> dict:
             if i:
                 times[name].append(time.perf_counter() - t0)
             if name == "ours_ln":
-                _, parts, pairs = out
+                _, _parts, pairs = out
                 info["l0_measured"] = pairs.n / batch
                 info["active_pair_density"] = round(pairs.n / (batch * d_sae), 5)
                 info["products"] = "sparse" if pairs.sparse else "dense"

@@ -123,7 +123,7 @@ def cmd_sae_train(a: argparse.Namespace) -> int:
     m = sae_train(a.out, a.model, a.dataset, a.layer, settings, hook=a.hook, n_sequences=a.n_sequences,
                   ctx_len=a.ctx_len, cache=a.cache, device=a.device, activation_dtype=a.activation_dtype,
                   forward_batch_size=a.forward_batch_size)
-    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"
     print(f"\nSAE {m['d_in']} -> {m['d_sae']} features ({m['architecture']}) on {m['hook_name']}, "
           f"held-out {m['n_tokens']} tokens:")
     for key in ("explained_variance", "mse", "l0", "dead_fraction", "dense_fraction", "l_n", "delta_lm_loss",

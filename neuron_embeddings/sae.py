@@ -162,7 +162,7 @@ class SparseAutoencoder(nn.Module):
         f_BF = self.activate(u_BD @ self.W_enc + self.b_enc)
         return u_BD, f_BF, f_BF @ self.W_dec + self.b_dec
 
-    def forward_train(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, "ActivePairs"]:
+    def forward_train(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ActivePairs]:
         """(f, x_hat, active pairs), the same values as `forward` with a backward pass over the active
         pairs only (see _SAEDecode)."""
         holder: dict = {}
@@ -363,7 +363,7 @@ class LNLookup:
     rule: str = "ema"
 
     @classmethod
-    def empty(cls, d_sae: int, d_in: int, momentum: float = 0.9, rule: str = "ema", device="cpu") -> "LNLookup":
+    def empty(cls, d_sae: int, d_in: int, momentum: float = 0.9, rule: str = "ema", device="cpu") -> LNLookup:
         return cls(torch.zeros(d_sae, d_in, device=device), torch.zeros(d_sae, dtype=torch.float64, device=device),
                    momentum, rule)
 
@@ -575,7 +575,7 @@ def reconstruction_metrics(weights: SAEWeights, batches: Callable[[], Iterator[t
                       for k in ("W_enc", "b_enc", "W_dec", "b_dec", "cfg", "threshold")})
     F = W.d_sae
     n = 0
-    sq_err = sum_x = sum_x2 = l0 = 0.0
+    sq_err = sum_x2 = l0 = 0.0
     sum_xD = torch.zeros(W.d_in, dtype=torch.float64, device=device)
     fires_F = torch.zeros(F, dtype=torch.float64, device=device)
     lookup = LNLookup.empty(F, W.d_in, rule="mean", device=device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -268,7 +269,7 @@ def _layer_of(hook: str) -> int:
 def _jsonable(d: dict) -> dict:
     """NaN -> None so metrics.json is strict JSON."""
     def fix(v):
-        if isinstance(v, float) and v != v:
+        if isinstance(v, float) and math.isnan(v):
             return None
         if isinstance(v, dict):
             return {k: fix(x) for k, x in v.items()}

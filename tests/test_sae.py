@@ -15,7 +15,6 @@ from neuron_embeddings.errors import UserError
 from neuron_embeddings.sae_io import SAEWeights, load_sae, save_sae
 from storage.activations import ActivationCache, CacheWriter, ShuffledBatches
 
-
 # --- L_N ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("products", ["sparse", "dense"])

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import zarr
 
-from tasks.sae_report import effective_dims, markdown_table, peak_token_perplexity, unit_summary
+from tasks.sae_report import (
+    effective_dims,
+    markdown_table,
+    peak_token_perplexity,
+    unit_summary,
+)
 
 
 def test_unit_summary_against_direct_numpy():
