@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -122,5 +122,5 @@ def sae_flow(
                         "ctx_len": ctx_len, "k": k, "threshold": threshold, "sae": {**base, "ln_coef": ln_coef}})
     create_markdown_artifact(rep["markdown"], key="sae-comparison", description="neurons vs SAE features")
     advance()
-    print(rep["table"])
+    get_run_logger().info("%s", rep["table"])
     return {"rows": rep["rows"], "report": rep["report"], "plot": rep["plot"], "sae_dirs": sae_dirs, "stores": stores}
