@@ -253,11 +253,14 @@ def create_store(url: str, settings: RunSettings, model_info: dict, d_vocab: int
         g.attrs.update(_root_attrs(settings, model_info, d_vocab))
 
     def arr(name, shape, dtype, fill, chunks=None, compress=True):
+        """compress: True (Zarr's default, zstd), "fast" (blosc lz4 with byte shuffle: several
+        times faster on the big float chunks written per shard, a little larger), or False."""
         if name in g:
             assert tuple(g[name].shape) == tuple(shape), f"{name} exists with shape {g[name].shape}"
             return
         chunks = chunks or _chunks_neuron(shape, ss)
-        kw = {} if compress else {"compressors": None}
+        kw = {"compressors": None} if not compress else (
+            {"compressors": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")} if compress == "fast" else {})
         if dtype == str:
             kw = {}
         else:
@@ -271,7 +274,7 @@ def create_store(url: str, settings: RunSettings, model_info: dict, d_vocab: int
     arr("topk/pos", (L, M, K), "int32", -1)
     arr("embeddings", (L, M, K, D), settings.embedding_dtype, 0, compress=False)
     W = sum(WINDOW) + 1
-    arr("topk/window", (L, M, K, W), "float32", np.nan)  # not in the contract: for the explorer
+    arr("topk/window", (L, M, K, W), "float32", np.nan, compress="fast")  # not in the contract: for the explorer
     arr("clusters/labels", (L, M, K), "int32", -1)
     arr("clusters/linkage", (L, M, K - 1, 4), "float32", np.nan)
     for m in METRICS:
@@ -285,10 +288,10 @@ def create_store(url: str, settings: RunSettings, model_info: dict, d_vocab: int
     arr("scan/seq", (NB, L, M, K), "int32", -1, chunks=(1, 1, ss, K))
     arr("scan/pos", (NB, L, M, K), "int32", -1, chunks=(1, 1, ss, K))
     arr("scan/x", (NB, L, M, K, D), settings.embedding_dtype, 0, chunks=(1, 1, ss, K, D), compress=False)
-    arr("scan/win", (NB, L, M, K, W), "float32", np.nan, chunks=(1, 1, ss, K, W))
+    arr("scan/win", (NB, L, M, K, W), "float32", np.nan, chunks=(1, 1, ss, K, W), compress="fast")
     arr("scan/max", (NB, L, M), "float32", -np.inf, chunks=(1, L, M))
     # not in the contract: similar clusters (tasks/similar.py); slots c >= n_clusters stay empty
-    arr("similar/centroids", (L, M, K, D), settings.embedding_dtype, 0)  # compressed: empty slots cost nothing
+    arr("similar/centroids", (L, M, K, D), settings.embedding_dtype, 0, compress="fast")  # empty slots cost little
     arr("similar/top_token", (L, M, K), "int32", -1)
     arr("similar/top_count", (L, M, K), "int32", 0)
     arr("similar/neighbours", (L, M, K, N_SIMILAR, 3), "int32", -1)
@@ -334,6 +337,28 @@ def write(store: Store, name: str, sel: tuple, data: np.ndarray) -> None:
     a = store.group("r+")[name]
     _check_aligned(a, sel)
     a[sel] = data
+
+
+def write_many(store: Store, sel: tuple, arrays: dict[str, np.ndarray]) -> None:
+    """Write the same chunk-aligned region of several arrays, concurrently (one round trip to
+    Zarr's I/O loop; chunk encoding and file writes overlap). Returns when every write is done."""
+    g = store.group("r+")
+    targets = [(g[name], data) for name, data in arrays.items()]
+    for a, _ in targets:
+        _check_aligned(a, sel)
+    try:
+        from zarr.core.sync import sync
+    except ImportError:  # pragma: no cover - other Zarr versions: one by one
+        for a, data in targets:
+            a[sel] = data
+        return
+
+    async def _all() -> None:
+        import asyncio
+
+        await asyncio.gather(*(a.async_array.setitem(sel, data) for a, data in targets))
+
+    sync(_all())
 
 
 def read(store: Store, name: str, sel: tuple = ()) -> np.ndarray:

@@ -251,10 +251,8 @@ def cluster_store_shard(out: str, shard: dict, fault_unit: str | None = None) ->
         # products stalls for seconds when the cores are busy); parallelism comes from workers
         with threadpool_limits(limits=1, user_api="blas"):
             res = cluster_shard(emb, act, s.linkage, s.threshold)
-        st.write(store, "clusters/labels", region, res.labels)
-        st.write(store, "clusters/linkage", region, res.linkage)
-        for name in ("n_examples", "n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter"):
-            st.write(store, f"metrics/{name}", region, getattr(res, name))
+        st.write_many(store, region, {"clusters/labels": res.labels, "clusters/linkage": res.linkage,
+                                      **{f"metrics/{m}": getattr(res, m) for m in st.METRICS}})
         hand_over(out, shard["id"], labels=res.labels)
         return {"neurons": shard["stop"] - shard["start"], "examples": int(res.n_examples.sum()),
                 "mean_clusters": round(float(res.n_clusters.mean()), 3)}

@@ -20,11 +20,8 @@ def embed_shard(out: str, shard: dict, fault_unit: str | None = None) -> dict:
         w_in_DS = st.read(store, "weights/W_in", (row, slice(None), sl))
         emb = neuron_embeddings(top.x, w_in_DS, s.embedding_dtype)
         region = (row, sl)
-        st.write(store, "topk/act", region, top.act)
-        st.write(store, "topk/seq", region, top.seq)
-        st.write(store, "topk/pos", region, top.pos)
-        st.write(store, "topk/window", region, top.win)
-        st.write(store, "embeddings", region, emb)
+        st.write_many(store, region, {"topk/act": top.act, "topk/seq": top.seq, "topk/pos": top.pos,
+                                      "topk/window": top.win, "embeddings": emb})
         hand_over(out, shard["id"], embeddings=emb, act=top.act, seq=top.seq, pos=top.pos)
         return {"neurons": shard["stop"] - shard["start"], "examples": int((top.seq >= 0).sum())}
 

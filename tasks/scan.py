@@ -34,37 +34,80 @@ MASK32 = 0xFFFFFFFF
 class SlotTable:
     """The k best entries of every neuron of one layer, kept in rank order (key desc, seq asc).
 
-    x lives in k fixed slots per neuron; `slot` says which slot holds each ranked entry's x, so a
-    merge moves small fields only, never x. Empty entries have key -inf.
+    Each entry has one of k fixed slots per neuron; `slot` says which slot holds each ranked entry's
+    x and window, so a merge moves small fields only. Empty entries have key -inf.
+
+    The MLP inputs are not copied per entry: many neurons pick the same token (while the table
+    fills, nearly every token of a batch enters for some neuron), so each token's x is stored once,
+    in a pool of rows, and a slot holds the row's index (`xref`; row 0 is the zero vector). When the
+    pool is full, rows no slot refers to are dropped (`_reserve`). The pool has M * k + a margin rows,
+    allocated and touched up front: memory is the same for any number of tokens, and a run that
+    would not fit fails at its start.
     """
 
     key: torch.Tensor  # float64 [M, k] ranking key, larger is better, descending along k
     act: torch.Tensor  # float32 [M, k] the example's activation (per-sequence max)
     seq: torch.Tensor  # int64 [M, k] sequence index (NO_SEQ where empty)
     pos: torch.Tensor  # int64 [M, k] position of the sequence's max token
-    slot: torch.Tensor  # int64 [M, k] slot of x holding each entry's MLP input
-    x: torch.Tensor  # [M, k, D] MLP input at that token, by slot, in the embedding dtype
+    slot: torch.Tensor  # int64 [M, k] slot holding each ranked entry's x and window
+    xref: torch.Tensor  # int64 [M, k] by slot: the pool row holding that slot's MLP input
+    pool: torch.Tensor  # [rows, D] MLP inputs in the embedding dtype; row 0 = zeros
     win: torch.Tensor  # float32 [M, k, W] activations at positions pos-before .. pos+after, by slot
     before: int = 0  # tokens of the window before the max token (W = before + 1 + after)
+    used: int = 1  # pool rows in use (row 0 always)
 
     @classmethod
     def empty(cls, d_mlp: int, k: int, d_model: int, dtype: torch.dtype, device="cpu",
-              window: tuple[int, int] = (0, 0)) -> "SlotTable":
+              window: tuple[int, int] = (0, 0), pool_rows: int | None = None) -> "SlotTable":
+        rows = pool_rows or d_mlp * k + 1 + max(d_mlp * k // 4, 4096)
+        pool = torch.empty((rows, d_model), dtype=dtype, device=device)
+        pool.zero_()  # touched now (see the class docstring)
         return cls(
             key=torch.full((d_mlp, k), -torch.inf, dtype=torch.float64, device=device),
             act=torch.full((d_mlp, k), torch.nan, dtype=torch.float32, device=device),
             seq=torch.full((d_mlp, k), NO_SEQ, dtype=torch.int64, device=device),
             pos=torch.full((d_mlp, k), -1, dtype=torch.int64, device=device),
             slot=torch.arange(k, device=device).repeat(d_mlp, 1),
-            x=torch.zeros((d_mlp, k, d_model), dtype=dtype, device=device),
+            xref=torch.zeros((d_mlp, k), dtype=torch.int64, device=device),
+            pool=pool,
             win=torch.full((d_mlp, k, window[0] + 1 + window[1]), torch.nan, dtype=torch.float32, device=device),
             before=window[0],
         )
+
+    @property
+    def x(self) -> torch.Tensor:
+        """[M, k, D] the MLP input of each slot (a new tensor, in the embedding dtype)."""
+        M, k = self.xref.shape
+        return self.pool.index_select(0, self.xref.view(-1)).view(M, k, -1)
 
     def by_slot(self, name: str) -> torch.Tensor:
         """Field `name` rearranged into slot order, to go with `x` ([M, k])."""
         field = getattr(self, name)
         return torch.empty_like(field).scatter_(1, self.slot, field)
+
+    def add_rows(self, rows_ND: torch.Tensor) -> int:
+        """Append rows to the pool; returns the index of the first."""
+        self._reserve(rows_ND.shape[0])
+        at = self.used
+        self.pool[at:at + rows_ND.shape[0]] = rows_ND
+        self.used += rows_ND.shape[0]
+        return at
+
+    def _reserve(self, n: int, chunk: int = 8192) -> None:
+        """Make room for n more rows: keep only the rows some slot refers to (and row 0), in order."""
+        if self.used + n <= self.pool.shape[0]:
+            return
+        zero = torch.zeros(1, dtype=torch.int64, device=self.xref.device)
+        live, inv = torch.unique(torch.cat([zero, self.xref.view(-1)]), sorted=True, return_inverse=True)
+        for a in range(0, live.numel(), chunk):  # live[i] >= i: copying forward in chunks is safe
+            src = live[a:a + chunk]
+            self.pool[a:a + src.numel()] = self.pool.index_select(0, src)
+        self.xref = inv[1:].view(self.xref.shape)
+        self.used = live.numel()
+        if self.used + n > self.pool.shape[0]:  # only with a pool smaller than M * k + n rows
+            grown = torch.empty((self.used + n, self.pool.shape[1]), dtype=self.pool.dtype, device=self.pool.device)
+            grown[:self.used] = self.pool[:self.used]
+            self.pool = grown
 
 
 def _mix32(h: torch.Tensor) -> torch.Tensor:
@@ -137,8 +180,14 @@ def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, p
     slot_RK[r_new, c_new] = freed
     table.slot[sel] = slot_RK
     T, D = x_BTD.shape[1], x_BTD.shape[2]
-    rows_x = x_BTD.reshape(-1, D).index_select(0, src_b * T + pos_n).to(table.x.dtype)  # [n, D]
-    table.x.view(-1, D).index_copy_(0, m * k + freed, rows_x)
+    tok_n = src_b * T + pos_n  # the entrant's token, as a row of the batch
+    used_t = torch.zeros(B * T, dtype=torch.bool, device=tok_n.device)
+    used_t[tok_n] = True
+    tok_u = torch.nonzero(used_t).squeeze(1)  # each token that entered, once
+    first = table.add_rows(x_BTD.reshape(-1, D).index_select(0, tok_u).to(table.pool.dtype))
+    row_t = torch.zeros(B * T, dtype=torch.int64, device=tok_n.device)
+    row_t[tok_u] = torch.arange(first, first + tok_u.numel(), device=tok_n.device)
+    table.xref.view(-1).index_copy_(0, m * k + freed, row_t[tok_n])
     W = table.win.shape[2]
     table.win.view(-1, W).index_copy_(0, m * k + freed, activation_windows(post_nT, pos_n, table.before, W))
     return n

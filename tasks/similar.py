@@ -27,16 +27,20 @@ import torch
 # --- pure functions ---------------------------------------------------------------------------
 
 
-def cluster_centroids(emb_SKD: np.ndarray, labels_SK: np.ndarray) -> np.ndarray:
-    """Centroids float32 [S, K, D]: slot c of neuron s = mean of the L2-normalised embeddings of
-    the examples labelled c (zero-norm embeddings count as zero vectors); zero where no cluster c."""
+def cluster_centroids(emb_SKD: np.ndarray, labels_SK: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Centroids [S, K, D] in `dtype`: slot c of neuron s = mean of the L2-normalised embeddings of
+    the examples labelled c (zero-norm embeddings count as zero vectors); zero where no cluster c.
+    Sums in float32 by one scatter-add over the labelled examples (no [S, K, K] one-hot product)."""
     S, K, D = emb_SKD.shape
-    e_SKD = torch.from_numpy(np.asarray(emb_SKD, dtype=np.float32))
-    e_SKD = e_SKD / e_SKD.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    lab_SK = torch.from_numpy(np.asarray(labels_SK, dtype=np.int64))
-    onehot_SCK = (lab_SK[:, None, :] == torch.arange(K)[None, :, None]).float()  # [S, C=K, K]
-    count_SC = onehot_SCK.sum(-1, keepdim=True).clamp_min(1.0)
-    return (torch.bmm(onehot_SCK, e_SKD) / count_SC).numpy()
+    lab_N = torch.from_numpy(np.asarray(labels_SK, dtype=np.int64)).reshape(-1)
+    ok_N = torch.nonzero(lab_N >= 0).squeeze(1)
+    e_ND = torch.from_numpy(np.ascontiguousarray(emb_SKD)).reshape(S * K, D).index_select(0, ok_N).float()
+    e_ND /= e_ND.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    g_N = torch.div(ok_N, K, rounding_mode="floor") * K + lab_N[ok_N]  # the cluster's row in [S * K]
+    sum_CD = torch.zeros((S * K, D)).index_add_(0, g_N, e_ND)
+    count_C = torch.bincount(g_N, minlength=S * K).clamp_min(1).to(torch.float32)
+    sum_CD /= count_C[:, None]
+    return sum_CD.reshape(S, K, D).to(getattr(torch, np.dtype(dtype).name)).numpy()
 
 
 def cluster_top_tokens(labels_SK: np.ndarray, peak_SK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -256,11 +260,9 @@ def centroid_shard(out: str, shard: dict, fault_unit: str | None = None) -> dict
             return kept if kept is not None else st.read(store, array, region)
 
         labels = get("labels", "clusters/labels")
-        cent = cluster_centroids(get("embeddings", "embeddings"), labels)
+        cent = cluster_centroids(get("embeddings", "embeddings"), labels, store.array("similar/centroids").dtype)
         top, cnt = cluster_top_tokens(labels, peak_tokens(store, region, get("seq", "topk/seq"), get("pos", "topk/pos")))
-        st.write(store, "similar/centroids", region, cent.astype(store.array("similar/centroids").dtype))
-        st.write(store, "similar/top_token", region, top)
-        st.write(store, "similar/top_count", region, cnt)
+        st.write_many(store, region, {"similar/centroids": cent, "similar/top_token": top, "similar/top_count": cnt})
         return {"neurons": shard["stop"] - shard["start"], "clusters": int((top >= 0).sum())}
 
     return run_unit(out, "centroids", shard["id"], work, fault_unit)

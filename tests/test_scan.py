@@ -14,10 +14,11 @@ def _oracle_order(key: np.ndarray, seq: np.ndarray) -> np.ndarray:
     return np.lexsort((seq, -key))
 
 
-def test_update_slots_matches_sorting_the_union():
+@pytest.mark.parametrize("pool_rows", [None, 7 * 5 + 2, 3])  # default; pool compacted often; pool grown
+def test_update_slots_matches_sorting_the_union(pool_rows):
     rng = np.random.default_rng(0)
     M, k, D, T = 7, 5, 3, 4
-    table = SlotTable.empty(M, k, D, torch.float32)
+    table = SlotTable.empty(M, k, D, torch.float32, pool_rows=pool_rows)
     all_key, all_seq, all_x, all_pos = [], [], [], []
     seq0 = 0
     for B in (2, 6, 1, 9, 3):
@@ -52,6 +53,10 @@ def test_update_slots_matches_sorting_the_union():
                     assert int(table.pos[m, i]) == ps[sq, m]
                     np.testing.assert_array_equal(table.x[m, table.slot[m, i]].numpy(),
                                                   xs[sq, int(table.pos[m, i])])
+                else:  # an empty slot's x is the zero vector
+                    assert not table.x[m, table.slot[m, i]].any()
+        if pool_rows is not None and pool_rows > 3:  # compacted: no row beyond those referred to
+            assert table.used <= M * k + 1 + B * T
 
 
 def test_rank_order_breaks_ties_by_sequence():
