@@ -25,7 +25,7 @@ class ShardsFailed(RuntimeError):
     """Some shards failed; the message names them. Rerun to compute only those."""
 
 
-def _follow(out: str, stages: tuple[str, ...], total: int, futures: list, poll_s: float = 1.0) -> list[str]:
+def _follow(out: str, stages: tuple[str, ...], total: int, futures: list, poll_s: float = 2.0) -> list[str]:
     """Wait for tasks, keeping a progress artifact per stage (`<stage>-progress`, units complete out
     of `total`) up to date from the store's markers, so the UI moves shard by shard even when a
     task runs a batch of shards; return a message per failed shard."""

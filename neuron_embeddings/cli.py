@@ -167,7 +167,7 @@ def _quiet_prefect(verbose: bool) -> None:
 class ProgressMonitor(threading.Thread):
     """Progress bars from the store's progress files and markers (works for any executor)."""
 
-    def __init__(self, out: str, interval: float = 0.5):
+    def __init__(self, out: str, interval: float = 1.0):
         super().__init__(daemon=True)
         self.out, self.interval, self.stop = out, interval, threading.Event()
         self.bars: dict = {}

@@ -164,14 +164,15 @@ class Store:
         p = self._marker(stage, unit, "failed")
         return self.fs.cat_file(p).decode() if self.fs.exists(p) else ""
 
-    def _write_atomic(self, path: str, data: bytes) -> None:
+    def _write_atomic(self, path: str, data: bytes, durable: bool = True) -> None:
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if self.local:
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         else:  # one PUT on object storage is atomic
             self.fs.pipe_file(path, data)
@@ -179,7 +180,7 @@ class Store:
     # progress (a side channel for progress bars and UI artifacts; not a source of truth)
     def write_progress(self, stage: str, unit: str, done: int, total: int) -> None:
         rec = {"done": done, "total": total, "time": time.time()}
-        self._write_atomic(f"{self.root}/_progress/{stage}/{unit}.json", json.dumps(rec).encode())
+        self._write_atomic(f"{self.root}/_progress/{stage}/{unit}.json", json.dumps(rec).encode(), durable=False)
 
     def read_progress(self, stage: str) -> dict[str, dict]:
         d = f"{self.root}/_progress/{stage}"

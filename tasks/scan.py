@@ -130,14 +130,15 @@ def band_priority(seed: int, layer: int, neurons_M: torch.Tensor, seq_B: torch.T
 
 
 def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, post_BTM: torch.Tensor,
-                 seq_B: torch.Tensor, x_BTD: torch.Tensor) -> int:
+                 seq_B: torch.Tensor, x_BTD: torch.Tensor, big_threads: int = 1) -> int:
     """Merge one batch of candidates (one per sequence and neuron) into the table, in place.
 
     Precondition (the scan's order): the batch's sequence indices are ascending and larger than
     any in the table. Then one stable sort of [table, candidates] by key gives the exact
     (key desc, seq asc) order. Only neurons with a candidate at or above their worst entry are
     merged, and only entering candidates have their max position (first argmax over positions of
-    `post_BTM`) and x gathered. Returns how many entered.
+    `post_BTM`), window and x gathered; those gathers run on `big_threads` threads when many
+    enter (the caller runs the rest on one). Returns how many entered.
     """
     k = table.key.shape[1]
     B = key_BM.shape[0]
@@ -167,11 +168,20 @@ def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, p
 
     b_RB = torch.arange(B, device=key_BM.device).expand(R, B)
     src_b = torch.gather(b_RB, 1, (top_RK - k).clamp(min=0))[r_new, c_new]  # batch row of each entrant
-    m = rows_R[r_new]
-    post_nT = post_BTM[src_b, :, m]
-    pos_n = torch.argmax(post_nT, dim=1)  # first max position of each entrant
+    # the entrants again, in (batch row, neuron) order: their reads of post_BTM then walk memory
+    # nearly in order (row-major entrants read it ~3x slower), each with the slot it goes to
+    M_all = key_BM.shape[1]
+    tgt_BM = torch.full((B, M_all), -1, dtype=torch.int64, device=key_BM.device)
+    tgt_BM[src_b, rows_R[r_new]] = rows_R[r_new] * k + freed
+    b_n, m_n = torch.nonzero(tgt_BM >= 0, as_tuple=True)
+    tgt_n = tgt_BM[b_n, m_n]
+    with torch_threads(big_threads if n >= 4096 else 1):  # the big gathers want every thread
+        post_nT = post_BTM[b_n, :, m_n]
+        pos_n = torch.argmax(post_nT, dim=1)  # first max position of each entrant
+        win_nW = activation_windows(post_nT, pos_n, table.before, table.win.shape[2])
+    del post_nT
     pos_BM = torch.zeros_like(key_BM, dtype=torch.int64)
-    pos_BM[src_b, m] = pos_n
+    pos_BM[b_n, m_n] = pos_n
     table.key[sel] = torch.gather(key_RN, 1, top_RK)
     table.act[sel] = merged(table.act[sel], act_BM.T[sel])
     table.seq[sel] = merged(table.seq[sel], seq_B[None, :].expand(R, B))
@@ -180,16 +190,15 @@ def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, p
     slot_RK[r_new, c_new] = freed
     table.slot[sel] = slot_RK
     T, D = x_BTD.shape[1], x_BTD.shape[2]
-    tok_n = src_b * T + pos_n  # the entrant's token, as a row of the batch
+    tok_n = b_n * T + pos_n  # the entrant's token, as a row of the batch
     used_t = torch.zeros(B * T, dtype=torch.bool, device=tok_n.device)
     used_t[tok_n] = True
     tok_u = torch.nonzero(used_t).squeeze(1)  # each token that entered, once
     first = table.add_rows(x_BTD.reshape(-1, D).index_select(0, tok_u).to(table.pool.dtype))
     row_t = torch.zeros(B * T, dtype=torch.int64, device=tok_n.device)
     row_t[tok_u] = torch.arange(first, first + tok_u.numel(), device=tok_n.device)
-    table.xref.view(-1).index_copy_(0, m * k + freed, row_t[tok_n])
-    W = table.win.shape[2]
-    table.win.view(-1, W).index_copy_(0, m * k + freed, activation_windows(post_nT, pos_n, table.before, W))
+    table.xref.view(-1).index_copy_(0, tgt_n, row_t[tok_n])
+    table.win.view(-1, win_nW.shape[1]).index_copy_(0, tgt_n, win_nW)
     return n
 
 
@@ -306,6 +315,7 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
     neurons = torch.arange(M, device=device)
     last = max(layers)
     state: dict = {}
+    threads = torch.get_num_threads()  # the forward's
 
     def on_in(row):
         def hook(t, hook):
@@ -316,26 +326,34 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
     def on_post(row, layer):
         def hook(t, hook):
             state["post", row] = t.detach()
+            bookkeeping(row, layer)  # now: this layer's tensors are freed before the next layer runs
             if layer == last:
                 raise _StopForward
             return t
         return hook
 
-    def after_forward() -> None:
-        """The bookkeeping after each forward: many small memory-bound ops, run on one thread
-        (with 2 threads they ran ~10x slower here); the forward keeps all its threads."""
+    def bookkeeping(row: int, layer: int) -> None:
+        """One layer's candidates into its table: many small memory-bound ops, run on one thread
+        (with 2 threads they ran ~10x slower here); the forward keeps all its threads. Done inside
+        the forward, layer by layer: holding every layer's activations until the end of the
+        forward made the forward itself ~9 % slower (its buffers could not be reused)."""
         with torch_threads(1):
-            for row, layer in enumerate(layers):
-                post = state.pop(("post", row))
-                val = batch_candidates(post)
-                if mode == "max":
-                    gmax[row] = torch.maximum(gmax[row], val.max(dim=0).values)
-                    continue
-                if mode == "top":
-                    key = val
-                else:
-                    key = band_keys(val, gmax_LM[row].to(device), fraction, seed, layer, neurons, state["seq"])
-                update_slots(tables[row], key, val, post, state["seq"], state.pop(("x", row)))
+            post = state.pop(("post", row))
+            val = batch_candidates(post)
+            if mode == "max":
+                gmax[row] = torch.maximum(gmax[row], val.max(dim=0).values)
+                return
+            if mode == "top":
+                key = val
+            else:
+                key = band_keys(val, gmax_LM[row].to(device), fraction, seed, layer, neurons, state["seq"])
+            update_slots(tables[row], key, val, post, state["seq"], state.pop(("x", row)), big_threads=threads)
+
+    def after_forward() -> None:
+        """Rows whose activations were not processed in the forward (the SAE's, from `on_sae`)."""
+        for row, layer in enumerate(layers):
+            if ("post", row) in state:
+                bookkeeping(row, layer)
 
     def on_sae(t, hook):
         """The SAE's encoder, in the forward (a big matrix product wants every thread)."""
@@ -394,22 +412,24 @@ def _units_sae(settings):
 
 # --- Prefect tasks ----------------------------------------------------------------------------
 
-def _progress_writer(store, stage: str, unit: str, total: int, every_s: float = 1.0):
-    """Progress of a block: a file in the store (for the CLI's bars) and a Prefect progress
-    artifact (for the UI), both updated at most every `every_s` seconds."""
+def _progress_writer(store, stage: str, unit: str, total: int, every_s: float = 1.0, artifact_every_s: float = 5.0):
+    """Progress of a block: a file in the store (for the CLI's bars, at most every `every_s`
+    seconds) and a Prefect progress artifact (for the UI; an API call, at most every
+    `artifact_every_s` seconds), both at the end."""
     from tasks.common import progress_artifact
 
-    state = {"done": 0, "last": 0.0}
+    state = {"done": 0, "last": 0.0, "last_artifact": time.monotonic()}
     artifact = progress_artifact(f"{stage}-{unit.lower()}", f"{stage} block {unit}: sequences done of {total}")
 
     def report(n: int, _seconds: float) -> None:
         state["done"] += n
-        now = time.monotonic()
-        if now - state["last"] >= every_s or state["done"] >= total:
+        now, end = time.monotonic(), state["done"] >= total
+        if now - state["last"] >= every_s or end:
             state["last"] = now
             store.write_progress(stage, unit, state["done"], total)
-            if artifact is not None:
-                artifact(100.0 * state["done"] / total)
+        if artifact is not None and (now - state["last_artifact"] >= artifact_every_s or end):
+            state["last_artifact"] = now
+            artifact(100.0 * state["done"] / total)
     store.write_progress(stage, unit, 0, total)
     return report
 
@@ -461,13 +481,16 @@ def scan_block(out: str, block: dict, batch_size: int, device: str, fault_unit: 
                                 window=st.window(store), sae=_units_sae(s))
         t_model = time.perf_counter() - t0
         b = block["index"]
-        for row, table in enumerate(tables):  # layer by layer: no second copy of the x table
+        for row, table in enumerate(tables):  # layer by layer: one layer's x table at a time
+            parts = {}
             for name in ("key", "act", "seq", "pos", "x", "win"):
                 data = (getattr(table, name) if name in ("x", "win") else table.by_slot(name)).cpu()  # [M, k(, D)], slot order
                 if name in ("seq", "pos"):
                     data = torch.where(data == NO_SEQ, torch.full_like(data, -1), data).to(torch.int32)
-                st.write(store, f"scan/{name}", (b, row), data.numpy())
+                parts[f"scan/{name}"] = data.numpy()
             tables[row] = None
+            st.write_many(store, (b, row), parts)
+            del parts
         return {"sequences": len(tokens), "tokens": int(tokens.size), "model_seconds": round(t_model, 3)}
 
     from tasks.common import run_unit
