@@ -78,14 +78,18 @@ _HANDOFF: dict[tuple[str, str], dict] = {}
 _HANDOFF_LOCK = threading.Lock()
 
 
+_HANDOFF_KEEP = 4  # shards kept (tasks.shards has at most 2 in flight)
+
+
 def hand_over(out: str, shard_id: str, **arrays) -> None:
     """Keep a shard's just-written arrays in memory for the next stage of the same shard in this
     process (tasks.shards runs them back to back), so it need not read them back from the store.
-    Only the latest shard is kept; the arrays must equal what was written."""
+    Only the latest few shards are kept; the arrays must equal what was written."""
     with _HANDOFF_LOCK:
-        kept = _HANDOFF.get((out, shard_id), {})
-        _HANDOFF.clear()
-        _HANDOFF[(out, shard_id)] = {**kept, **arrays}
+        kept = _HANDOFF.pop((out, shard_id), {})
+        _HANDOFF[(out, shard_id)] = {**kept, **arrays}  # now the most recent
+        while len(_HANDOFF) > _HANDOFF_KEEP:
+            del _HANDOFF[next(iter(_HANDOFF))]
 
 
 def handed_over(out: str, shard_id: str, name: str):

@@ -34,27 +34,54 @@ def shard_batches(shards: list[dict], workers: int, per_worker: int = 8, max_bat
     return [shards[a:b] for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
+def shard_threads() -> int:
+    """Shards a worker runs at a time: 2 where it has 2 cores or more (NE_TORCH_THREADS, set for
+    the workers of a local cluster, else the machine's cores). A shard's NumPy, SciPy, torch and
+    Zarr work releases the GIL for about half its time, so a second shard in flight fills the
+    second core; more than two gain little."""
+    import os
+
+    cores = int(os.environ.get("NE_TORCH_THREADS") or os.cpu_count() or 1)
+    return max(1, min(2, cores))
+
+
 def run_shard_batch(out: str, shards: list[dict], stages: list[tuple[str, Callable]],
-                    fault_unit: str | None = None) -> dict:
-    """Each shard through `stages` (name, fn(out, shard, fault_unit)) in order; a failed stage
-    stops that shard's later stages only. Raises ShardBatchFailed naming the failed shards."""
+                    fault_unit: str | None = None, threads: int | None = None) -> dict:
+    """Each shard through `stages` (name, fn(out, shard, fault_unit)) in order, `threads` shards at
+    a time (default `shard_threads()`); a failed stage stops that shard's later stages only.
+    Raises ShardBatchFailed naming the failed shards."""
     log = task_logger()
-    failed: list[str] = []
-    done = 0
-    for shard in shards:
+
+    def one(shard: dict) -> str | None:
         for stage, fn in stages:
             try:
                 fn(out, shard, fault_unit)
             except Exception as e:  # noqa: BLE001 - recorded on the shard's marker by run_unit
                 msg = str(e) if shard["id"] in str(e) else f"{stage} shard {shard['id']}: {type(e).__name__}: {e}"
-                failed.append(msg)
                 log.error("%s", msg)
-                break
-        else:
-            done += 1
+                return msg
+        return None
+
+    threads = shard_threads() if threads is None else threads
+    if threads <= 1 or len(shards) < 2:
+        results = [one(shard) for shard in shards]
+    else:
+        import contextvars
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
+        from tasks.scan import torch_threads
+
+        # one BLAS / torch thread per shard, set once for all of them (both settings are global)
+        with threadpool_limits(limits=1, user_api="blas"), torch_threads(1), ThreadPoolExecutor(threads) as pool:
+            # each shard in its own copy of this context: Prefect's run logger works in the threads
+            futures = [pool.submit(contextvars.copy_context().run, one, shard) for shard in shards]
+            results = [f.result() for f in futures]
+    failed = [m for m in results if m is not None]
     if failed:
         raise ShardBatchFailed(*failed)
-    return {"shards": done}
+    return {"shards": len(shards) - len(failed)}
 
 
 def neuron_shard_stages() -> list[tuple[str, Callable]]:

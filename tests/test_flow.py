@@ -32,6 +32,7 @@ def test_flow_run_then_resume(prefect_server, tiny_gpt2, tmp_path, reference):
     assert [r["layer"] for r in summary["layers"]] == [0, 1]
     assert_same_arrays(reference, contract_arrays(out))  # the flow writes what the stages compute
     _check_artifacts(summary)
+    _check_shard_logs(out)
     before = _marker_mtimes(out)
     neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)  # resume: nothing left to do
     assert _marker_mtimes(out) == before
@@ -63,6 +64,53 @@ def _check_artifacts(summary: dict) -> None:
     for stage in ("embed", "cluster"):
         assert float(_latest_artifact(f"{stage}-progress").data) == 100.0
     assert float(_latest_artifact("scan-b0000").data) == 100.0
+
+
+def test_shards_two_at_a_time_in_a_batch(prefect_server, tiny_gpt2, tmp_path, reference):
+    """Small shards: batches of several shards, each run two at a time in threads (tasks.shards);
+    the same store, and every shard's timing in the UI's logs."""
+    import os
+
+    from tasks.shards import shard_batches, shard_threads
+
+    assert shard_threads() == min(2, os.cpu_count() or 1)  # 2 here: this machine has 2 cores
+    out = str(tmp_path / "threads.zarr")
+    neuron_embeddings_run(out=out, model=tiny_gpt2, **{**FLOW_OPTS, "shard_size": 16})
+    st = store_status(out)
+    assert st.failed == 0 and st.pending == 0 and len(st.units["embed"]) == 32
+    assert max(len(b) for b in shard_batches([{}] * 32, 1)) == 4
+    assert_same_arrays(reference, contract_arrays(out))
+    _check_shard_logs(out)
+
+
+def _check_shard_logs(out: str) -> None:
+    """The UI has a log line with the timing of every shard of every stage (from the shard threads
+    of each batch task too), under the latest shards subflow run."""
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.logging.handlers import APILogHandler
+
+    from storage.store import Store, stage_units
+
+    APILogHandler().flush()
+    store = Store(out)
+    s, d_mlp = store.settings(), int(store.attrs["d_mlp"])
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["neuron-embeddings-shards"])),
+                                    sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        logs, page = [], None
+        while page is None or len(page) == 200:  # the API's page size limit
+            page = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])), limit=200,
+                                    offset=len(logs))
+            logs += page
+    timed = {m.groups() for m in (re.match(r"(\w+) (\S+): done in \d+\.\d+ s", log.message) for log in logs) if m}
+    for stage in ("scan", "embed", "cluster", "centroids", "similar"):
+        for unit in stage_units(stage, s, d_mlp):
+            assert (stage, unit) in timed, f"no timing log for {stage} {unit}"
+    assert all(log.task_run_id is not None for log in logs if "done in" in log.message)
 
 
 def test_failed_shard_is_named_and_only_it_is_rerun(prefect_server, tiny_gpt2, tmp_path, reference):
