@@ -101,10 +101,29 @@ def neuron_embeddings_run(
                    k=k, selection=selection, shard_size=shard_size, linkage=linkage, threshold=threshold,
                    seed=seed, embedding_dtype=embedding_dtype, scan_blocks=scan_blocks, device=device,
                    workers=workers, sae=sae, similar=similar)
-    with writer_lock(out, run_name=_run_name()):
+    with writer_lock(out, run_name=_run_name()), _workers_report_here(workers, dask_address):
         shards = shard_flow.with_options(task_runner=task_runner(workers, dask_address))
         return shards(out, options, batch_size, device, task_retries, fault_shard,
                       _count_workers(workers, dask_address))
+
+
+def _workers_report_here(workers: int, dask_address: str | None):
+    """Dask workers get this run's Prefect settings; when no PREFECT_API_URL is set (the CLI's
+    own temporary server), pin that server's URL in them, or each worker process would start a
+    temporary server of its own (seconds of CPU each, and task runs spread over several servers)."""
+    import contextlib
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if (workers <= 1 and not dask_address) or PREFECT_API_URL.value():
+        return contextlib.nullcontext()
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url)
+    if not url.startswith("http") or "ephemeral-prefect" in url:  # an in-process app: nothing to point at
+        return contextlib.nullcontext()
+    return temporary_settings({PREFECT_API_URL: url})
 
 
 def _count_workers(workers: int, dask_address: str | None) -> int:

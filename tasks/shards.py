@@ -41,6 +41,8 @@ def shard_threads() -> int:
     second core; more than two gain little."""
     import os
 
+    if os.environ.get("NE_SHARD_THREADS"):  # an explicit choice (benchmarks compare 1 and 2)
+        return max(1, int(os.environ["NE_SHARD_THREADS"]))
     cores = int(os.environ.get("NE_TORCH_THREADS") or os.cpu_count() or 1)
     return max(1, min(2, cores))
 
