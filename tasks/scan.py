@@ -170,9 +170,9 @@ def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, p
     src_b = torch.gather(b_RB, 1, (top_RK - k).clamp(min=0))[r_new, c_new]  # batch row of each entrant
     # the entrants again, in (batch row, neuron) order: their reads of post_BTM then walk memory
     # nearly in order (row-major entrants read it ~3x slower), each with the slot it goes to
-    M_all = key_BM.shape[1]
-    tgt_BM = torch.full((B, M_all), -1, dtype=torch.int64, device=key_BM.device)
-    tgt_BM[src_b, rows_R[r_new]] = rows_R[r_new] * k + freed
+    m_new = rows_R[r_new]
+    tgt_BM = torch.full((B, M), -1, dtype=torch.int64, device=key_BM.device)
+    tgt_BM[src_b, m_new] = m_new * k + freed
     b_n, m_n = torch.nonzero(tgt_BM >= 0, as_tuple=True)
     tgt_n = tgt_BM[b_n, m_n]
     with torch_threads(big_threads if n >= 4096 else 1):  # the big gathers want every thread
