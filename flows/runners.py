@@ -23,9 +23,15 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
         # back to the OS: a shard's 20-80 MB arrays then page-fault in again each time, and two
         # workers on 2 cores ran ~1.4x slower per shard than two plain processes. Unset, glibc's
         # own adaptive thresholds apply (set before the workers are spawned).
-        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                         # the workers' statistical profiler samples every thread's stack every
+                         # 10 ms for the dashboard, which this local cluster does not serve
+                         "distributed.worker.profile.enabled": False})
+        # each worker imports the shard stages (SciPy's clustering, ...) as it starts, not when
+        # its first batch arrives: otherwise the second worker begins the shard phase ~0.2 s late
+        preload = ["tasks.embed", "tasks.cluster", "tasks.similar"]
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None, "env": env})
+                                              "dashboard_address": None, "env": env, "preload": preload})
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=1)

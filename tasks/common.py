@@ -7,6 +7,8 @@ unit's data is written; an exception leaves a `.failed` marker with the message 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from typing import Callable
@@ -67,10 +69,10 @@ def run_unit(store_url: str, stage: str, unit: str, work: Callable[[Store], dict
         log.error("%s %s failed: %s: %s", stage, unit, type(e).__name__, e)
         raise
     record = {"stage": stage, "unit": unit, "skipped": False,
-              "seconds": round(time.perf_counter() - t0, 3), **record}
+              "seconds": round(time.perf_counter() - t0, 3), "worker": f"{socket.gethostname()}:{os.getpid()}", **record}
     store.mark_complete(stage, unit, record)
     log.info("%s %s: done in %.2f s %s", stage, unit, record["seconds"],
-             {k: v for k, v in record.items() if k not in ("stage", "unit", "skipped", "seconds")})
+             {k: v for k, v in record.items() if k not in ("stage", "unit", "skipped", "seconds", "worker")})
     return record
 
 

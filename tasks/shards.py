@@ -23,15 +23,24 @@ class ShardBatchFailed(RuntimeError):
         return "; ".join(str(a) for a in self.args)
 
 
-def shard_batches(shards: list[dict], workers: int, per_worker: int = 8, max_batch: int = 16) -> list[list[dict]]:
-    """Contiguous batches of shards: at least `per_worker` batches per worker (so the workers stay
-    balanced and the progress moves), at most `max_batch` shards each."""
-    n = len(shards)
-    if n == 0:
-        return []
-    n_batches = min(n, max(per_worker * max(1, workers), math.ceil(n / max_batch)))
-    edges = [round(i * n / n_batches) for i in range(n_batches + 1)]
-    return [shards[a:b] for a, b in zip(edges[:-1], edges[1:]) if b > a]
+def shard_batches(shards: list[dict], workers: int, share: float = 1.5, min_batch: int = 4) -> list[list[dict]]:
+    """Contiguous batches of shards, largest first, in rounds of one batch per worker: each
+    round's batches take 1/(`share` x workers) of the shards still left each, at least
+    `min_batch` ("guided" scheduling). Every batch task costs its worker ~0.1 s of Prefect
+    start-up (a settings object and API clients per task), so few batches; the small ones at the
+    end go to whichever worker is free first, so the workers finish together. Equal batches per
+    round keep the workers balanced even where the scheduler hands out the first tasks before
+    any worker asks (Dask does for the first few). Progress does not depend on the batches: it
+    is read from the shards' markers."""
+    out: list[list[dict]] = []
+    i, n, workers = 0, len(shards), max(1, workers)
+    while i < n:
+        size = max(min_batch, math.ceil((n - i) / (share * workers)))
+        for _ in range(workers):
+            if i < n:
+                out.append(shards[i:i + size])
+                i += size
+    return out
 
 
 def shard_threads() -> int:

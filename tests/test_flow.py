@@ -78,7 +78,8 @@ def test_shards_two_at_a_time_in_a_batch(prefect_server, tiny_gpt2, tmp_path, re
     neuron_embeddings_run(out=out, model=tiny_gpt2, **{**FLOW_OPTS, "shard_size": 16})
     st = store_status(out)
     assert st.failed == 0 and st.pending == 0 and len(st.units["embed"]) == 32
-    assert max(len(b) for b in shard_batches([{}] * 32, 1)) == 4
+    batches = shard_batches([{"id": i} for i in range(32)], 1)
+    assert [s["id"] for b in batches for s in b] == list(range(32)) and max(map(len, batches)) > 2
     assert_same_arrays(reference, contract_arrays(out))
     _check_shard_logs(out)
 
@@ -138,7 +139,16 @@ def test_two_dask_worker_processes_give_the_same_store(prefect_server, tiny_gpt2
     st = store_status(out)
     assert st.failed == 0 and st.pending == 0
     assert len(st.units["scan"]) == 2  # two data-parallel scan blocks
+    for stage in ("scan", "embed", "cluster"):  # both the scan blocks and the neuron shards spread over both
+        assert len({record["worker"] for record in _marker_records(out, stage)}) == 2, stage
     assert_same_arrays(reference, contract_arrays(out))
+
+
+def _marker_records(out: str, stage: str) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    return [json.loads(p.read_text()) for p in (Path(out) / "_markers" / stage).glob("*.done")]
 
 
 def test_task_retries_absorb_a_transient_fault(prefect_server, tiny_gpt2, tmp_path, reference):

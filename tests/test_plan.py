@@ -62,3 +62,29 @@ def test_misaligned_write_is_refused(tmp_path):
     store = create_store(str(tmp_path / "s.zarr"), s, {"d_mlp": 256, "d_model": 16, "model": "m"}, d_vocab=10)
     with pytest.raises(AssertionError, match="chunk-aligned"):
         write(store, "topk/act", (0, slice(32, 96)), np.zeros((64, 5), np.float32))
+
+
+@pytest.mark.parametrize("n,workers", [(144, 1), (144, 2), (144, 4), (144, 32), (8, 2), (3, 2), (1000, 7), (0, 2)])
+def test_shard_batches_partition_the_shards_and_balance_the_workers(n, workers):
+    """Each shard in exactly one batch (so no two batch tasks write the same chunk), in order;
+    batches shrink, equal within a round of one per worker; on equal workers taking the next batch
+    when free, the last worker finishes at most one final-round batch after the first."""
+    import heapq
+
+    from tasks.shards import shard_batches
+
+    shards = [{"id": i} for i in range(n)]
+    batches = shard_batches(shards, workers, share=1.5, min_batch=4)
+    assert [s["id"] for b in batches for s in b] == list(range(n))
+    sizes = [len(b) for b in batches]
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])) and all(s >= 4 for s in sizes[:-1])
+    for r in range(0, len(sizes) - workers, workers):  # full rounds: one equal batch per worker
+        assert len(set(sizes[r:r + workers])) == 1
+    if n >= 4 * workers:
+        assert len(batches) >= workers  # every worker gets work
+        assert len(batches) <= workers * (2 + int(np.log(n) / np.log(1.5)))  # few task start-ups
+    free = [0] * workers
+    for s in sizes:
+        heapq.heapreplace(free, free[0] + s)
+    if sizes:
+        assert max(free) - min(free) <= max(sizes[-workers:])
