@@ -26,7 +26,7 @@ class ShardBatchFailed(RuntimeError):
 def shard_batches(shards: list[dict], workers: int, share: float = 1.5, min_batch: int = 4) -> list[list[dict]]:
     """Contiguous batches of shards, largest first, in rounds of one batch per worker: each
     round's batches take 1/(`share` x workers) of the shards still left each, at least
-    `min_batch` ("guided" scheduling). Every batch task costs its worker ~0.1 s of Prefect
+    `min_batch` ("guided" scheduling); the last round shares out what is left. Every batch task costs its worker ~0.1 s of Prefect
     start-up (a settings object and API clients per task), so few batches; the small ones at the
     end go to whichever worker is free first, so the workers finish together. Equal batches per
     round keep the workers balanced even where the scheduler hands out the first tasks before
@@ -35,11 +35,16 @@ def shard_batches(shards: list[dict], workers: int, share: float = 1.5, min_batc
     out: list[list[dict]] = []
     i, n, workers = 0, len(shards), max(1, workers)
     while i < n:
-        size = max(min_batch, math.ceil((n - i) / (share * workers)))
-        for _ in range(workers):
-            if i < n:
-                out.append(shards[i:i + size])
-                i += size
+        left = n - i
+        size = max(min_batch, math.ceil(left / (share * workers)))
+        if left - size * workers < min_batch * workers:  # the last round: what is left, shared evenly
+            k = min(workers, max(1, left // min_batch))
+            sizes = [left // k + (1 if j < left % k else 0) for j in range(k)]
+        else:
+            sizes = [size] * workers
+        for size in sizes:
+            out.append(shards[i:i + size])
+            i += size
     return out
 
 
