@@ -140,13 +140,44 @@ def bare_scaling(store: Path) -> tuple[float, float]:
     return one, two
 
 
+def _noop(i: int) -> int:
+    return i
+
+
+def noop_task_cost(n: int) -> float:
+    """Milliseconds per no-op Prefect task on a local Dask cluster of 1 worker process, configured
+    as `--workers N` configures its workers: what each batch task costs before its shards run."""
+    import dask
+    from prefect import flow, task
+    from prefect_dask import DaskTaskRunner
+
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                     "distributed.worker.profile.enabled": False})
+    noop = task(name="noop")(_noop)
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 1, "threads_per_worker": 1, "processes": True,
+                                            "dashboard_address": None})
+
+    @flow(name="noop-tasks", task_runner=runner)
+    def noop_flow() -> float:
+        [f.result() for f in noop.map(list(range(4)))]  # warm: the worker's imports, the first client
+        t0 = time.perf_counter()
+        [f.result() for f in noop.map(list(range(n)))]
+        return 1000 * (time.perf_counter() - t0) / n
+
+    return noop_flow()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sequences", type=int, default=64, help="sequences of 128 tokens for the run")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ne-bench-orch"))
     ap.add_argument("--full-tokens", type=int, default=8192 * 128, help="tokens of the projected full run")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the 1 vs 2 workers comparison")
+    ap.add_argument("--noop-tasks", type=int, default=0, help=argparse.SUPPRESS)  # internal: one measurement
     a = ap.parse_args()
+    if a.noop_tasks:
+        print(json.dumps({"ms_per_task": noop_task_cost(a.noop_tasks)}))
+        return
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     model = work / "gpt2-small-random"
@@ -193,6 +224,10 @@ def main() -> None:
     bare_ratios = [o / t for o, t in bare]
     speedup, ceiling = statistics.median(ratios), statistics.median(bare_ratios)
 
+    noop = subprocess.run([sys.executable, __file__, "--noop-tasks", "40"], env=env, check=True,
+                          capture_output=True, text=True)
+    task_ms = next(json.loads(line) for line in noop.stdout.splitlines() if line.startswith('{"ms_per_task"'))["ms_per_task"]
+
     neurons = 12 * 3072
     per_neuron = phase_default / neurons
     startup = wall - sum(r["seconds"] for _, r in markers(store, "scan")) - phase  # and summarise, exit
@@ -216,6 +251,7 @@ def main() -> None:
           "rounds " + ", ".join(f"{r:.2f}x" for r in ratios))
     print(f"   ceiling on this machine now: the same shard code in 1 vs 2 plain processes {ceiling:.2f}x (rounds "
           + ", ".join(f"{r:.2f}x" for r in bare_ratios) + f") -> the orchestration keeps {100 * speedup / ceiling:.0f} % of it")
+    print(f"   a Prefect task's own cost on a local Dask worker (40 no-op tasks, 1 worker): {task_ms:.1f} ms per task")
     print(f"   (1 worker with its default two shards at a time on 2 cores: {one_default:.2f} s; "
           f"2 workers vs that {one_default / statistics.median(twos):.2f}x)")
     print("-" * 90)
