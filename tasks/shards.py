@@ -26,12 +26,13 @@ class ShardBatchFailed(RuntimeError):
 def shard_batches(shards: list[dict], workers: int, share: float = 1.5, min_batch: int = 4) -> list[list[dict]]:
     """Contiguous batches of shards, largest first, in rounds of one batch per worker: each
     round's batches take 1/(`share` x workers) of the shards still left each, at least
-    `min_batch` ("guided" scheduling); the last round shares out what is left. Every batch task costs its worker ~0.1 s of Prefect
-    start-up (a settings object and API clients per task), so few batches; the small ones at the
-    end go to whichever worker is free first, so the workers finish together. Equal batches per
-    round keep the workers balanced even where the scheduler hands out the first tasks before
-    any worker asks (Dask does for the first few). Progress does not depend on the batches: it
-    is read from the shards' markers."""
+    `min_batch`, and the last round shares out what is left ("guided" scheduling).
+
+    Every batch task costs its worker 60-70 ms of Prefect start-up (a settings object and two API
+    clients per task), so few batches; the smaller late ones go to whichever worker is free first,
+    so the workers finish together. Equal batches within a round keep the workers balanced even
+    where the scheduler hands out the first tasks before any worker asks (Dask does, for the first
+    few). Progress does not depend on the batches: it is read from the shards' markers."""
     out: list[list[dict]] = []
     i, n, workers = 0, len(shards), max(1, workers)
     while i < n:
