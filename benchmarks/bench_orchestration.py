@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from storage.store import METRICS  # noqa: E402 - after the path
+
 
 def markers(store: Path, stage: str) -> list[tuple[float, dict]]:
     out = []
@@ -92,14 +94,13 @@ def shard_phase(store: Path) -> float:
     return max(ends) - min(starts)
 
 
-CLUSTER_OUTPUTS = ["clusters/labels", "clusters/linkage"] + [
-    f"metrics/{m}" for m in ("n_examples", "n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter")]
+CLUSTER_OUTPUTS = ["clusters/labels", "clusters/linkage"] + [f"metrics/{m}" for m in METRICS]
 
 
 def clear(store: Path, stage: str, outputs: list[str] = ()) -> None:
     """Mark `stage` not done; with `outputs`, also delete those arrays' chunk files, so that the
-    rerun writes new files as the first run did (overwriting a chunk file costs ~1 ms of ext4
-    truncation each, and two processes truncating at once wait on each other)."""
+    rerun writes new files as the first run did (writing over a chunk file already on disk costs
+    ext4 0.3-2 ms here, a new file ~0.1 ms: `diag_orchestration.py`)."""
     import shutil
 
     for p in (store / "_markers" / stage).glob("*.done"):
@@ -147,15 +148,13 @@ def _noop(i: int) -> int:
 def noop_task_cost(n: int) -> float:
     """Milliseconds per no-op Prefect task on a local Dask cluster of 1 worker process, configured
     as `--workers N` configures its workers: what each batch task costs before its shards run."""
-    import dask
     from prefect import flow, task
     from prefect_dask import DaskTaskRunner
 
-    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-                     "distributed.worker.profile.enabled": False})
+    from flows.runners import local_cluster_kwargs
+
     noop = task(name="noop")(_noop)
-    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 1, "threads_per_worker": 1, "processes": True,
-                                            "dashboard_address": None})
+    runner = DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(1))
 
     @flow(name="noop-tasks", task_runner=runner)
     def noop_flow() -> float:

@@ -10,28 +10,34 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
 
         return DaskTaskRunner(address=dask_address)
     if workers > 1:
-        import os
-
         from prefect_dask import DaskTaskRunner
 
-        threads = str(max(1, (os.cpu_count() or 1) // workers))  # no oversubscription of the cores
-        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
-               "NE_TORCH_THREADS": threads}
-        import dask
-
-        # Dask's workers default to MALLOC_TRIM_THRESHOLD_=65536, which hands every freed buffer
-        # back to the OS: a shard's 20-80 MB arrays then page-fault in again each time, and two
-        # workers on 2 cores ran ~1.4x slower per shard than two plain processes. Unset, glibc's
-        # own adaptive thresholds apply (set before the workers are spawned).
-        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-                         # the workers' statistical profiler samples every thread's stack every
-                         # 10 ms for the dashboard, which this local cluster does not serve
-                         "distributed.worker.profile.enabled": False})
-        # each worker imports the shard stages (SciPy's clustering, ...) as it starts, not when
-        # its first batch arrives: otherwise the second worker begins the shard phase ~0.2 s late
-        preload = ["tasks.embed", "tasks.cluster", "tasks.similar"]
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None, "env": env, "preload": preload})
+        return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(workers))
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=1)
+
+
+def local_cluster_kwargs(workers: int) -> dict:
+    """`LocalCluster` arguments for `workers` single-threaded worker processes on this machine
+    (and the Dask settings they need, set here, before the workers are spawned)."""
+    import os
+
+    import dask
+
+    threads = str(max(1, (os.cpu_count() or 1) // workers))  # no oversubscription of the cores
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
+           "NE_TORCH_THREADS": threads}
+    # Dask's workers default to MALLOC_TRIM_THRESHOLD_=65536, which hands every freed buffer
+    # back to the OS: a shard's 20-80 MB arrays then page-fault in again each time, and two
+    # workers on 2 cores ran ~1.4x slower per shard than two plain processes. Unset, glibc's
+    # own adaptive thresholds apply.
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                     # the workers' statistical profiler samples every thread's stack every
+                     # 10 ms for the dashboard, which this local cluster does not serve
+                     "distributed.worker.profile.enabled": False})
+    # each worker imports the shard stages (SciPy's clustering, ...) as it starts, not when
+    # its first batch arrives: otherwise the second worker begins the shard phase ~0.2 s late
+    preload = ["tasks.embed", "tasks.cluster", "tasks.similar"]
+    return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+            "env": env, "preload": preload}
