@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from neuron_embeddings.settings import RunSettings  # noqa: E402
-from storage import store as st  # noqa: E402
+from neuron_embeddings.core.settings import RunSettings  # noqa: E402
+from neuron_embeddings.storage import store as st  # noqa: E402
 
 L, M, K, D, S, T, VOCAB = 12, 3072, 50, 768, 8192, 128, 50257
 
@@ -54,8 +54,8 @@ def build(out: str, similar: bool, similar_shards: int | None = None, seed: int 
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
-    from tasks.cluster import cluster_shard
-    from tasks.similar import centroid_shard, similar_shard
+    from neuron_embeddings.tasks.cluster import cluster_shard
+    from neuron_embeddings.tasks.similar import centroid_shard, similar_shard
 
     settings = RunSettings(model="synthetic-gpt2-small-shape", dataset="random", layers=tuple(range(L)),
                            n_sequences=S, ctx_len=T, k=K, shard_size=256, embedding_dtype="float16")
@@ -108,7 +108,7 @@ def time_similar(out: str, n_shards: int | None = None) -> None:
     stage from their median), in this process (one worker), and time it."""
     from tqdm import tqdm
 
-    from tasks.similar import cluster_sizes, search_dtype, similar_shard
+    from neuron_embeddings.tasks.similar import cluster_sizes, search_dtype, similar_shard
 
     store = st.Store(out)
     shards = st.neuron_shards(store.settings(), M)

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from storage.store import METRICS  # noqa: E402 - after the path
+from neuron_embeddings.storage.store import METRICS  # noqa: E402 - after the path
 
 
 def markers(store: Path, stage: str) -> list[tuple[float, dict]]:
@@ -55,9 +55,9 @@ def storage_share(store: Path, n_shards: int = 6) -> dict:
     the pipeline does)."""
     from threadpoolctl import threadpool_limits
 
-    from storage import store as st
-    from tasks.cluster import cluster_shard
-    from tasks.scan import merge_blocks, neuron_embeddings
+    from neuron_embeddings.storage import store as st
+    from neuron_embeddings.tasks.cluster import cluster_shard
+    from neuron_embeddings.tasks.scan import merge_blocks, neuron_embeddings
 
     s = st.Store(str(store))
     settings = s.settings()
@@ -114,8 +114,8 @@ def _bare_cluster(args: tuple) -> float:
     process (no Prefect, no Dask): seconds."""
     out, first, step = args
     os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    from storage import store as st
-    from tasks.cluster import cluster_store_shard
+    from neuron_embeddings.storage import store as st
+    from neuron_embeddings.tasks.cluster import cluster_store_shard
 
     s = st.Store(out)
     shards = [dict(id=sh.id, row=sh.row, start=sh.start, stop=sh.stop)
@@ -151,7 +151,7 @@ def noop_task_cost(n: int) -> float:
     from prefect import flow, task
     from prefect_dask import DaskTaskRunner
 
-    from flows.runners import local_cluster_kwargs
+    from neuron_embeddings.flows.runners import local_cluster_kwargs
 
     noop = task(name="noop")(_noop)
     runner = DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(1))
@@ -181,7 +181,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = work / "gpt2-small-random"
     if not (model / "config.json").exists():
-        from neuron_embeddings.synthetic import build_random_gpt2
+        from neuron_embeddings.core.synthetic import build_random_gpt2
 
         build_random_gpt2(model, n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=1000)
     store = work / "run.zarr"

@@ -93,7 +93,7 @@ def model_dir_for(workdir: Path, n_layer: int, vocab_size: int) -> Path:
 
 def ensure_model(workdir: Path, n_layer: int, vocab_size: int) -> Path:
     """Build the random GPT-2 once (atomically: built aside, then renamed); reuse it afterwards."""
-    from neuron_embeddings.synthetic import build_random_gpt2
+    from neuron_embeddings.core.synthetic import build_random_gpt2
 
     d = model_dir_for(workdir, n_layer, vocab_size)
     if (d / "config.json").exists() and any(d.glob("*.safetensors")):
@@ -111,13 +111,13 @@ def ensure_model(workdir: Path, n_layer: int, vocab_size: int) -> Path:
 
 def pack(tokenizer, n_sequences: int, ctx_len: int):
     """The tokens the CLI would use (same dataset, packing and tokenizer)."""
-    from neuron_embeddings.datasets import iter_documents, pack_tokens
+    from neuron_embeddings.core.datasets import iter_documents, pack_tokens
 
     return pack_tokens(iter_documents(DATASET), tokenizer, n_sequences, ctx_len, dataset_name=DATASET)
 
 
 def fits(tokenizer, n_sequences: int, ctx_len: int) -> bool:
-    from neuron_embeddings.errors import UserError
+    from neuron_embeddings.core.errors import UserError
 
     try:
         pack(tokenizer, n_sequences, ctx_len)
@@ -162,7 +162,7 @@ def bench_forward(lm, tokens, k: int, batch_size: int, device: str) -> dict:
     import numpy as np
     import torch
 
-    import tasks.scan as scan_mod
+    import neuron_embeddings.tasks.scan as scan_mod
 
     bridge = lm.bridge
     layers = list(range(lm.n_layers))
@@ -439,8 +439,8 @@ def scan_child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from neuron_embeddings.models import load_model
-    from tasks.scan import scan_sequences
+    from neuron_embeddings.core.models import load_model
+    from neuron_embeddings.tasks.scan import scan_sequences
 
     lm = load_model(spec["model"], spec["device"])
     tokens = pack(lm.tokenizer, spec["n_sequences"], spec["ctx_len"])
@@ -618,7 +618,7 @@ def main(argv=None) -> int:
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     model = ensure_model(workdir, a.layers, a.vocab_size)
-    from neuron_embeddings.models import load_model
+    from neuron_embeddings.core.models import load_model
 
     t = time.perf_counter()
     lm = load_model(str(model), a.device)

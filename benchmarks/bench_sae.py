@@ -7,7 +7,7 @@
 All ratios are against references measured in the same run, interleaved step by step (reference,
 ours, ours + L_N, then the reverse order, ...) so machine noise hits all alike; per-step medians.
 
-1. Training throughput (activations/s): `neuron_embeddings.sae.train_step` (standard SAE, L1) vs a
+1. Training throughput (activations/s): `neuron_embeddings.core.sae.train_step` (standard SAE, L1) vs a
    plain PyTorch reference of the same SAE written below (same maths: ReLU encoder on x - b_dec,
    MSE + L1, W_dec's parallel gradient removed, Adam, rows renormalised). Target ours/ref >= 1.0.
 2. A step with L_N (lookup warmed up, every active pair counted) vs a standard step. Target <= 1.5.
@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 import numpy as np
 import torch
 
-from neuron_embeddings import sae as S
+from neuron_embeddings.core import sae as S
 
 # --- the reference: plain PyTorch, the same SAE -----------------------------------------------
 
@@ -154,7 +154,7 @@ def bench_steps(args, device: str) -> dict:
 
 
 def bench_reader(args, device: str, appetite: float) -> dict:
-    from storage.activations import ActivationCache, CacheWriter, ShuffledBatches
+    from neuron_embeddings.storage.activations import ActivationCache, CacheWriter, ShuffledBatches
 
     rows = args.cache_rows
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Check that SAE directories written by `neuron_embeddings.sae_io.save_sae` load in the real SAELens.
+"""Check that SAE directories written by `neuron_embeddings.core.sae_io.save_sae` load in the real SAELens.
 
 SAELens pins transformer-lens < 4, so it cannot live in this project's environment; run this in a
 separate one (it imports only `sae_io`, which needs torch and safetensors):
@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 
 def example_dirs(tmp: Path) -> list[str]:
-    from neuron_embeddings.sae_io import SAEWeights, save_sae
+    from neuron_embeddings.core.sae_io import SAEWeights, save_sae
 
     g = torch.Generator().manual_seed(0)
     out = []

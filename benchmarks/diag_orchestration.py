@@ -63,8 +63,8 @@ def cluster_stage_with_cpu(work: Path) -> None:
     import psutil
 
     from bench_orchestration import CLUSTER_OUTPUTS, clear, markers
-    from storage import store as st
-    from tasks.shards import shard_batches
+    from neuron_embeddings.storage import store as st
+    from neuron_embeddings.tasks.shards import shard_batches
 
     store = work / "run.zarr"
     clear(store, "cluster", CLUSTER_OUTPUTS)

@@ -26,7 +26,7 @@ MINILM = dict(model="builtin:all-MiniLM-L6-v2", dataset="builtin:python-docs", l
 
 
 def planted_inputs(workdir: Path) -> dict:
-    from neuron_embeddings.synthetic import build_planted_model, write_planted_corpus
+    from neuron_embeddings.core.synthetic import build_planted_model, write_planted_corpus
 
     model = workdir / "planted-model"
     truth = build_planted_model(model, seed=0)
@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from flows.sae import sae_flow
+    from neuron_embeddings.flows.sae import sae_flow
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

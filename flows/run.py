@@ -11,14 +11,14 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.runners import task_runner
-from storage.lock import writer_lock
-from storage.store import Store
-from tasks.prepare import prepare_task
-from tasks.scan import maxima_block_task, scan_block_task
-from tasks.shards import ShardBatchFailed, shard_batch_task, shard_batches
-from tasks.similar import similar_shard_task
-from tasks.summarise import summarise_task
+from neuron_embeddings.flows.runners import task_runner
+from neuron_embeddings.storage.lock import writer_lock
+from neuron_embeddings.storage.store import Store
+from neuron_embeddings.tasks.prepare import prepare_task
+from neuron_embeddings.tasks.scan import maxima_block_task, scan_block_task
+from neuron_embeddings.tasks.shards import ShardBatchFailed, shard_batch_task, shard_batches
+from neuron_embeddings.tasks.similar import similar_shard_task
+from neuron_embeddings.tasks.summarise import summarise_task
 
 
 class ShardsFailed(RuntimeError):

@@ -38,6 +38,6 @@ def local_cluster_kwargs(workers: int) -> dict:
                      "distributed.worker.profile.enabled": False})
     # each worker imports the shard stages (SciPy's clustering, ...) as it starts, not when
     # its first batch arrives: otherwise the second worker begins the shard phase ~0.2 s late
-    preload = ["tasks.embed", "tasks.cluster", "tasks.similar"]
+    preload = ["neuron_embeddings.tasks.embed", "neuron_embeddings.tasks.cluster", "neuron_embeddings.tasks.similar"]
     return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
             "env": env, "preload": preload}

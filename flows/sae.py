@@ -26,8 +26,8 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from flows.run import neuron_embeddings_run
-from tasks.sae import cache_activations_task, train_sae_task
+from neuron_embeddings.flows.run import neuron_embeddings_run
+from neuron_embeddings.tasks.sae import cache_activations_task, train_sae_task
 
 
 def ln_names(ln_coef: float | list[float]) -> dict[str, float]:
@@ -42,7 +42,7 @@ def ln_names(ln_coef: float | list[float]) -> dict[str, float]:
 def compare_task(out: str, stores: dict, sae_dirs: dict, title: str, settings: dict) -> dict:
     import json
 
-    from tasks.sae_report import comparison_rows, write_report
+    from neuron_embeddings.tasks.sae_report import comparison_rows, write_report
 
     metrics = {name: json.loads((Path(d) / "metrics.json").read_text()) for name, d in sae_dirs.items()}
     rows = comparison_rows(stores, metrics)
@@ -83,7 +83,7 @@ def sae_flow(
     """Are the SAE features more monosemantic than the layer's neurons, and does L_N help at the
     same reconstruction quality? The same SAE settings train every SAE; only `ln_coef` differs
     (a list of coefficients trains one L_N SAE per coefficient)."""
-    from neuron_embeddings.sae import SAETrainSettings
+    from neuron_embeddings.core.sae import SAETrainSettings
 
     base = dict(expansion=expansion, architecture=architecture, topk=topk, l1=l1, ln_start=ln_start,
                 ln_momentum=ln_momentum, ln_update=ln_update, steps=steps, batch_size=batch_size, lr=lr, seed=seed)

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from neuron_embeddings.errors import UserError
+from neuron_embeddings.core.errors import UserError
 
 DEMO_SETTINGS = dict(dataset="builtin:python-docs", n_sequences=768, ctx_len=128, k=50, shard_size=256)
 
@@ -110,8 +110,8 @@ def _add_sae_train(sae_sub) -> None:
 
 
 def cmd_sae_train(a: argparse.Namespace) -> int:
-    from neuron_embeddings.sae import SAETrainSettings
-    from tasks.sae import sae_train
+    from neuron_embeddings.core.sae import SAETrainSettings
+    from neuron_embeddings.tasks.sae import sae_train
 
     settings = SAETrainSettings(expansion=a.expansion, architecture=a.architecture, topk=a.topk, l1=a.l1,
                                 ln_coef=a.ln_coef, ln_start=a.ln_start, ln_momentum=a.ln_momentum,
@@ -180,7 +180,7 @@ class ProgressMonitor(threading.Thread):
         return self.bars[stage]
 
     def _poll(self) -> None:
-        from storage.store import Store, stage_units
+        from neuron_embeddings.storage.store import Store, stage_units
 
         store = Store(self.out)
         if not store.exists():
@@ -222,16 +222,16 @@ class ProgressMonitor(threading.Thread):
 def run_pipeline(out: str, options: dict, a: argparse.Namespace) -> dict:
     """Validate and prepare here (so mistakes are one-line errors before Prefect starts), then run
     the flow with progress bars. Returns the flow's summary."""
-    from neuron_embeddings.resolve import resolve_run
-    from tasks.prepare import prepare_store
+    from neuron_embeddings.tasks.resolve import resolve_run
+    from neuron_embeddings.tasks.prepare import prepare_store
 
-    from storage import lock
+    from neuron_embeddings.storage import lock
 
     print(f"loading {options['model']} ...")
     settings, lm = resolve_run(out, **options)
     with lock.writer_lock(out, run_name="neuron-embeddings run"):  # the flow re-enters it
         prepare_store(out, settings, lm)
-        from flows.run import neuron_embeddings_run
+        from neuron_embeddings.flows.run import neuron_embeddings_run
 
         monitor = ProgressMonitor(out)
         monitor.start()
@@ -260,7 +260,7 @@ def print_summary(summary: dict, out: str) -> None:
 
 
 def cmd_run(a: argparse.Namespace, options: dict) -> int:
-    from flows.run import ShardsFailed
+    from neuron_embeddings.flows.run import ShardsFailed
 
     try:
         summary = run_pipeline(a.out, options, a)
@@ -272,7 +272,7 @@ def cmd_run(a: argparse.Namespace, options: dict) -> int:
 
 
 def _closing_status(out: str) -> int:
-    from storage.status import store_status
+    from neuron_embeddings.storage.status import store_status
 
     st = store_status(out)
     print(f"\nstore: {out} ({st.complete} complete, {st.failed} failed, {st.pending} pending)")
@@ -280,7 +280,7 @@ def _closing_status(out: str) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from neuron_embeddings.models import BUILTIN_MINILM
+    from neuron_embeddings.core.models import BUILTIN_MINILM
 
     a.model = BUILTIN_MINILM
     for key, value in DEMO_SETTINGS.items():
@@ -297,7 +297,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from storage.status import format_status, store_status
+    from neuron_embeddings.storage.status import format_status, store_status
 
     print(format_status(store_status(a.store)))
     return 0

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import zarr
 
-from neuron_embeddings.errors import UserError
+from neuron_embeddings.core.errors import UserError
 
 KIND = "neuron-embeddings/activation-cache/1"
 CHUNK_BYTES = 8 << 20

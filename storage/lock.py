@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from neuron_embeddings.errors import UserError
+from neuron_embeddings.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from neuron_embeddings.errors import UserError
-from storage.store import STAGES, Store, stage_units
+from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.storage.store import STAGES, Store, stage_units
 
 
 @dataclass

@@ -23,8 +23,8 @@ import fsspec
 import numpy as np
 import zarr
 
-from neuron_embeddings.errors import UserError
-from neuron_embeddings.settings import RunSettings
+from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.settings import RunSettings
 
 # Every write covers whole chunks of real data: skip Zarr's check of each chunk against the fill
 # value (a full pass over 20 MB embedding chunks), and write what we were given.

@@ -236,8 +236,8 @@ def cluster_store_shard(out: str, shard: dict, fault_unit: str | None = None) ->
     """Cluster one neuron shard's embeddings; write clusters/* and metrics/* (whole chunks)."""
     from threadpoolctl import threadpool_limits
 
-    from storage import store as st
-    from tasks.common import hand_over, handed_over, run_unit
+    from neuron_embeddings.storage import store as st
+    from neuron_embeddings.tasks.common import hand_over, handed_over, run_unit
 
     def work(store: st.Store) -> dict:
         s = store.settings()

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Callable
 
-from storage.store import Store
+from neuron_embeddings.storage.store import Store
 
 
 class InjectedFault(RuntimeError):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage import store as st
-from tasks.common import hand_over, run_unit
-from tasks.scan import merge_blocks, neuron_embeddings
+from neuron_embeddings.storage import store as st
+from neuron_embeddings.tasks.common import hand_over, run_unit
+from neuron_embeddings.tasks.scan import merge_blocks, neuron_embeddings
 
 
 def embed_shard(out: str, shard: dict, fault_unit: str | None = None) -> dict:

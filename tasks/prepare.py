@@ -8,17 +8,17 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from neuron_embeddings.datasets import iter_documents, pack_tokens, vocab_strings
-from neuron_embeddings.models import LoadedModel
-from neuron_embeddings.resolve import model_info, resolve_run, unit_weights
-from neuron_embeddings.settings import RunSettings
-from storage import store as st
-from tasks.common import run_unit, task_logger
+from neuron_embeddings.core.datasets import iter_documents, pack_tokens, vocab_strings
+from neuron_embeddings.core.models import LoadedModel
+from neuron_embeddings.tasks.resolve import model_info, resolve_run, unit_weights
+from neuron_embeddings.core.settings import RunSettings
+from neuron_embeddings.storage import store as st
+from neuron_embeddings.tasks.common import run_unit, task_logger
 
 
 def plan_record(settings: RunSettings, d_mlp: int) -> dict:
     if settings.sae is not None:  # the store's units are the SAE's features
-        from neuron_embeddings.units import load_sae_cached
+        from neuron_embeddings.core.units import load_sae_cached
 
         d_mlp = load_sae_cached(settings.sae).d_sae
     """The work units of every stage, as small plain data for the flow."""

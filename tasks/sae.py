@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neuron_embeddings.errors import UserError
-from neuron_embeddings.models import HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE
+from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.models import HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ def cache_activations(cache_dir: str, model: str, dataset: str, layer: int, hook
                       dtype: str = "float16", progress: bool = True) -> dict:
     """Activations of `hook` at `layer` over `n_sequences` packed rows of `dataset`, into the cache
     at `cache_dir` (reused when it already holds exactly these). Returns a small record."""
-    from neuron_embeddings.datasets import iter_documents, pack_tokens
-    from neuron_embeddings.models import load_model
-    from storage.activations import CacheWriter, existing_cache
+    from neuron_embeddings.core.datasets import iter_documents, pack_tokens
+    from neuron_embeddings.core.models import load_model
+    from neuron_embeddings.storage.activations import CacheWriter, existing_cache
 
     lm = load_model(model, device)
     check_layer(layer, lm.n_layers)
@@ -137,7 +137,7 @@ def lm_loss_metrics(bridge, weights, hook: str, tokens_ST: np.ndarray, batch_siz
     reconstruction, and zero-ablated (for scale). `loss_recovered` = (zero - sae) / (zero - clean)."""
     dev = next(bridge.parameters()).device
     W = {k: getattr(weights, k).to(dev) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    from neuron_embeddings.sae_io import SAEWeights
+    from neuron_embeddings.core.sae_io import SAEWeights
 
     sae = SAEWeights(**W, cfg=weights.cfg, threshold=None if weights.threshold is None else weights.threshold.to(dev))
 
@@ -197,10 +197,10 @@ def train_and_save(sae_dir: str, cache_dir: str, settings, device: str = "auto",
                    dataset: str | None = None, layer: int | None = None, progress: bool = True,
                    lm_batch_size: int = 8) -> dict:
     """Train an SAE on the cache, save it in SAELens's layout and write metrics.json. Returns the metrics."""
-    from neuron_embeddings.models import load_model, resolve_device
-    from neuron_embeddings.sae import cpu_threads_for, reconstruction_metrics, train_sae
-    from neuron_embeddings.sae_io import load_sae, save_sae
-    from storage.activations import ActivationCache, ShuffledBatches
+    from neuron_embeddings.core.models import load_model, resolve_device
+    from neuron_embeddings.core.sae import cpu_threads_for, reconstruction_metrics, train_sae
+    from neuron_embeddings.core.sae_io import load_sae, save_sae
+    from neuron_embeddings.storage.activations import ActivationCache, ShuffledBatches
 
     out = Path(sae_dir)
     check_sae_out(sae_dir)
@@ -302,7 +302,7 @@ def _make_tasks():
                                  dtype, progress=False)
 
     def train_task_fn(sae_dir: str, cache_dir: str, settings: dict, device: str) -> dict:
-        from neuron_embeddings.sae import SAETrainSettings
+        from neuron_embeddings.core.sae import SAETrainSettings
 
         return train_and_save(sae_dir, cache_dir, SAETrainSettings(**settings), device, progress=False)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storage import store as st
+from neuron_embeddings.storage import store as st
 
 METRIC_ARRAYS = ("n_examples", "n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter")
 SAE_FIGURES = ("explained_variance", "mse", "l0", "dead_fraction", "dense_fraction", "l_n", "delta_lm_loss",

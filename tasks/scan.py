@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from neuron_embeddings.models import HOOK_ACTIVATION, HOOK_INPUT
+from neuron_embeddings.core.models import HOOK_ACTIVATION, HOOK_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ def _units_sae(settings):
     """The SAE whose features a store's units are, or None for MLP neurons."""
     if settings.sae is None:
         return None
-    from neuron_embeddings.units import load_sae_cached
+    from neuron_embeddings.core.units import load_sae_cached
 
     return load_sae_cached(settings.sae)
 
@@ -416,7 +416,7 @@ def _progress_writer(store, stage: str, unit: str, total: int, every_s: float = 
     """Progress of a block: a file in the store (for the CLI's bars, at most every `every_s`
     seconds) and a Prefect progress artifact (for the UI; an API call, at most every
     `artifact_every_s` seconds), both at the end."""
-    from tasks.common import progress_artifact
+    from neuron_embeddings.tasks.common import progress_artifact
 
     state = {"done": 0, "last": 0.0, "last_artifact": time.monotonic()}
     artifact = progress_artifact(f"{stage}-{unit.lower()}", f"{stage} block {unit}: sequences done of {total}")
@@ -435,15 +435,15 @@ def _progress_writer(store, stage: str, unit: str, total: int, every_s: float = 
 
 
 def _block_tokens(store, block: dict) -> np.ndarray:
-    from storage import store as st
+    from neuron_embeddings.storage import store as st
 
     return st.read(store, "tokens", (slice(block["start"], block["stop"]),))
 
 
 def maxima_block(out: str, block: dict, batch_size: int, device: str, fault_unit: str | None = None) -> dict:
     """First pass of band selection: each neuron's maximum over one block of sequences."""
-    from neuron_embeddings.models import load_model
-    from storage import store as st
+    from neuron_embeddings.core.models import load_model
+    from neuron_embeddings.storage import store as st
 
     def work(store) -> dict:
         s = store.settings()
@@ -455,15 +455,15 @@ def maxima_block(out: str, block: dict, batch_size: int, device: str, fault_unit
         st.write(store, "scan/max", (block["index"],), gmax.numpy())
         return {"sequences": len(tokens)}
 
-    from tasks.common import run_unit
+    from neuron_embeddings.tasks.common import run_unit
     return run_unit(out, "maxima", _block_id(block), work, fault_unit)
 
 
 def scan_block(out: str, block: dict, batch_size: int, device: str, fault_unit: str | None = None) -> dict:
     """One data-parallel block of sequences: forward passes, running top-k with x, partial tables
     written to scan/* (whole chunks of this block only)."""
-    from neuron_embeddings.models import load_model
-    from storage import store as st
+    from neuron_embeddings.core.models import load_model
+    from neuron_embeddings.storage import store as st
 
     def work(store) -> dict:
         s = store.settings()
@@ -493,7 +493,7 @@ def scan_block(out: str, block: dict, batch_size: int, device: str, fault_unit: 
             del parts
         return {"sequences": len(tokens), "tokens": int(tokens.size), "model_seconds": round(t_model, 3)}
 
-    from tasks.common import run_unit
+    from neuron_embeddings.tasks.common import run_unit
     return run_unit(out, "scan", _block_id(block), work, fault_unit)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from tasks.common import task_logger
+from neuron_embeddings.tasks.common import task_logger
 
 
 class ShardBatchFailed(RuntimeError):
@@ -88,7 +88,7 @@ def run_shard_batch(out: str, shards: list[dict], stages: list[tuple[str, Callab
 
         from threadpoolctl import threadpool_limits
 
-        from tasks.scan import torch_threads
+        from neuron_embeddings.tasks.scan import torch_threads
 
         # one BLAS / torch thread per shard, set once for all of them (both settings are global)
         with threadpool_limits(limits=1, user_api="blas"), torch_threads(1), ThreadPoolExecutor(threads) as pool:
@@ -103,9 +103,9 @@ def run_shard_batch(out: str, shards: list[dict], stages: list[tuple[str, Callab
 
 def neuron_shard_stages() -> list[tuple[str, Callable]]:
     """The per-shard stages after the scan, in order."""
-    from tasks.cluster import cluster_store_shard
-    from tasks.embed import embed_shard
-    from tasks.similar import centroid_shard
+    from neuron_embeddings.tasks.cluster import cluster_store_shard
+    from neuron_embeddings.tasks.embed import embed_shard
+    from neuron_embeddings.tasks.similar import centroid_shard
 
     return [("embed", embed_shard), ("cluster", cluster_store_shard), ("centroids", centroid_shard)]
 

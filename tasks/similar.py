@@ -247,8 +247,8 @@ def scatter_neighbours(query: ClusterSet, id_QN: torch.Tensor, cos_QN: torch.Ten
 
 def centroid_shard(out: str, shard: dict, fault_unit: str | None = None) -> dict:
     """A shard's cluster centroids and top tokens (whole chunks of similar/centroids, similar/top_token)."""
-    from storage import store as st
-    from tasks.common import handed_over, run_unit
+    from neuron_embeddings.storage import store as st
+    from neuron_embeddings.tasks.common import handed_over, run_unit
 
     def work(store: st.Store) -> dict:
         if not store.is_complete("cluster", shard["id"]):
@@ -270,7 +270,7 @@ def centroid_shard(out: str, shard: dict, fault_unit: str | None = None) -> dict
 
 def peak_tokens(store, region: tuple, seq: np.ndarray | None = None, pos: np.ndarray | None = None) -> np.ndarray:
     """int32 [S, K] token id at each example's max token (-1 where no example)."""
-    from storage import store as st
+    from neuron_embeddings.storage import store as st
 
     if seq is None or pos is None:
         seq, pos = st.read(store, "topk/seq", region), st.read(store, "topk/pos", region)
@@ -288,7 +288,7 @@ CACHE_BYTES = 2 * 2**30  # per process: all of a store's clusters, when they fit
 
 
 def _shard_clusters(store, sh, d_mlp: int, device: str) -> ClusterSet:
-    from storage import store as st
+    from neuron_embeddings.storage import store as st
 
     region = (sh.row, slice(sh.start, sh.stop))
     return compact(st.read(store, "similar/centroids", region), cluster_sizes(st.read(store, "clusters/labels", region)),
@@ -302,7 +302,7 @@ def _all_clusters(store, shards, d_mlp: int, device: str, dtype: torch.dtype) ->
     stamps = tuple(store.fs.cat_file(store._marker("centroids", sh.id, "done")) for sh in shards)
     key = (store.url, stamps, device, dtype)
     if key not in _CACHE:
-        from storage import store as st
+        from neuron_embeddings.storage import store as st
 
         cent = store.array("similar/centroids")
         upper = int(st.read(store, "metrics/n_clusters").sum()) * cent.shape[-1] * (cent.dtype.itemsize + 4)
@@ -316,8 +316,8 @@ def _all_clusters(store, shards, d_mlp: int, device: str, dtype: torch.dtype) ->
 def similar_shard(out: str, shard: dict, device: str = "cpu", fault_unit: str | None = None) -> dict:
     """The nearest clusters of other neurons for every cluster of a shard, against every shard's
     centroids (which must all be complete)."""
-    from storage import store as st
-    from tasks.common import run_unit
+    from neuron_embeddings.storage import store as st
+    from neuron_embeddings.tasks.common import run_unit
 
     def work(store: st.Store) -> dict:
         s, d_mlp = store.settings(), int(store.attrs["d_mlp"])

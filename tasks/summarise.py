@@ -8,7 +8,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage import store as st
+from neuron_embeddings.storage import store as st
 
 
 # --- pure functions ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
     """A 2-layer random GPT-2 (d_model 64, d_mlp 256) with non-trivial LayerNorms."""
-    from neuron_embeddings.synthetic import build_random_gpt2
+    from neuron_embeddings.core.synthetic import build_random_gpt2
 
     return str(build_random_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), n_layer=2, n_embd=64, n_head=4,
                                  n_positions=128, vocab_size=600, seed=0))
@@ -38,7 +38,7 @@ def minilm_path():
 @pytest.fixture(scope="session")
 def planted(tmp_path_factory):
     """(model dir, corpus path, PlantedTruth) of a model with planted polysemantic neurons."""
-    from neuron_embeddings.synthetic import build_planted_model, write_planted_corpus
+    from neuron_embeddings.core.synthetic import build_planted_model, write_planted_corpus
 
     d = tmp_path_factory.mktemp("planted")
     truth = build_planted_model(d / "model", seed=0)

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from neuron_embeddings.resolve import resolve_run
-from tasks.cluster import cluster_store_shard
-from tasks.embed import embed_shard
-from tasks.prepare import prepare_store
-from tasks.scan import maxima_block, scan_block
-from tasks.similar import centroid_shard, similar_shard
+from neuron_embeddings.tasks.resolve import resolve_run
+from neuron_embeddings.tasks.cluster import cluster_store_shard
+from neuron_embeddings.tasks.embed import embed_shard
+from neuron_embeddings.tasks.prepare import prepare_store
+from neuron_embeddings.tasks.scan import maxima_block, scan_block
+from neuron_embeddings.tasks.similar import centroid_shard, similar_shard
 
 CONTRACT_ARRAYS = ["tokens", "vocab", "topk/act", "topk/seq", "topk/pos", "embeddings", "clusters/labels",
                    "clusters/linkage", "metrics/n_examples", "metrics/n_clusters", "metrics/max_distance",

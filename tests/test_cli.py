@@ -86,7 +86,7 @@ def test_status_of_missing_store(capsys, tmp_path):
 def test_status_lists_states(capsys, tiny_gpt2, tmp_path):
     out = str(tmp_path / "s.zarr")
     run_stages(out, **options(tiny_gpt2, n_sequences=8, ctx_len=16, k=4))
-    from storage.store import Store
+    from neuron_embeddings.storage.store import Store
 
     Store(out).clear_marker("cluster", "L01-N00000")
     Store(out).clear_marker("cluster", "L01-N00064")

@@ -10,7 +10,7 @@ import time
 
 import psutil
 
-from storage.status import store_status
+from neuron_embeddings.storage.status import store_status
 from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
 
 

@@ -1,4 +1,4 @@
-"""Tests for neuron_embeddings.datasets: reading each dataset form, packing tokens, vocabulary strings."""
+"""Tests for neuron_embeddings.core.datasets: reading each dataset form, packing tokens, vocabulary strings."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 from pydoc_data.topics import topics
 
-from neuron_embeddings.datasets import (
+from neuron_embeddings.core.datasets import (
     describe_packing,
     iter_documents,
     pack_tokens,
     parse_hub_spec,
     vocab_strings,
 )
-from neuron_embeddings.errors import UserError
+from neuron_embeddings.core.errors import UserError
 
 DOCS = ["First document.\nIt has two lines.", "Second one: ünïcödé — 日本語", "third", "x" * 50]
 PYDOC_TEXTS = [topics[key] for key in sorted(topics)]
@@ -224,8 +224,8 @@ def test_hub_load_failure(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unknown_hub_dataset_offline() -> None:
     """An unknown Hugging Face dataset, offline, is a UserError naming it (in a subprocess: env is read at import)."""
     code = (
-        "from neuron_embeddings.datasets import iter_documents\n"
-        "from neuron_embeddings.errors import UserError\n"
+        "from neuron_embeddings.core.datasets import iter_documents\n"
+        "from neuron_embeddings.core.errors import UserError\n"
         "try:\n"
         "    list(iter_documents('no-such-user/no-such-dataset'))\n"
         "except UserError as exc:\n"
@@ -379,7 +379,7 @@ def test_pack_from_files(tmp_path: Path, bpe_tokenizer) -> None:
 
 
 def test_describe_packing_matches_docstring() -> None:
-    import neuron_embeddings.datasets as module
+    import neuron_embeddings.core.datasets as module
 
     text = describe_packing()
     assert text.startswith("Packing rule") and "\n" not in text

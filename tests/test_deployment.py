@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.status import store_status
+from neuron_embeddings.storage.status import store_status
 from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
 
 REPO = Path(__file__).resolve().parents[1]

@@ -229,7 +229,7 @@ def test_explore_cli_refuses_a_non_store(capsys, tmp_path):
 
 def test_token_importance(store, data, tiny_gpt2):
     from neuron_embeddings.explorer.importance import ImportanceModel, replaced_batch
-    from neuron_embeddings.models import HOOK_ACTIVATION
+    from neuron_embeddings.core.models import HOOK_ACTIVATION
 
     model = ImportanceModel(tiny_gpt2, data.attrs, "cpu")
     client = TestClient(create_app(data, model))

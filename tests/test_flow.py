@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows.run import ShardsFailed, neuron_embeddings_run
-from storage.status import store_status
+from neuron_embeddings.flows.run import ShardsFailed, neuron_embeddings_run
+from neuron_embeddings.storage.status import store_status
 from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
 
 FLOW_OPTS = dict(n_sequences=24, ctx_len=32, k=6, shard_size=64, embedding_dtype="float32", device="cpu",
@@ -71,7 +71,7 @@ def test_shards_two_at_a_time_in_a_batch(prefect_server, tiny_gpt2, tmp_path, re
     the same store, and every shard's timing in the UI's logs."""
     import os
 
-    from tasks.shards import shard_batches, shard_threads
+    from neuron_embeddings.tasks.shards import shard_batches, shard_threads
 
     assert shard_threads() == min(2, os.cpu_count() or 1)  # 2 here: this machine has 2 cores
     out = str(tmp_path / "threads.zarr")
@@ -94,7 +94,7 @@ def _check_shard_logs(out: str) -> None:
     from prefect.client.schemas.sorting import FlowRunSort
     from prefect.logging.handlers import APILogHandler
 
-    from storage.store import Store, stage_units
+    from neuron_embeddings.storage.store import Store, stage_units
 
     APILogHandler().flush()
     store = Store(out)

@@ -25,7 +25,7 @@ from neuron_embeddings.groundtruth.toy import (
     toy_examples,
     train_toy_model,
 )
-from neuron_embeddings.synthetic import PlantedTruth
+from neuron_embeddings.core.synthetic import PlantedTruth
 
 # --------------------------------------------------------------------------- ARI
 

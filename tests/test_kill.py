@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.status import store_status
+from neuron_embeddings.storage.status import store_status
 from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
 
 N_SEQ, CTX, K, SHARD = 160, 32, 6, 64

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from storage import lock
+from neuron_embeddings.storage import lock
 
 
 def _hold_in_subprocess(url: str) -> subprocess.Popen:
-    code = ("import sys, time; from storage import lock; lock.acquire(sys.argv[1]); print('held', flush=True); "
+    code = ("import sys, time; from neuron_embeddings.storage import lock; lock.acquire(sys.argv[1]); print('held', flush=True); "
             "time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"

@@ -7,7 +7,7 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
-from neuron_embeddings.models import load_model
+from neuron_embeddings.core.models import load_model
 from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
 
 

@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from neuron_embeddings.settings import RunSettings
-from storage.store import create_store, neuron_shards, scan_blocks, shard_region
+from neuron_embeddings.core.settings import RunSettings
+from neuron_embeddings.storage.store import create_store, neuron_shards, scan_blocks, shard_region
 
 
 def _chunk_ids(region: tuple, chunks: tuple, shape: tuple) -> set:
@@ -56,7 +56,7 @@ def test_tasks_write_disjoint_whole_chunks(tmp_path, d_mlp, shard_size, blocks):
 
 
 def test_misaligned_write_is_refused(tmp_path):
-    from storage.store import write
+    from neuron_embeddings.storage.store import write
 
     s = RunSettings(model="m", dataset="d", layers=(0,), n_sequences=4, ctx_len=8, k=5, shard_size=64)
     store = create_store(str(tmp_path / "s.zarr"), s, {"d_mlp": 256, "d_model": 16, "model": "m"}, d_vocab=10)
@@ -71,7 +71,7 @@ def test_shard_batches_partition_the_shards_and_balance_the_workers(n, workers):
     when free, the last worker finishes at most one final-round batch after the first."""
     import heapq
 
-    from tasks.shards import shard_batches
+    from neuron_embeddings.tasks.shards import shard_batches
 
     shards = [{"id": i} for i in range(n)]
     batches = shard_batches(shards, workers, share=1.5, min_batch=4)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from neuron_embeddings import sae as S
+from neuron_embeddings.core import sae as S
 from neuron_embeddings.cli import main
-from neuron_embeddings.errors import UserError
-from neuron_embeddings.sae_io import SAEWeights, load_sae, save_sae
-from storage.activations import ActivationCache, CacheWriter, ShuffledBatches
+from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.sae_io import SAEWeights, load_sae, save_sae
+from neuron_embeddings.storage.activations import ActivationCache, CacheWriter, ShuffledBatches
 
 # --- L_N ----------------------------------------------------------------------------------------
 
@@ -292,7 +292,7 @@ def test_load_errors_are_one_line(tmp_path):
 
 def _index_cache(path, n_seq: int, ctx: int, d: int = 3) -> ActivationCache:
     """A cache whose row r holds r in every column (float32), with small chunks."""
-    import storage.activations as A
+    import neuron_embeddings.storage.activations as A
 
     old = A.CHUNK_BYTES
     A.CHUNK_BYTES = 5 * ctx * d * 4  # 5 sequences per chunk
@@ -327,9 +327,9 @@ def test_shuffled_reader_returns_every_row_once_per_epoch(tmp_path):
 
 
 def test_activation_cache_matches_an_independent_forward(tmp_path, tiny_gpt2):
-    from neuron_embeddings.datasets import iter_documents, pack_tokens
-    from neuron_embeddings.models import load_model
-    from tasks.sae import cache_activations
+    from neuron_embeddings.core.datasets import iter_documents, pack_tokens
+    from neuron_embeddings.core.models import load_model
+    from neuron_embeddings.tasks.sae import cache_activations
 
     rec = cache_activations(str(tmp_path / "a.zarr"), tiny_gpt2, "builtin:python-docs", 1, "post", 6, 16,
                             batch_size=4, device="cpu", dtype="float32", progress=False)
@@ -350,9 +350,9 @@ def test_activation_cache_matches_an_independent_forward(tmp_path, tiny_gpt2):
 
 
 def test_identity_splice_keeps_next_token_loss(tiny_gpt2):
-    from neuron_embeddings.datasets import iter_documents, pack_tokens
-    from neuron_embeddings.models import load_model
-    from tasks.sae import is_causal_lm, lm_loss_metrics
+    from neuron_embeddings.core.datasets import iter_documents, pack_tokens
+    from neuron_embeddings.core.models import load_model
+    from neuron_embeddings.tasks.sae import is_causal_lm, lm_loss_metrics
 
     lm = load_model(tiny_gpt2, "cpu")
     tokens = pack_tokens(iter_documents("builtin:python-docs"), lm.tokenizer, 4, 16)

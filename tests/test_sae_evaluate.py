@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from neuron_embeddings.cli import main
-from neuron_embeddings.models import load_model
+from neuron_embeddings.core.models import load_model
 from tests.helpers import CONTRACT_ARRAYS, options, run_stages
 
 D_SAE = 96

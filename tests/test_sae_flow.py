@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tasks.sae_report import (
+from neuron_embeddings.tasks.sae_report import (
     effective_dims,
     markdown_table,
     peak_token_perplexity,
@@ -44,7 +44,7 @@ def test_peak_token_perplexity_and_effective_dims():
 
 
 def test_sae_flow_end_to_end(prefect_server, tiny_gpt2, tmp_path):
-    from flows.sae import sae_flow
+    from neuron_embeddings.flows.sae import sae_flow
     from tests.test_flow import _latest_artifact
 
     out = tmp_path / "sae-flow"

@@ -1,4 +1,4 @@
-"""Tests for neuron_embeddings.synthetic: random GPT-2 and the planted-feature model."""
+"""Tests for neuron_embeddings.core.synthetic: random GPT-2 and the planted-feature model."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from neuron_embeddings import synthetic
-from neuron_embeddings.synthetic import (
+from neuron_embeddings.core import synthetic
+from neuron_embeddings.core.synthetic import (
     EOS,
     PlantedTruth,
     build_planted_model,

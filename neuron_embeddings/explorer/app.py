@@ -95,7 +95,7 @@ class Explorer:
         return self._overview
 
     def _render_overview(self) -> str:
-        from tasks.summarise import layer_table
+        from neuron_embeddings.tasks.summarise import layer_table
 
         d, m = self.data, self.data.metrics
         rows = layer_table(d.layers, m["n_examples"], m["n_clusters"], m["mean_distance"])
@@ -217,7 +217,7 @@ def serve(store: str, host: str = "127.0.0.1", port: int = 8501, model: str | No
 
     import uvicorn
 
-    from neuron_embeddings.errors import UserError
+    from neuron_embeddings.core.errors import UserError
 
     data = ExplorerData(store)
     with socket.socket() as s:

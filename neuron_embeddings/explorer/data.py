@@ -18,8 +18,8 @@ from functools import cached_property, lru_cache
 import numpy as np
 import zarr
 
-from neuron_embeddings.errors import UserError
-from storage.store import METRICS, SCHEMA_VERSION, Store
+from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.storage.store import METRICS, SCHEMA_VERSION, Store
 
 TOKENS_IN_MEMORY = 256 * 2**20  # read the whole tokens array once when it is at most this big
 
@@ -299,7 +299,7 @@ class ExplorerData:
     def ranked(self, n: int = 20) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """(layer, neuron) of the n most and n least polysemantic neurons (as the run's summary
         ranks them: clusters, then mean distance; neurons with at least k/2 examples)."""
-        from tasks.summarise import rank_neurons
+        from neuron_embeddings.tasks.summarise import rank_neurons
 
         m = self.metrics
         most, least = rank_neurons(m["n_examples"], m["n_clusters"], m["mean_distance"],
@@ -323,7 +323,7 @@ class ExplorerData:
 
     def _all_complete(self, stage: str) -> bool:
         states = self.store.marker_states(stage)
-        from storage.store import stage_units
+        from neuron_embeddings.storage.store import stage_units
 
         units = stage_units(stage, self.store.settings(), self.d_mlp)
         return bool(units) and all(states.get(u) == "complete" for u in units)
@@ -331,7 +331,7 @@ class ExplorerData:
     def _cached_top_tokens(self) -> tuple[np.ndarray, np.ndarray]:
         """Computed from the whole store once; kept in `_explorer/top_tokens.npz`, valid while the
         set of complete cluster shards is unchanged."""
-        from tasks.similar import cluster_top_tokens
+        from neuron_embeddings.tasks.similar import cluster_top_tokens
 
         done = sorted(u for u, v in self.store.marker_states("cluster").items() if v == "complete")
         stamp = json.dumps(done)

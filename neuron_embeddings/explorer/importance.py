@@ -17,7 +17,7 @@ import threading
 import numpy as np
 import torch
 
-from neuron_embeddings.errors import UserError
+from neuron_embeddings.core.errors import UserError
 
 
 class _Stop(Exception):
@@ -45,13 +45,13 @@ class ImportanceModel:
     """A model (and for an SAE store, its SAE) that computes unit activations at one position."""
 
     def __init__(self, model: str, attrs: dict, device: str = "auto"):
-        from neuron_embeddings.models import load_model
+        from neuron_embeddings.core.models import load_model
 
         self.lm = load_model(model, device)
         self.attrs = attrs
         self.sae = None
         if attrs.get("unit") == "sae-feature":
-            from neuron_embeddings.units import load_sae_cached
+            from neuron_embeddings.core.units import load_sae_cached
 
             self.sae = load_sae_cached(attrs["sae_path"])
         self._check()
@@ -74,7 +74,7 @@ class ImportanceModel:
         if self.sae is not None:
             hook = self.sae.hook_name
         else:
-            from neuron_embeddings.models import HOOK_ACTIVATION
+            from neuron_embeddings.core.models import HOOK_ACTIVATION
 
             hook = HOOK_ACTIVATION.format(layer=layer)
         got = {}

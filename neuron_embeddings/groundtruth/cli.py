@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from neuron_embeddings.errors import UserError
+from neuron_embeddings.core.errors import UserError
 
 
 def add_ground_truth_parser(bench_sub) -> None:

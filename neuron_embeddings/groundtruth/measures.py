@@ -12,7 +12,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from neuron_embeddings.groundtruth.ari import adjusted_rand_index
-from tasks.cluster import cluster_shard
+from neuron_embeddings.tasks.cluster import cluster_shard
 
 METRICS = ("n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter")
 METHODS = ("embedding", "raw_x", "input_identity", "random")

@@ -1,4 +1,4 @@
-"""Planted-neuron transformers (``neuron_embeddings.synthetic``) run through the real pipeline.
+"""Planted-neuron transformers (``neuron_embeddings.core.synthetic``) run through the real pipeline.
 
 A variant is a ``build_planted_model`` configuration plus a corpus; ``planted_examples`` builds the
 model, runs every stage of the pipeline in this process (prepare, [maxima], scan, embed, cluster:
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neuron_embeddings.synthetic import (
+from neuron_embeddings.core.synthetic import (
     PlantedTruth,
     build_planted_model,
     write_planted_corpus,
@@ -40,11 +40,11 @@ def unequal_scales(n_features: int, low: float = 0.35, seed: int = 0) -> list[fl
 
 def run_pipeline(out: str, model_dir: str, corpus: str, **opts) -> None:
     """Every stage of the pipeline in plan order, in this process, without Prefect (one block)."""
-    from neuron_embeddings.resolve import resolve_run
-    from tasks.cluster import cluster_store_shard
-    from tasks.embed import embed_shard
-    from tasks.prepare import prepare_store
-    from tasks.scan import maxima_block, scan_block
+    from neuron_embeddings.tasks.resolve import resolve_run
+    from neuron_embeddings.tasks.cluster import cluster_store_shard
+    from neuron_embeddings.tasks.embed import embed_shard
+    from neuron_embeddings.tasks.prepare import prepare_store
+    from neuron_embeddings.tasks.scan import maxima_block, scan_block
 
     options = dict(model=model_dir, dataset=corpus, layers=None, selection="top", shard_size=256,
                    linkage="average", threshold=0.5, seed=0, embedding_dtype="float32", scan_blocks=1,
@@ -65,7 +65,7 @@ def run_pipeline(out: str, model_dir: str, corpus: str, **opts) -> None:
 def merged_x(g, layer: int, k: int) -> np.ndarray:
     """[d_mlp, k, D] float32 MLP inputs of each neuron's stored examples, merged from the scan's
     block tables by the embed stage's own ``merge_blocks`` (so slot i is topk slot i)."""
-    from tasks.scan import merge_blocks
+    from neuron_embeddings.tasks.scan import merge_blocks
 
     parts = {n: g[f"scan/{n}"][:, layer] for n in ("key", "act", "seq", "pos", "x")}
     top = merge_blocks(parts["key"], parts["act"], parts["seq"], parts["pos"], parts["x"].astype(np.float32), k)

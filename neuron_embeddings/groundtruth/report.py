@@ -282,7 +282,7 @@ def write_report(results: dict, out: Path) -> Path:
         f"{results['seconds']:.0f} s on {results['machine']}. Raw numbers: `results.json`.", "",
         "## What is measured", "",
         f"- **planted**: GPT-2-architecture models whose layer-0 neurons read 1, 2 or 3 known features "
-        f"(`neuron_embeddings.synthetic.build_planted_model`, d_mlp = {cfg['planted_variants'][0]['build'].get('d_mlp')}, "
+        f"(`neuron_embeddings.core.synthetic.build_planted_model`, d_mlp = {cfg['planted_variants'][0]['build'].get('d_mlp')}, "
         f"seeds {cfg['planted_seeds']}), run through the real pipeline (prepare, scan, embed, cluster) on a "
         "corpus of random feature and filler words; an example's true feature is the feature of the token it "
         "peaks on. Variants: `clean`; `shared-s` (every pair of feature directions has cosine s); `unequal` "

@@ -3,7 +3,7 @@ features match the true features better, and at what reconstruction cost?
 
 The SAEs decompose the toy model's MLP input x = f @ W_FD (d_in = d_model), where the true feature
 directions are known exactly: the rows of W_FD. Both SAEs use the project's trainer
-(``neuron_embeddings.sae.train_sae``) with the same settings and seed, except L_N's coefficient.
+(``neuron_embeddings.core.sae.train_sae``) with the same settings and seed, except L_N's coefficient.
 Measures: the mean max cosine similarity (MMCS) between the true directions and the SAE's decoder
 rows (for each true feature, the best-matching decoder row; Sharkey et al. 2022), the fraction of
 true features with a decoder row at cosine > 0.9, and ``reconstruction_metrics`` on held-out x.
@@ -55,7 +55,7 @@ def held_out(model: ToyModel, n: int, seed: int, batch_size: int = 8192) -> Call
 
 def train_and_score(model: ToyModel, settings, seed: int) -> dict:
     """Train one SAE on the toy model's x and score it against the true directions."""
-    from neuron_embeddings.sae import reconstruction_metrics, train_sae
+    from neuron_embeddings.core.sae import reconstruction_metrics, train_sae
 
     sae, state = train_sae(x_batches(model, settings.batch_size, seed), model.config.d_model, settings)
     weights = sae.to_weights(state.scale, {"architecture": settings.architecture})
@@ -70,7 +70,7 @@ def train_and_score(model: ToyModel, settings, seed: int) -> dict:
 def sae_benchmark(cfg: dict, tick: Callable[[str], None] = lambda name: None) -> dict:
     """A standard SAE (L_N coefficient 0) and L_N SAEs (``cfg['ln_coefs']``) on the base toy model, one
     set per seed in ``cfg['seeds']``; otherwise the same settings and seed."""
-    from neuron_embeddings.sae import SAETrainSettings
+    from neuron_embeddings.core.sae import SAETrainSettings
 
     steps = int(cfg.get("steps", 3000))
     common = dict(expansion=cfg.get("expansion", 4.0), l1=cfg.get("l1", 1.0), steps=steps,
@@ -89,7 +89,7 @@ def sae_benchmark(cfg: dict, tick: Callable[[str], None] = lambda name: None) ->
         agg = {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}
         rows.append({"name": name, "n_runs": len(rs), **agg, "mmcs_std": float(np.std([r["mmcs"] for r in rs]))})
     desc = (f"SAEs with {common['expansion']:g}x as many features as x has dimensions, trained on the toy model's "
-            f"MLP input x with the project's trainer (`neuron_embeddings.sae.train_sae`; {steps} steps of "
+            f"MLP input x with the project's trainer (`neuron_embeddings.core.sae.train_sae`; {steps} steps of "
             f"{common['batch_size']}, L1 {common['l1']:g} on inputs scaled to E|x|^2 = d_in, lr {common['lr']:g}). "
             f"The L_N SAEs add c x L_N (summed over the batch's active input-feature pairs, EMA lookup) from step "
             f"{ln_start}; everything else, seed included, is the same. MMCS: for each true feature direction the "

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from neuron_embeddings.errors import UserError
+from neuron_embeddings.core.errors import UserError
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from neuron_embeddings.errors import UserError
+from neuron_embeddings.core.errors import UserError
 
 _SAE_CACHE: dict[str, object] = {}
 _LOCK = threading.Lock()
@@ -22,7 +22,7 @@ _LOCK = threading.Lock()
 
 def load_sae_cached(path: str):
     """The SAE at `path` (sae_io.SAEWeights), loaded at most once per process."""
-    from neuron_embeddings.sae_io import load_sae
+    from neuron_embeddings.core.sae_io import load_sae
 
     key = str(Path(path).expanduser().resolve())
     with _LOCK:

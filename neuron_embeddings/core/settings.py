@@ -10,7 +10,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from neuron_embeddings.errors import UserError
+from neuron_embeddings.core.errors import UserError
 
 LINKAGES = ("average", "single", "complete", "weighted")
 EMBEDDING_DTYPES = ("float16", "float32")

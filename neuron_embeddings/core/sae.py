@@ -51,8 +51,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from neuron_embeddings.errors import UserError
-from neuron_embeddings.sae_io import SAEWeights
+from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.sae_io import SAEWeights
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from neuron_embeddings.errors import UserError
-from neuron_embeddings.models import (HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE, LoadedModel, load_model, mlp_weights,
+from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.models import (HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE, LoadedModel, load_model, mlp_weights,
                                       versions)
-from neuron_embeddings.settings import RunSettings, parse_layers
-from neuron_embeddings.units import check_sae_fits, load_sae_cached, sae_model_info, sae_weights_for_store
-from storage.store import Store, check_settings, check_writable
+from neuron_embeddings.core.settings import RunSettings, parse_layers
+from neuron_embeddings.core.units import check_sae_fits, load_sae_cached, sae_model_info, sae_weights_for_store
+from neuron_embeddings.storage.store import Store, check_settings, check_writable
 
 
 def resolve_run(out: str, model: str, dataset: str, layers: str | None, device: str,

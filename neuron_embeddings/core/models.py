@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from neuron_embeddings.errors import UserError
+from neuron_embeddings.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

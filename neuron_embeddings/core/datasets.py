@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from neuron_embeddings.errors import UserError
+from neuron_embeddings.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
