@@ -1,4 +1,4 @@
-"""The main flow: prepare -> (maxima) -> scan blocks -> embed -> cluster -> centroids -> similar -> summarise.
+"""The main flow: the registry's stages (tasks.registry) in order, then the summary.
 
 Orchestration only: it plans, maps, waits and reports; the work and the markers live in tasks/.
 Every task skips units whose marker says complete, so rerunning the flow (same command, a new
@@ -11,13 +11,12 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from neuron_embeddings.core.settings import ExecSettings, default
 from neuron_embeddings.flows.runners import task_runner
 from neuron_embeddings.storage.lock import writer_lock
 from neuron_embeddings.storage.store import Store
-from neuron_embeddings.tasks.prepare import prepare_task
-from neuron_embeddings.tasks.scan import maxima_block_task, scan_block_task
-from neuron_embeddings.tasks.shards import ShardBatchFailed, shard_batch_task, shard_batches
-from neuron_embeddings.tasks.similar import similar_shard_task
+from neuron_embeddings.tasks.registry import BY_NAME, phases
+from neuron_embeddings.tasks.shards import ShardBatchFailed, shard_batch, shard_batches
 from neuron_embeddings.tasks.summarise import summarise_task
 
 
@@ -65,27 +64,26 @@ def _raise_if(failed: list[str]) -> None:
 @flow(name="neuron-embeddings", log_prints=True)
 def neuron_embeddings_run(
     out: str,
-    model: str = "gpt2",
-    dataset: str = "builtin:python-docs",
+    model: str = default("model"),
+    dataset: str = default("dataset"),
     layers: str | None = None,
-    n_sequences: int = 1024,
-    ctx_len: int = 128,
-    k: int = 50,
-    selection: str = "top",
-    shard_size: int = 256,
-    linkage: str = "average",
-    threshold: float = 0.5,
-    seed: int = 0,
-    embedding_dtype: str = "float16",
+    n_sequences: int = default("n_sequences"),
+    ctx_len: int = default("ctx_len"),
+    k: int = default("k"),
+    selection: str = default("selection"),
+    shard_size: int = default("shard_size"),
+    linkage: str = default("linkage"),
+    threshold: float = default("threshold"),
+    seed: int = default("seed"),
+    embedding_dtype: str = default("embedding_dtype"),
     scan_blocks: int | None = None,
-    batch_size: int = 16,
-    device: str = "auto",
-    workers: int = 1,
-    dask_address: str | None = None,
-    task_retries: int = 0,
-    fault_shard: str | None = None,
-    sae: str | None = None,
-    similar: bool = True,
+    batch_size: int = default("batch_size"),
+    device: str = default("device"),
+    workers: int = default("workers"),
+    dask_address: str | None = default("dask_address"),
+    task_retries: int = default("task_retries"),
+    sae: str | None = default("sae"),
+    similar: bool = default("similar"),
 ) -> dict:
     """Neuron embeddings, clusters and polysemanticity metrics for every MLP neuron of `model`.
 
@@ -96,6 +94,8 @@ def neuron_embeddings_run(
     the MLP neurons: one row, the SAE's layer (`neuron-embeddings sae evaluate`).
     `similar=False` leaves out the all-pairs search for similar clusters (the explorer then shows
     no similar-cluster links); it costs O(clusters² × d_model), more than the rest on big models."""
+    ExecSettings(batch_size=batch_size, device=device, workers=workers, dask_address=dask_address,
+                 task_retries=task_retries)  # validated before the store is touched
     out = _expand_out(out)
     options = dict(model=model, dataset=dataset, layers=layers, n_sequences=n_sequences, ctx_len=ctx_len,
                    k=k, selection=selection, shard_size=shard_size, linkage=linkage, threshold=threshold,
@@ -103,8 +103,7 @@ def neuron_embeddings_run(
                    workers=workers, sae=sae, similar=similar)
     with writer_lock(out, run_name=_run_name()), _workers_report_here(workers, dask_address):
         shards = shard_flow.with_options(task_runner=task_runner(workers, dask_address))
-        return shards(out, options, batch_size, device, task_retries, fault_shard,
-                      _count_workers(workers, dask_address))
+        return shards(out, options, batch_size, device, task_retries, _count_workers(workers, dask_address))
 
 
 def _workers_report_here(workers: int, dask_address: str | None):
@@ -155,25 +154,19 @@ def _run_name() -> str:
 
 
 @flow(name="neuron-embeddings-shards", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def shard_flow(out: str, options: dict, batch_size: int, device: str, task_retries: int,
-               fault_shard: str | None, n_workers: int = 1) -> dict:
-    """The stages, on the task runner the parent flow chose."""
-    plan = prepare_task.submit(out, options).result()
+def shard_flow(out: str, options: dict, batch_size: int, device: str, task_retries: int, n_workers: int = 1) -> dict:
+    """The registry's stages, phase by phase, on the task runner the parent flow chose."""
+    plan = BY_NAME["prepare"].task.submit(out, options).result()
+    settings = Store(out).settings()
     retry = dict(retries=task_retries, retry_delay_seconds=[2, 10, 30][:max(task_retries, 1)])
-    blocks = plan["blocks"]
-    if plan["band"]:
-        futs = maxima_block_task.with_options(**retry).map(
-            unmapped(out), blocks, unmapped(batch_size), unmapped(device), unmapped(fault_shard))
-        _raise_if(_follow(out, ("maxima",), len(blocks), list(futs)))
-    futs = scan_block_task.with_options(**retry).map(
-        unmapped(out), blocks, unmapped(batch_size), unmapped(device), unmapped(fault_shard))
-    _raise_if(_follow(out, ("scan",), len(blocks), list(futs)))
-    # embed -> cluster -> centroids, shard by shard, in batches of shards (tasks.shards)
-    batches = shard_batches(plan["shards"], n_workers)
-    futs = shard_batch_task.with_options(**retry).map(unmapped(out), batches, unmapped(fault_shard))
-    _raise_if(_follow(out, ("embed", "cluster", "centroids"), len(plan["shards"]), list(futs)))
-    if plan.get("similar", True):  # every cluster's nearest clusters of other neurons: needs every shard's centroids
-        similar = similar_shard_task.with_options(**retry).map(unmapped(out), plan["shards"], unmapped(device),
-                                                               unmapped(fault_shard))
-        _raise_if(_follow(out, ("similar",), len(plan["shards"]), list(similar)))
+    for phase in phases(settings):
+        first, names = phase[0], tuple(s.name for s in phase)
+        units = plan["blocks"] if first.over == "blocks" else plan["shards"]
+        if first.batched:  # several shards per task, each through the phase's stages
+            batches = shard_batches(units, n_workers)
+            futs = shard_batch.with_options(**retry).map(unmapped(out), batches, unmapped(list(names)),
+                                                          unmapped(device), unmapped(batch_size))
+        else:
+            futs = first.task.with_options(**retry).map(unmapped(out), units, unmapped(device), unmapped(batch_size))
+        _raise_if(_follow(out, names, len(units), list(futs)))
     return summarise_task.submit(out).result()

@@ -1,6 +1,8 @@
 """Which Prefect task runner executes the shards: threads for one worker, Dask for more."""
 from __future__ import annotations
 
+from neuron_embeddings.tasks.registry import PRELOAD
+
 
 def task_runner(workers: int = 1, dask_address: str | None = None):
     """One worker: a thread pool of 1 in this process. N workers: a local Dask cluster of N
@@ -38,6 +40,6 @@ def local_cluster_kwargs(workers: int) -> dict:
                      "distributed.worker.profile.enabled": False})
     # each worker imports the shard stages (SciPy's clustering, ...) as it starts, not when
     # its first batch arrives: otherwise the second worker begins the shard phase ~0.2 s late
-    preload = ["neuron_embeddings.tasks.embed", "neuron_embeddings.tasks.cluster", "neuron_embeddings.tasks.similar"]
+    preload = list(PRELOAD)
     return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
             "env": env, "preload": preload}

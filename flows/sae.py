@@ -18,16 +18,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     update_progress_artifact,
 )
-from prefect.cache_policies import NO_CACHE
 
 from neuron_embeddings.flows.run import neuron_embeddings_run
 from neuron_embeddings.tasks.sae import cache_activations_task, train_sae_task
+from neuron_embeddings.tasks.sae_report import compare_task
 
 
 def ln_names(ln_coef: float | list[float]) -> dict[str, float]:
@@ -36,18 +36,6 @@ def ln_names(ln_coef: float | list[float]) -> dict[str, float]:
     if len(coefs) == 1:
         return {"sae-ln": coefs[0]}
     return {f"sae-ln-{c:g}": c for c in coefs}
-
-
-@task(name="sae-compare", cache_policy=NO_CACHE)
-def compare_task(out: str, stores: dict, sae_dirs: dict, title: str, settings: dict) -> dict:
-    import json
-
-    from neuron_embeddings.tasks.sae_report import comparison_rows, write_report
-
-    metrics = {name: json.loads((Path(d) / "metrics.json").read_text()) for name, d in sae_dirs.items()}
-    rows = comparison_rows(stores, metrics)
-    rep = write_report(out, rows, title, settings)
-    return {"rows": rows, **rep}
 
 
 @flow(name="neuron-embeddings-sae", log_prints=True)

@@ -13,38 +13,41 @@ import threading
 import time
 
 from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.settings import ExecSettings, default
 
 DEMO_SETTINGS = dict(dataset="builtin:python-docs", n_sequences=768, ctx_len=128, k=50, shard_size=256)
 
 
 def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     if not demo:
-        p.add_argument("--model", default="gpt2", help="Hugging Face model name or local model directory (default gpt2)")
+        p.add_argument("--model", default=default("model"),
+                       help=f"Hugging Face model name or local model directory (default {default('model')})")
         p.add_argument("--dataset", required=True,
                        help="a .txt/.jsonl/.parquet file, a Hugging Face dataset name, or builtin:python-docs")
         p.add_argument("--out", required=True, help="the store: a local path or fsspec URL")
-        p.add_argument("--n-sequences", type=int, default=1024)
-        p.add_argument("--ctx-len", type=int, default=128)
-        p.add_argument("--k", type=int, default=50, help="examples per neuron (default 50)")
-        p.add_argument("--shard-size", type=int, default=256, help="neurons per shard (default 256)")
+        p.add_argument("--n-sequences", type=int, default=default("n_sequences"))
+        p.add_argument("--ctx-len", type=int, default=default("ctx_len"))
+        p.add_argument("--k", type=int, default=default("k"), help=f"examples per neuron (default {default('k')})")
+        p.add_argument("--shard-size", type=int, default=default("shard_size"),
+                       help=f"neurons per shard (default {default('shard_size')})")
     p.add_argument("--layers", default=None, help="e.g. 0-11 or 3,5 (default: all)")
-    p.add_argument("--selection", default="top", help="top (default) or band:F, e.g. band:0.75")
-    p.add_argument("--linkage", default="average", help="average (default), single, complete, weighted")
-    p.add_argument("--threshold", type=float, default=0.5, help="cosine-distance cut (default 0.5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--embedding-dtype", default="float16", choices=None, help="float16 (default) or float32")
+    p.add_argument("--selection", default=default("selection"), help="top (default) or band:F, e.g. band:0.75")
+    p.add_argument("--linkage", default=default("linkage"), help="average (default), single, complete, weighted")
+    p.add_argument("--threshold", type=float, default=default("threshold"),
+                   help=f"cosine-distance cut (default {default('threshold')})")
+    p.add_argument("--seed", type=int, default=default("seed"))
+    p.add_argument("--embedding-dtype", default=default("embedding_dtype"), help="float16 (default) or float32")
     p.add_argument("--scan-blocks", type=int, default=None,
                    help="data-parallel blocks of sequences for the scan (default: --workers); fixed per store")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    p.add_argument("--workers", type=int, default=1, help="parallel workers on this machine")
-    p.add_argument("--dask-address", default=None, help="run shards on an existing Dask cluster (tcp://HOST:PORT)")
+    p.add_argument("--batch-size", type=int, default=default("batch_size"), help="sequences per forward pass")
+    p.add_argument("--device", default=default("device"), help="auto (default), cpu or cuda")
+    p.add_argument("--workers", type=int, default=default("workers"), help="parallel workers on this machine")
+    p.add_argument("--dask-address", default=default("dask_address"), help="run shards on an existing Dask cluster (tcp://HOST:PORT)")
     p.add_argument("--no-similar", dest="similar", action="store_false",
                    help="skip the similar-clusters stage (all pairs of clusters; the explorer then shows no "
                         "similar-cluster links)")
-    p.add_argument("--task-retries", type=int, default=0, help="Prefect retries per task for transient faults")
+    p.add_argument("--task-retries", type=int, default=default("task_retries"), help="Prefect retries per task for transient faults")
     p.add_argument("--verbose", action="store_true", help="show Prefect's logs")
-    p.add_argument("--fault-shard", default=None, help=argparse.SUPPRESS)  # tests only
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +183,8 @@ class ProgressMonitor(threading.Thread):
         return self.bars[stage]
 
     def _poll(self) -> None:
-        from neuron_embeddings.storage.store import Store, stage_units
+        from neuron_embeddings.storage.store import Store
+        from neuron_embeddings.tasks.registry import STAGES, stage_units
 
         store = Store(self.out)
         if not store.exists():
@@ -189,18 +193,21 @@ class ProgressMonitor(threading.Thread):
             s, d_mlp = store.settings(), int(store.attrs["d_mlp"])
         except (UserError, KeyError):
             return
-        for stage in ("maxima", "scan"):
-            prog = store.read_progress(stage)
-            if prog:
-                total = sum(p["total"] for p in prog.values())
-                full = s.n_sequences if len(prog) < s.scan_blocks else total
-                bar = self._bar(stage, full, "seq")
-                bar.n = min(full, sum(p["done"] for p in prog.values()))
-                bar.refresh()
-        for stage in ("embed", "cluster", "centroids", "similar"):
-            done = sum(1 for v in store.marker_states(stage).values() if v == "complete")
-            if done or stage in self.bars:
-                bar = self._bar(stage, len(stage_units(stage, s, d_mlp)), "shard")
+        for stage in STAGES:
+            if stage.over == "once":
+                continue
+            if stage.unit == "seq":  # sequences done, from the blocks' progress files
+                prog = store.read_progress(stage.name)
+                if prog:
+                    total = sum(p["total"] for p in prog.values())
+                    full = s.n_sequences if len(prog) < s.scan_blocks else total
+                    bar = self._bar(stage.name, full, "seq")
+                    bar.n = min(full, sum(p["done"] for p in prog.values()))
+                    bar.refresh()
+                continue
+            done = sum(1 for v in store.marker_states(stage.name).values() if v == "complete")
+            if done or stage.name in self.bars:
+                bar = self._bar(stage.name, len(stage_units(stage, s, d_mlp)), "shard")
                 bar.n = done
                 bar.refresh()
 
@@ -227,6 +234,8 @@ def run_pipeline(out: str, options: dict, a: argparse.Namespace) -> dict:
 
     from neuron_embeddings.storage import lock
 
+    ExecSettings(batch_size=a.batch_size, device=a.device, workers=a.workers, dask_address=a.dask_address,
+                 task_retries=a.task_retries)  # the checks that need nothing else, before anything is loaded
     print(f"loading {options['model']} ...")
     settings, lm = resolve_run(out, **options)
     with lock.writer_lock(out, run_name="neuron-embeddings run"):  # the flow re-enters it
@@ -237,7 +246,7 @@ def run_pipeline(out: str, options: dict, a: argparse.Namespace) -> dict:
         monitor.start()
         try:
             return neuron_embeddings_run(out=out, batch_size=a.batch_size, task_retries=a.task_retries,
-                                         fault_shard=a.fault_shard, dask_address=a.dask_address, **options)
+                                         dask_address=a.dask_address, **options)
         finally:
             monitor.stop.set()
             monitor.join()
@@ -272,9 +281,9 @@ def cmd_run(a: argparse.Namespace, options: dict) -> int:
 
 
 def _closing_status(out: str) -> int:
-    from neuron_embeddings.storage.status import store_status
+    from neuron_embeddings.tasks.registry import run_status
 
-    st = store_status(out)
+    st = run_status(out)
     print(f"\nstore: {out} ({st.complete} complete, {st.failed} failed, {st.pending} pending)")
     return 0 if st.failed == 0 and st.pending == 0 else 1
 
@@ -297,9 +306,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from neuron_embeddings.storage.status import format_status, store_status
+    from neuron_embeddings.storage.status import format_status
+    from neuron_embeddings.tasks.registry import run_status
 
-    print(format_status(store_status(a.store)))
+    print(format_status(run_status(a.store)))
     return 0
 
 

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from collections.abc import Callable
+
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.storage.store import STAGES, Store, stage_units
+from neuron_embeddings.core.settings import RunSettings
+from neuron_embeddings.storage.store import Store
 
 
 @dataclass
@@ -30,14 +33,15 @@ class StoreStatus:
         return self.count("pending")
 
 
-def store_status(url: str) -> StoreStatus:
+def store_status(url: str, plan: Callable[[RunSettings, int], dict[str, list[str]]]) -> StoreStatus:
+    """Each stage's units (from `plan(settings, d_mlp)`: stage -> unit ids, e.g. the stage
+    registry's `plan_units`) with the state their markers give."""
     store = Store(url)
     if not store.exists():
         raise UserError(f"{url}: no store here; create one with `neuron-embeddings run ... --out {url}`")
     settings, d_mlp = store.settings(), int(store.attrs["d_mlp"])
     status = StoreStatus(url)
-    for stage in STAGES:
-        units = stage_units(stage, settings, d_mlp)
+    for stage, units in plan(settings, d_mlp).items():
         marks = store.marker_states(stage)
         status.units[stage] = {u: marks.get(u, "pending") for u in units}
         for u in units:

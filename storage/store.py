@@ -1,6 +1,7 @@
 """The store: a Zarr v3 group (schema neuron-embeddings/1) plus shard markers.
 
-This is the only module that knows array names, paths, chunking and the schema version.
+With `storage.schema` (every array declared once), the only code that knows paths, chunking,
+markers and the schema version; everything else reads and writes through the functions here.
 
 - The arrays are created once, by `create_store`, before any task runs; chunks are aligned to the
   work units (a neuron shard = one layer row x a range of neurons; a scan block), so a task writes
@@ -24,66 +25,15 @@ import numpy as np
 import zarr
 
 from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.plan import NeuronShard, neuron_shards, scan_blocks  # noqa: F401 - re-exported
 from neuron_embeddings.core.settings import RunSettings
+from neuron_embeddings.storage import schema
+from neuron_embeddings.storage.schema import METRICS, N_SIMILAR, SCAN_FIELDS, SCHEMA_VERSION, WINDOW  # noqa: F401 - re-exported
 
 # Every write covers whole chunks of real data: skip Zarr's check of each chunk against the fill
 # value (a full pass over 20 MB embedding chunks), and write what we were given.
 zarr.config.set({"array.write_empty_chunks": True})
 
-SCHEMA_VERSION = "neuron-embeddings/1"
-STAGES = ("prepare", "maxima", "scan", "embed", "cluster", "centroids", "similar")
-N_SIMILAR = 5  # nearest clusters of other neurons stored per cluster (similar/*)
-WINDOW = (24, 8)  # activation window recorded around each example's max token: tokens before, after
-METRICS = ("n_examples", "n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter")
-
-
-# --- the plan ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class NeuronShard:
-    row: int  # row in the store (index into settings.layers)
-    layer: int  # the model's layer index
-    start: int
-    stop: int
-
-    @property
-    def id(self) -> str:
-        return f"L{self.layer:02d}-N{self.start:05d}"
-
-
-@dataclass(frozen=True)
-class ScanBlock:
-    index: int
-    start: int  # first sequence
-    stop: int
-
-    @property
-    def id(self) -> str:
-        return f"B{self.index:04d}"
-
-
-def neuron_shards(settings: RunSettings, d_mlp: int) -> list[NeuronShard]:
-    return [NeuronShard(row, layer, s, min(s + settings.shard_size, d_mlp))
-            for row, layer in enumerate(settings.layers)
-            for s in range(0, d_mlp, settings.shard_size)]
-
-
-def scan_blocks(settings: RunSettings) -> list[ScanBlock]:
-    edges = np.linspace(0, settings.n_sequences, settings.scan_blocks + 1).round().astype(int)
-    return [ScanBlock(i, int(a), int(b)) for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
-
-
-def stage_units(stage: str, settings: RunSettings, d_mlp: int) -> list[str]:
-    """Ids of the work units of a stage, in plan order."""
-    if stage == "prepare":
-        return ["all"]
-    if stage == "maxima":
-        return [b.id for b in scan_blocks(settings)] if settings.band_fraction is not None else []
-    if stage == "scan":
-        return [b.id for b in scan_blocks(settings)]
-    if stage == "similar" and not settings.similar:
-        return []
-    return [s.id for s in neuron_shards(settings, d_mlp)]
 
 
 # --- opening ----------------------------------------------------------------------------------
@@ -120,8 +70,8 @@ class Store:
                             "choose a new --out path")
         return RunSettings.from_attrs(attrs)
 
-    def array(self, name: str) -> zarr.Array:
-        return self.group("r")[name]
+    def array(self, name: str | schema.ArraySpec) -> zarr.Array:
+        return self.group("r")[_path(name)]
 
     # markers
     def _marker(self, stage: str, unit: str, kind: str) -> str:
@@ -160,6 +110,10 @@ class Store:
                 out.setdefault(unit, "failed")
         return out
 
+    def marker_record(self, stage: str, unit: str) -> bytes:
+        """The bytes of a unit's `.done` marker (its record; changes whenever the unit is redone)."""
+        return self.fs.cat_file(self._marker(stage, unit, "done"))
+
     def failure_message(self, stage: str, unit: str) -> str:
         p = self._marker(stage, unit, "failed")
         return self.fs.cat_file(p).decode() if self.fs.exists(p) else ""
@@ -176,6 +130,23 @@ class Store:
             os.replace(tmp, path)
         else:  # one PUT on object storage is atomic
             self.fs.pipe_file(path, data)
+
+    # the explorer's own caches (derived data, never a source of truth)
+    def read_explorer_cache(self, name: str) -> bytes | None:
+        """The bytes of the explorer's cache file `name` (e.g. "top_tokens.npz"), or None."""
+        try:
+            return self.fs.cat_file(f"{self.root}/_explorer/{name}")
+        except (OSError, FileNotFoundError):
+            return None
+
+    def write_explorer_cache(self, name: str, data: bytes) -> None:
+        """Replace the explorer's cache file `name` atomically (OSError on a read-only store)."""
+        self._write_atomic(f"{self.root}/_explorer/{name}", data)
+
+    def open_read_only(self, zarr_store=None) -> zarr.Group:
+        """The store's Zarr group, read-only (through `zarr_store` instead, when given: tests count
+        the chunks a reader touches with it)."""
+        return zarr.open_group(zarr_store or self._zarr_target(), mode="r")
 
     # progress (a side channel for progress bars and UI artifacts; not a source of truth)
     def write_progress(self, stage: str, unit: str, done: int, total: int) -> None:
@@ -237,66 +208,29 @@ def check_settings(store: Store, settings: RunSettings) -> None:
             f"settings to resume, or choose a new --out path")
 
 
-def _chunks_neuron(shape: tuple, shard_size: int) -> tuple:
-    return (1, shard_size) + tuple(shape[2:])
-
-
 def create_store(url: str, settings: RunSettings, model_info: dict, d_vocab: int) -> Store:
     """Write the store's template: root attributes first, then every array of the schema that is
     not there yet. Idempotent: a creation cut short is completed by calling it again; existing
     arrays must have the planned shape and are left as they are."""
     store = Store(url)
-    L, M, D = len(settings.layers), model_info["d_mlp"], model_info["d_model"]
-    K, S, T, NB = settings.k, settings.n_sequences, settings.ctx_len, settings.scan_blocks
-    ss = min(settings.shard_size, M)
+    dim_sizes = schema.sizes(len(settings.layers), model_info["d_mlp"], model_info["d_model"], settings.k,
+                             settings.n_sequences, settings.ctx_len, d_vocab, settings.scan_blocks)
     g = zarr.open_group(store._zarr_target(), mode="a", zarr_format=3)
     if "schema_version" not in g.attrs:
         g.attrs.update(_root_attrs(settings, model_info, d_vocab))
-
-    def arr(name, shape, dtype, fill, chunks=None, compress=True):
-        """compress: True (Zarr's default, zstd), "fast" (blosc lz4 with byte shuffle: several
-        times faster on the big float chunks written per shard, a little larger), or False."""
-        if name in g:
-            assert tuple(g[name].shape) == tuple(shape), f"{name} exists with shape {g[name].shape}"
-            return
-        chunks = chunks or _chunks_neuron(shape, ss)
-        kw = {"compressors": None} if not compress else (
-            {"compressors": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")} if compress == "fast" else {})
-        if dtype == str:
-            kw = {}
-        else:
-            kw["fill_value"] = fill
-        g.create_array(name, shape=shape, dtype=dtype, chunks=chunks, **kw)
-
-    arr("tokens", (S, T), "int32", 0, chunks=(min(S, max(1, 2**20 // T)), T))
-    arr("vocab", (d_vocab,), str, None, chunks=(d_vocab,))
-    arr("topk/act", (L, M, K), "float32", np.nan)
-    arr("topk/seq", (L, M, K), "int32", -1)
-    arr("topk/pos", (L, M, K), "int32", -1)
-    arr("embeddings", (L, M, K, D), settings.embedding_dtype, 0, compress=False)
-    W = sum(WINDOW) + 1
-    arr("topk/window", (L, M, K, W), "float32", np.nan, compress="fast")  # not in the contract: for the explorer
-    arr("clusters/labels", (L, M, K), "int32", -1)
-    arr("clusters/linkage", (L, M, K - 1, 4), "float32", np.nan)
-    for m in METRICS:
-        dt = "int32" if m in ("n_examples", "n_clusters") else "float32"
-        arr(f"metrics/{m}", (L, M), dt, 0 if dt == "int32" else np.nan)
-    # not in the contract: the weights the embeddings were made with, and the scan's partial results
-    arr("weights/W_in", (L, D, M), "float32", 0, chunks=(1, D, ss), compress=False)
-    arr("weights/b_in", (L, M), "float32", 0)
-    arr("scan/key", (NB, L, M, K), "float64", -np.inf, chunks=(1, 1, ss, K))
-    arr("scan/act", (NB, L, M, K), "float32", np.nan, chunks=(1, 1, ss, K))
-    arr("scan/seq", (NB, L, M, K), "int32", -1, chunks=(1, 1, ss, K))
-    arr("scan/pos", (NB, L, M, K), "int32", -1, chunks=(1, 1, ss, K))
-    arr("scan/x", (NB, L, M, K, D), settings.embedding_dtype, 0, chunks=(1, 1, ss, K, D), compress=False)
-    arr("scan/win", (NB, L, M, K, W), "float32", np.nan, chunks=(1, 1, ss, K, W), compress="fast")
-    arr("scan/max", (NB, L, M), "float32", -np.inf, chunks=(1, L, M))
-    # not in the contract: similar clusters (tasks/similar.py); slots c >= n_clusters stay empty
-    arr("similar/centroids", (L, M, K, D), settings.embedding_dtype, 0, compress="fast")  # empty slots cost little
-    arr("similar/top_token", (L, M, K), "int32", -1)
-    arr("similar/top_count", (L, M, K), "int32", 0)
-    arr("similar/neighbours", (L, M, K, N_SIMILAR, 3), "int32", -1)
-    arr("similar/cosine", (L, M, K, N_SIMILAR), "float32", np.nan)
+    for spec in schema.ARRAYS:
+        shape = schema.shape(spec, dim_sizes)
+        if spec.path in g:
+            assert tuple(g[spec.path].shape) == shape, f"{spec.path} exists with shape {g[spec.path].shape}"
+            continue
+        dtype = settings.embedding_dtype if spec.dtype == "embedding" else (str if spec.dtype == "str" else spec.dtype)
+        kw = {} if spec.compress is True else (
+            {"compressors": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")}
+            if spec.compress == "fast" else {"compressors": None})
+        if dtype is not str:
+            kw["fill_value"] = spec.fill
+        g.create_array(spec.path, shape=shape, dtype=dtype, chunks=schema.chunks(spec, dim_sizes, settings.shard_size),
+                       **kw)
     return store
 
 
@@ -333,18 +267,22 @@ def _check_aligned(a: zarr.Array, sel: tuple) -> None:
                 f"write to {a.path} {sel} is not chunk-aligned (chunks {a.chunks})")
 
 
-def write(store: Store, name: str, sel: tuple, data: np.ndarray) -> None:
+def _path(name: str | schema.ArraySpec) -> str:
+    return name.path if isinstance(name, schema.ArraySpec) else name
+
+
+def write(store: Store, name: str | schema.ArraySpec, sel: tuple, data: np.ndarray) -> None:
     """Write a region that covers whole chunks (asserted) of array `name`."""
-    a = store.group("r+")[name]
+    a = store.group("r+")[_path(name)]
     _check_aligned(a, sel)
     a[sel] = data
 
 
-def write_many(store: Store, sel: tuple, arrays: dict[str, np.ndarray]) -> None:
+def write_many(store: Store, sel: tuple, arrays: dict) -> None:
     """Write the same chunk-aligned region of several arrays, concurrently (one round trip to
     Zarr's I/O loop; chunk encoding and file writes overlap). Returns when every write is done."""
     g = store.group("r+")
-    targets = [(g[name], data) for name, data in arrays.items()]
+    targets = [(g[_path(name)], data) for name, data in arrays.items()]
     for a, _ in targets:
         _check_aligned(a, sel)
     try:
@@ -362,10 +300,96 @@ def write_many(store: Store, sel: tuple, arrays: dict[str, np.ndarray]) -> None:
     sync(_all())
 
 
-def read(store: Store, name: str, sel: tuple = ()) -> np.ndarray:
+def read(store: Store, name: str | schema.ArraySpec, sel: tuple = ()) -> np.ndarray:
     a = store.array(name)
     return a[sel] if sel else a[...]
 
 
 def shard_region(shard: NeuronShard) -> tuple:
     return (shard.row, slice(shard.start, shard.stop))
+
+
+# --- typed reads and writes, by stage -------------------------------------------------------
+
+def write_prepared(store: Store, tokens_ST: np.ndarray, vocab: list[str], W_LDM: np.ndarray, b_LM: np.ndarray) -> None:
+    """The prepare stage's arrays: tokens, vocabulary, and the weights the embeddings multiply x by."""
+    write(store, schema.TOKENS, (slice(None), slice(None)), tokens_ST)
+    write(store, schema.VOCAB, (slice(None),), np.array(vocab, dtype=object).astype(str))
+    write(store, schema.W_IN, (slice(None),), W_LDM)
+    write(store, schema.B_IN, (slice(None),), b_LM)
+
+
+def read_tokens(store: Store, start: int | None = None, stop: int | None = None) -> np.ndarray:
+    """int32 [sequences, ctx_len]: rows start..stop of `tokens` (all by default)."""
+    return read(store, schema.TOKENS, (slice(start, stop),))
+
+
+def read_token_rows(store: Store, rows: np.ndarray) -> np.ndarray:
+    """int32 [len(rows), ctx_len]: the given (sorted, unique) rows of `tokens`."""
+    return store.array(schema.TOKENS).get_orthogonal_selection((rows, slice(None)))
+
+
+def read_vocab(store: Store) -> np.ndarray:
+    return read(store, schema.VOCAB)
+
+
+def write_block_maxima(store: Store, block: int, gmax_LM: np.ndarray) -> None:
+    write(store, schema.SCAN_MAX, (block,), gmax_LM)
+
+
+def read_maxima(store: Store) -> np.ndarray:
+    """float32 [rows, units]: each unit's maximum over every scan block."""
+    return read(store, schema.SCAN_MAX).max(axis=0)
+
+
+def write_block_table(store: Store, block: int, row: int, table: dict[str, np.ndarray]) -> None:
+    """One store row of a scan block's partial top-k table (`schema.SCAN_FIELDS`, slot order)."""
+    write_many(store, (block, row), {schema.SCAN[name]: data for name, data in table.items()})
+
+
+def read_block_tables(store: Store, region: tuple) -> dict[str, np.ndarray]:
+    """Every scan block's partial table for a shard region (row, units): field -> [blocks, S, k, ...]."""
+    return {name: read(store, schema.SCAN[name], (slice(None), *region)) for name in schema.SCAN_FIELDS}
+
+
+def read_weights(store: Store, region: tuple) -> np.ndarray:
+    """float32 [d_embed, S]: the input weights of a shard region's units."""
+    row, units = region
+    return read(store, schema.W_IN, (row, slice(None), units))
+
+
+def write_topk(store: Store, region: tuple, act: np.ndarray, seq: np.ndarray, pos: np.ndarray,
+               window: np.ndarray, embeddings: np.ndarray) -> None:
+    """The embed stage's arrays for a shard region."""
+    write_many(store, region, {schema.TOPK_ACT: act, schema.TOPK_SEQ: seq, schema.TOPK_POS: pos,
+                               schema.TOPK_WINDOW: window, schema.EMBEDDINGS: embeddings})
+
+
+def write_clusters(store: Store, region: tuple, labels: np.ndarray, linkage: np.ndarray,
+                   metrics: dict[str, np.ndarray]) -> None:
+    """The cluster stage's arrays for a shard region (metrics by name, `schema.METRICS`)."""
+    write_many(store, region, {schema.LABELS: labels, schema.LINKAGE: linkage,
+                               **{schema.METRIC_ARRAYS[m]: metrics[m] for m in schema.METRICS}})
+
+
+def write_centroids(store: Store, region: tuple, centroids: np.ndarray, top_token: np.ndarray,
+                    top_count: np.ndarray) -> None:
+    write_many(store, region, {schema.CENTROIDS: centroids, schema.TOP_TOKEN: top_token,
+                               schema.TOP_COUNT: top_count})
+
+
+def write_similar(store: Store, region: tuple, neighbours: np.ndarray, cosine: np.ndarray) -> None:
+    write(store, schema.NEIGHBOURS, region, neighbours)
+    write(store, schema.COSINE, region, cosine)
+
+
+def read_metrics(store: Store, names: tuple[str, ...] = METRICS, region: tuple = ()) -> dict[str, np.ndarray]:
+    return {m: read(store, schema.METRIC_ARRAYS[m], region) for m in names}
+
+
+def centroid_dtype(store: Store) -> np.dtype:
+    return store.array(schema.CENTROIDS).dtype
+
+
+def n_similar(store: Store) -> int:
+    return store.array(schema.COSINE).shape[-1]

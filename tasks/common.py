@@ -1,4 +1,4 @@
-"""What every shard task shares: markers as the source of truth, logging, the test-only fault switch.
+"""What every stage task shares: markers as the source of truth, logging, the test-only fault switch.
 
 `run_unit` skips a unit whose marker says complete, runs it, and writes the marker only after the
 unit's data is written; an exception leaves a `.failed` marker with the message and is re-raised
@@ -17,7 +17,10 @@ from neuron_embeddings.storage.store import Store
 
 
 class InjectedFault(RuntimeError):
-    """Raised by the test-only fault switch (`fault_shard`)."""
+    """Raised by the test-only fault switch (`NE_TEST_FAULT`)."""
+
+
+FAULT_ENV, FAULT_DIR_ENV = "NE_TEST_FAULT", "NE_TEST_FAULT_DIR"
 
 
 def task_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -35,25 +38,29 @@ def task_logger() -> logging.Logger | logging.LoggerAdapter:
     return logging.getLogger("neuron_embeddings")
 
 
-def _maybe_fault(store: Store, stage: str, unit: str, fault_unit: str | None) -> None:
-    """The test-only fault switch: `SHARD` or `STAGE/SHARD` fails every attempt; with the suffix
-    `:once` only the first attempt fails (a transient fault, for task retries)."""
-    if fault_unit is None:
+def _maybe_fault(stage: str, unit: str) -> None:
+    """The test-only fault switch, read from the environment (never a flow or deployment
+    parameter): `NE_TEST_FAULT=SHARD` or `STAGE/SHARD` fails every attempt of that unit; with the
+    suffix `:once` only the first attempt fails (a transient fault), remembered by a flag file in
+    the directory `NE_TEST_FAULT_DIR` that the test provides (nothing is written into the store)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
         return
-    target, _, mode = fault_unit.partition(":")
+    target, _, mode = spec.partition(":")
     if target not in (unit, f"{stage}/{unit}"):
         return
     if mode == "once":
-        flag = f"{store.root}/_faults/{stage}-{unit}"
-        if store.fs.exists(flag):
+        flags = os.environ.get(FAULT_DIR_ENV)
+        if not flags:
+            raise RuntimeError(f"{FAULT_ENV}={spec} needs {FAULT_DIR_ENV}, a directory for its flag")
+        flag = os.path.join(flags, f"{stage}-{unit}")
+        if os.path.exists(flag):
             return
-        store.fs.makedirs(flag.rsplit("/", 1)[0], exist_ok=True)
-        store.fs.pipe_file(flag, b"1")
+        open(flag, "w").close()
     raise InjectedFault(f"fault injected into {stage} shard {unit}")
 
 
-def run_unit(store_url: str, stage: str, unit: str, work: Callable[[Store], dict],
-             fault_unit: str | None = None) -> dict:
+def run_unit(store_url: str, stage: str, unit: str, work: Callable[[Store], dict]) -> dict:
     """Run one unit of a stage unless its marker says complete; return a small record."""
     store = Store(store_url)
     log = task_logger()
@@ -62,7 +69,7 @@ def run_unit(store_url: str, stage: str, unit: str, work: Callable[[Store], dict
         return {"stage": stage, "unit": unit, "skipped": True}
     t0 = time.perf_counter()
     try:
-        _maybe_fault(store, stage, unit, fault_unit)
+        _maybe_fault(stage, unit)
         record = work(store)
     except BaseException as e:
         store.mark_failed(stage, unit, f"{type(e).__name__}: {e}")

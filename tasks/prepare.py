@@ -1,30 +1,25 @@
-"""Prepare: tokenize the dataset, write the store's template, tokens, vocab and MLP weights.
-
-Runs once per store (marker `prepare/all`); everything later reads the store, not the dataset.
-"""
+"""The `prepare` stage: tokenize the dataset, write the store's template, tokens, vocab and the
+units' input weights. Runs once per store (marker `prepare/all`); everything later reads the store."""
 from __future__ import annotations
 
-import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from neuron_embeddings.core.datasets import iter_documents, pack_tokens, vocab_strings
 from neuron_embeddings.core.models import LoadedModel
-from neuron_embeddings.tasks.resolve import model_info, resolve_run, unit_weights
+from neuron_embeddings.core.plan import neuron_shards, scan_blocks
 from neuron_embeddings.core.settings import RunSettings
+from neuron_embeddings.core.units import unit_source
 from neuron_embeddings.storage import store as st
 from neuron_embeddings.tasks.common import run_unit, task_logger
+from neuron_embeddings.tasks.resolve import resolve_run
 
 
-def plan_record(settings: RunSettings, d_mlp: int) -> dict:
-    if settings.sae is not None:  # the store's units are the SAE's features
-        from neuron_embeddings.core.units import load_sae_cached
-
-        d_mlp = load_sae_cached(settings.sae).d_sae
+def plan_record(settings: RunSettings, n_units: int) -> dict:
     """The work units of every stage, as small plain data for the flow."""
     return {
-        "blocks": [b.__dict__ for b in st.scan_blocks(settings)],
-        "shards": [{**s.__dict__, "id": s.id} for s in st.neuron_shards(settings, d_mlp)],
+        "blocks": [b.__dict__ for b in scan_blocks(settings)],
+        "shards": [{**s.__dict__, "id": s.id} for s in neuron_shards(settings, n_units)],
         "band": settings.band_fraction is not None,
         "similar": settings.similar,
     }
@@ -32,8 +27,9 @@ def plan_record(settings: RunSettings, d_mlp: int) -> dict:
 
 def prepare_store(out: str, settings: RunSettings, lm: LoadedModel) -> dict:
     """Tokenize, create the store and fill the prepare-stage arrays; idempotent through its marker."""
+    units = unit_source(lm, settings.model, settings.sae)
     if st.Store(out).is_complete("prepare", "all"):
-        return plan_record(settings, lm.d_mlp)
+        return plan_record(settings, units.n_units)
     # a UserError from the dataset is raised here, before anything is written
     tokens = pack_tokens(iter_documents(settings.dataset), lm.tokenizer, settings.n_sequences,
                          settings.ctx_len, dataset_name=settings.dataset)
@@ -42,16 +38,13 @@ def prepare_store(out: str, settings: RunSettings, lm: LoadedModel) -> dict:
     def work(store: st.Store) -> dict:
         if int(tokens.max()) >= lm.bridge.cfg.d_vocab:
             raise AssertionError("tokenizer produced ids outside the model's vocabulary")
-        st.create_store(out, settings, model_info(lm, settings), len(vocab))
-        st.write(store, "tokens", (slice(None), slice(None)), tokens)
-        st.write(store, "vocab", (slice(None),), np.array(vocab, dtype=object).astype(str))
-        w_in, b_in = unit_weights(lm, settings)
-        st.write(store, "weights/W_in", (slice(None),), w_in.numpy())
-        st.write(store, "weights/b_in", (slice(None),), b_in.numpy())
+        st.create_store(out, settings, units.info(), len(vocab))
+        w_in, b_in = units.weights(list(settings.layers))
+        st.write_prepared(store, tokens, vocab, w_in.numpy(), b_in.numpy())
         return {"tokens": int(tokens.size)}
 
     run_unit(out, "prepare", "all", work)
-    return plan_record(settings, lm.d_mlp)
+    return plan_record(settings, units.n_units)
 
 
 @task(name="prepare", cache_policy=NO_CACHE)

@@ -4,10 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.core.models import (HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE, LoadedModel, load_model, mlp_weights,
-                                      versions)
+from neuron_embeddings.core.models import LoadedModel, load_model
 from neuron_embeddings.core.settings import RunSettings, parse_layers
-from neuron_embeddings.core.units import check_sae_fits, load_sae_cached, sae_model_info, sae_weights_for_store
+from neuron_embeddings.core.units import check_sae_fits, load_sae_cached
 from neuron_embeddings.storage.store import Store, check_settings, check_writable
 
 
@@ -42,20 +41,3 @@ def resolve_run(out: str, model: str, dataset: str, layers: str | None, device: 
     else:
         check_writable(out)
     return settings, lm
-
-
-def model_info(lm: LoadedModel, settings: RunSettings) -> dict:
-    """The store's attributes about the model and the units (MLP neurons, or an SAE's features)."""
-    info = {"model": settings.model, "unit": "mlp-neuron", "d_model": lm.d_model, "d_mlp": lm.d_mlp,
-            "weights": lm.weights, "hook_input": HOOK_INPUT, "hook_pre": HOOK_PRE,
-            "hook_activation": HOOK_ACTIVATION, "model_n_layers": lm.n_layers, **versions()}
-    if settings.sae is not None:
-        info.update(sae_model_info(load_sae_cached(settings.sae), settings.sae))
-    return info
-
-
-def unit_weights(lm: LoadedModel, settings: RunSettings):
-    """(W [rows, d_model, units], b [rows, units]) float32: what the embeddings multiply x by."""
-    if settings.sae is not None:
-        return sae_weights_for_store(load_sae_cached(settings.sae))
-    return mlp_weights(lm, list(settings.layers))

@@ -1,6 +1,6 @@
 """SAE training stages: cache one hook's activations, train an SAE on them, measure it.
 
-Pure maths lives in neuron_embeddings/sae.py and the cache layout in storage/activations.py; this
+Pure maths lives in neuron_embeddings/core/sae.py and the cache layout in storage/activations.py; this
 module runs the model, wires them together, writes `SAE_DIR/{cfg.json, sae_weights.safetensors,
 metrics.json}` and offers thin Prefect task wrappers. Tasks return small records (paths, figures).
 
@@ -19,9 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.core.models import HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE
+from neuron_embeddings.core.models import HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE, capture
+from neuron_embeddings.core.sae import SAETrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,6 @@ def hook_name(hook: str, layer: int) -> str:
 def cache_key(model: str, dataset: str, hook: str, n_sequences: int, ctx_len: int, dtype: str) -> dict:
     return {"model": model, "dataset": dataset, "hook_name": hook, "n_sequences": n_sequences,
             "ctx_len": ctx_len, "dtype": dtype}
-
-
-class _StopForward(Exception):
-    """Raised by the cache's hook: nothing after the cached hook is computed."""
 
 
 def _bar(total: int, desc: str, unit: str):
@@ -87,22 +86,12 @@ def cache_activations(cache_dir: str, model: str, dataset: str, layer: int, hook
         return {"cache": str(cache_dir), "rows": found.n_rows, "d_in": found.d_in, "reused": True}
     tokens = pack_tokens(iter_documents(dataset), lm.tokenizer, n_sequences, ctx_len, dataset_name=dataset)
     writer = None
-    grabbed = {}
-
-    def grab(t, hook):
-        grabbed["acts"] = t.detach()
-        raise _StopForward
-
     bar = _bar(n_sequences, "cache", "seq") if progress else None
     t0 = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, n_sequences, batch_size):
             ids = torch.from_numpy(tokens[start:start + batch_size].astype(np.int64)).to(lm.device)
-            try:
-                lm.bridge.run_with_hooks(ids, fwd_hooks=[(name, grab)])
-            except _StopForward:
-                pass
-            acts = grabbed.pop("acts")
+            acts = capture(lm.bridge, ids, [name])[name]
             rows = acts.reshape(-1, acts.shape[-1]).float().cpu().numpy()
             if writer is None:
                 writer = CacheWriter(cache_dir, key, n_sequences, ctx_len, rows.shape[1], dtype)
@@ -292,22 +281,13 @@ def sae_train(out: str, model: str, dataset: str, layer: int, settings, hook: st
 
 # --- Prefect tasks ----------------------------------------------------------------------------
 
-def _make_tasks():
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
-    def cache_task_fn(cache_dir: str, model: str, dataset: str, layer: int, hook: str, n_sequences: int,
-                      ctx_len: int, batch_size: int, device: str, dtype: str) -> dict:
-        return cache_activations(cache_dir, model, dataset, layer, hook, n_sequences, ctx_len, batch_size, device,
-                                 dtype, progress=False)
-
-    def train_task_fn(sae_dir: str, cache_dir: str, settings: dict, device: str) -> dict:
-        from neuron_embeddings.core.sae import SAETrainSettings
-
-        return train_and_save(sae_dir, cache_dir, SAETrainSettings(**settings), device, progress=False)
-
-    return (task(name="sae-cache-activations", cache_policy=NO_CACHE)(cache_task_fn),
-            task(name="sae-train", task_run_name="sae-train-{sae_dir}", cache_policy=NO_CACHE)(train_task_fn))
+@task(name="sae-cache-activations", cache_policy=NO_CACHE)
+def cache_activations_task(cache_dir: str, model: str, dataset: str, layer: int, hook: str, n_sequences: int,
+                           ctx_len: int, batch_size: int, device: str, dtype: str) -> dict:
+    return cache_activations(cache_dir, model, dataset, layer, hook, n_sequences, ctx_len, batch_size, device,
+                             dtype, progress=False)
 
 
-cache_activations_task, train_sae_task = _make_tasks()
+@task(name="sae-train", task_run_name="sae-train-{sae_dir}", cache_policy=NO_CACHE)
+def train_sae_task(sae_dir: str, cache_dir: str, settings: dict, device: str) -> dict:
+    return train_and_save(sae_dir, cache_dir, SAETrainSettings(**settings), device, progress=False)

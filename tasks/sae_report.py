@@ -9,10 +9,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
+from neuron_embeddings.storage import schema
 from neuron_embeddings.storage import store as st
 
-METRIC_ARRAYS = ("n_examples", "n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter")
 SAE_FIGURES = ("explained_variance", "mse", "l0", "dead_fraction", "dense_fraction", "l_n", "delta_lm_loss",
                "loss_recovered")
 
@@ -20,7 +22,7 @@ SAE_FIGURES = ("explained_variance", "mse", "l0", "dead_fraction", "dense_fracti
 def unit_summary(m: dict[str, np.ndarray]) -> dict:
     """Figures over the units that have examples (n_examples >= 2) of one store row.
 
-    `m` maps each of METRIC_ARRAYS to a [units] array."""
+    `m` maps each of the store's METRICS to a [units] array."""
     have = m["n_examples"] >= 2
     n = int(have.sum())
 
@@ -67,12 +69,12 @@ def effective_dims(W_DU: np.ndarray) -> np.ndarray:
 
 def store_summary(url: str) -> dict:
     store = st.Store(url)
-    m = {name: st.read(store, f"metrics/{name}")[0] for name in METRIC_ARRAYS}
+    m = {name: a[0] for name, a in st.read_metrics(store).items()}
     out = unit_summary(m)
-    ppl = peak_token_perplexity(st.read(store, "topk/seq")[0], st.read(store, "topk/pos")[0], st.read(store, "tokens"))
+    ppl = peak_token_perplexity(st.read(store, schema.TOPK_SEQ)[0], st.read(store, schema.TOPK_POS)[0], st.read_tokens(store))
     have = m["n_examples"] >= 2
     out["peak_token_perplexity"] = float(np.nanmedian(ppl[have])) if have.any() else None
-    out["input_effective_dims"] = float(np.median(effective_dims(st.read(store, "weights/W_in")[0])))
+    out["input_effective_dims"] = float(np.median(effective_dims(st.read(store, schema.W_IN)[0])))
     return out
 
 
@@ -154,3 +156,12 @@ def write_report(out_dir: str, rows: list[dict], title: str, settings: dict) -> 
     (d / "comparison.json").write_text(json.dumps({"rows": rows, "settings": settings}, indent=2))
     plot(rows, d / "comparison.png", title)
     return {"report": str(d / "report.md"), "plot": str(d / "comparison.png"), "markdown": md, "table": table}
+
+
+@task(name="sae-compare", cache_policy=NO_CACHE)
+def compare_task(out: str, stores: dict, sae_dirs: dict, title: str, settings: dict) -> dict:
+    """The SAE flow's comparison of unit kinds: a table, a plot and a report in `out`."""
+    metrics = {name: json.loads((Path(d) / "metrics.json").read_text()) for name, d in sae_dirs.items()}
+    rows = comparison_rows(stores, metrics)
+    rep = write_report(out, rows, title, settings)
+    return {"rows": rows, **rep}

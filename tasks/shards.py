@@ -10,10 +10,18 @@ next shard; a rerun or retry skips every stage whose marker says complete.
 """
 from __future__ import annotations
 
+import contextvars
 import math
-from typing import Callable
+import os
+from concurrent.futures import ThreadPoolExecutor
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from threadpoolctl import threadpool_limits
+
+from neuron_embeddings.core.scan import torch_threads
 from neuron_embeddings.tasks.common import task_logger
+from neuron_embeddings.tasks.registry import BY_NAME
 
 
 class ShardBatchFailed(RuntimeError):
@@ -54,25 +62,24 @@ def shard_threads() -> int:
     the workers of a local cluster, else the machine's cores). A shard's NumPy, SciPy, torch and
     Zarr work releases the GIL for about half its time, so a second shard in flight fills the
     second core; more than two gain little."""
-    import os
-
     if os.environ.get("NE_SHARD_THREADS"):  # an explicit choice (benchmarks compare 1 and 2)
         return max(1, int(os.environ["NE_SHARD_THREADS"]))
     cores = int(os.environ.get("NE_TORCH_THREADS") or os.cpu_count() or 1)
     return max(1, min(2, cores))
 
 
-def run_shard_batch(out: str, shards: list[dict], stages: list[tuple[str, Callable]],
-                    fault_unit: str | None = None, threads: int | None = None) -> dict:
-    """Each shard through `stages` (name, fn(out, shard, fault_unit)) in order, `threads` shards at
-    a time (default `shard_threads()`); a failed stage stops that shard's later stages only.
+def run_shard_batch(out: str, shards: list[dict], stages: list[str], device: str = "auto", batch_size: int = 16,
+                    threads: int | None = None) -> dict:
+    """Each shard through `stages` (registry names) in order, `threads` shards at a time (default
+    `shard_threads()`); a failed stage stops that shard's later stages only.
     Raises ShardBatchFailed naming the failed shards."""
     log = task_logger()
+    fns = [(name, BY_NAME[name].task.fn) for name in stages]
 
     def one(shard: dict) -> str | None:
-        for stage, fn in stages:
+        for stage, fn in fns:
             try:
-                fn(out, shard, fault_unit)
+                fn(out, shard, device, batch_size)
             except Exception as e:  # noqa: BLE001 - recorded on the shard's marker by run_unit
                 msg = str(e) if shard["id"] in str(e) else f"{stage} shard {shard['id']}: {type(e).__name__}: {e}"
                 log.error("%s", msg)
@@ -83,13 +90,6 @@ def run_shard_batch(out: str, shards: list[dict], stages: list[tuple[str, Callab
     if threads <= 1 or len(shards) < 2:
         results = [one(shard) for shard in shards]
     else:
-        import contextvars
-        from concurrent.futures import ThreadPoolExecutor
-
-        from threadpoolctl import threadpool_limits
-
-        from neuron_embeddings.tasks.scan import torch_threads
-
         # one BLAS / torch thread per shard, set once for all of them (both settings are global)
         with threadpool_limits(limits=1, user_api="blas"), torch_threads(1), ThreadPoolExecutor(threads) as pool:
             # each shard in its own copy of this context: Prefect's run logger works in the threads
@@ -101,26 +101,7 @@ def run_shard_batch(out: str, shards: list[dict], stages: list[tuple[str, Callab
     return {"shards": len(shards) - len(failed)}
 
 
-def neuron_shard_stages() -> list[tuple[str, Callable]]:
-    """The per-shard stages after the scan, in order."""
-    from neuron_embeddings.tasks.cluster import cluster_store_shard
-    from neuron_embeddings.tasks.embed import embed_shard
-    from neuron_embeddings.tasks.similar import centroid_shard
-
-    return [("embed", embed_shard), ("cluster", cluster_store_shard), ("centroids", centroid_shard)]
-
-
-def shard_batch(out: str, shards: list[dict], fault_unit: str | None = None) -> dict:
-    """embed, cluster and centroids of a batch of neuron shards."""
-    return run_shard_batch(out, shards, neuron_shard_stages(), fault_unit)
-
-
-def _make_task():
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
-    return task(name="neuron-shards", task_run_name="shards-from-{shards[0][id]}",
-                cache_policy=NO_CACHE)(shard_batch)
-
-
-shard_batch_task = _make_task()
+@task(name="neuron-shards", task_run_name="shards-from-{shards[0][id]}", cache_policy=NO_CACHE)
+def shard_batch(out: str, shards: list[dict], stages: list[str], device: str = "auto", batch_size: int = 16) -> dict:
+    """A batch of neuron shards, each through `stages` (e.g. embed, cluster, centroids)."""
+    return run_shard_batch(out, shards, stages, device, batch_size)

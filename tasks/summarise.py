@@ -1,70 +1,23 @@
-"""Summarise a finished store: a table per layer and the most / least polysemantic neurons, with
-the tokens their clusters peak on."""
+"""Summarise a finished store (core.summary): a table per layer and the most / least polysemantic
+neurons with the tokens their clusters peak on, published to the Prefect UI as artifacts."""
 from __future__ import annotations
 
-from collections import Counter
-
-import numpy as np
 from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from neuron_embeddings.core.summary import cluster_tokens, layer_table, rank_neurons, report_markdown
+from neuron_embeddings.storage import schema
 from neuron_embeddings.storage import store as st
 
-
-# --- pure functions ---------------------------------------------------------------------------
-
-def layer_table(layers: list[int], n_examples_LM: np.ndarray, n_clusters_LM: np.ndarray,
-                mean_distance_LM: np.ndarray) -> list[dict]:
-    """One row per layer: neurons, mean examples, mean clusters, mean distance, share polysemantic."""
-    rows = []
-    for i, layer in enumerate(layers):
-        have = n_examples_LM[i] >= 2
-        md = mean_distance_LM[i][have]
-        rows.append({
-            "layer": int(layer),
-            "neurons": int(n_examples_LM.shape[1]),
-            "with_examples": int(have.sum()),
-            "mean_examples": round(float(n_examples_LM[i].mean()), 2),
-            "mean_clusters": round(float(n_clusters_LM[i][have].mean()), 3) if have.any() else None,
-            "mean_distance": round(float(np.nanmean(md)), 4) if md.size else None,
-            "share_multi_cluster": round(float((n_clusters_LM[i][have] > 1).mean()), 4) if have.any() else None,
-        })
-    return rows
-
-
-def rank_neurons(n_examples_LM: np.ndarray, n_clusters_LM: np.ndarray, mean_distance_LM: np.ndarray,
-                 min_examples: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(row, neuron) pairs, most polysemantic first (clusters desc, mean distance desc) and least
-    polysemantic first (clusters asc, mean distance asc), over neurons with enough examples."""
-    rows, cols = np.nonzero(n_examples_LM >= min_examples)
-    nc = n_clusters_LM[rows, cols]
-    md = np.nan_to_num(mean_distance_LM[rows, cols], nan=0.0)
-    most = np.lexsort((-md, -nc))
-    least = np.lexsort((md, nc))
-    pairs = list(zip(rows.tolist(), cols.tolist()))
-    return [pairs[i] for i in most], [pairs[i] for i in least]
-
-
-def cluster_tokens(labels_K: np.ndarray, seq_K: np.ndarray, pos_K: np.ndarray, tokens_ST: np.ndarray,
-                   vocab: np.ndarray, top: int = 3) -> list[dict]:
-    """For each cluster (largest first): its size and the most frequent tokens its examples peak on."""
-    out = []
-    for c in range(int(labels_K.max()) + 1 if (labels_K >= 0).any() else 0):
-        idx = np.nonzero(labels_K == c)[0]
-        toks = Counter(str(vocab[tokens_ST[seq_K[i], pos_K[i]]]) for i in idx)
-        out.append({"cluster": c, "size": int(idx.size), "tokens": [t for t, _ in toks.most_common(top)]})
-    return out
-
-
-# --- reading the store ------------------------------------------------------------------------
 
 def summarise_store(out: str, n_show: int = 5) -> dict:
     store = st.Store(out)
     s = store.settings()
-    m = {name: st.read(store, f"metrics/{name}") for name in ("n_examples", "n_clusters", "mean_distance")}
+    m = st.read_metrics(store, ("n_examples", "n_clusters", "mean_distance"))
     table = layer_table(list(s.layers), m["n_examples"], m["n_clusters"], m["mean_distance"])
     most, least = rank_neurons(m["n_examples"], m["n_clusters"], m["mean_distance"], min_examples=max(2, s.k // 2))
-    tokens, vocab = st.read(store, "tokens"), st.read(store, "vocab")
+    tokens, vocab = st.read_tokens(store), st.read_vocab(store)
 
     def describe(row: int, j: int) -> dict:
         region = (row, j)
@@ -72,39 +25,19 @@ def summarise_store(out: str, n_show: int = 5) -> dict:
             "layer": int(s.layers[row]), "neuron": int(j),
             "n_examples": int(m["n_examples"][row, j]), "n_clusters": int(m["n_clusters"][row, j]),
             "mean_distance": round(float(m["mean_distance"][row, j]), 4),
-            "clusters": cluster_tokens(st.read(store, "clusters/labels", region), st.read(store, "topk/seq", region),
-                                       st.read(store, "topk/pos", region), tokens, vocab),
+            "clusters": cluster_tokens(st.read(store, schema.LABELS, region), st.read(store, schema.TOPK_SEQ, region),
+                                       st.read(store, schema.TOPK_POS, region), tokens, vocab),
         }
 
     return {"layers": table, "most_polysemantic": [describe(*p) for p in most[:n_show]],
             "least_polysemantic": [describe(*p) for p in least[:n_show]]}
 
 
-def report_markdown(summary: dict, out: str) -> str:
-    """The run's report: settings line, per-layer table, most polysemantic neurons with their clusters."""
-    lines = [f"# neuron-embeddings: `{out}`", "", "| layer | neurons | with examples | mean clusters | "
-             "mean distance | > 1 cluster |", "|---|---|---|---|---|---|"]
-    for r in summary["layers"]:
-        lines.append(f"| {r['layer']} | {r['neurons']} | {r['with_examples']} | {r['mean_clusters']} | "
-                     f"{r['mean_distance']} | {100 * (r['share_multi_cluster'] or 0):.1f}% |")
-    lines += ["", "## Most polysemantic neurons", "", "| neuron | clusters | mean distance | clusters: size, top tokens |",
-              "|---|---|---|---|"]
-    for n in summary["most_polysemantic"]:
-        cl = "; ".join(f"#{c['cluster']} ({c['size']}): " + " ".join(f"`{t!r}`" for t in c["tokens"])
-                       for c in n["clusters"][:6])
-        lines.append(f"| L{n['layer']} N{n['neuron']} | {n['n_clusters']} | {n['mean_distance']} | {cl} |")
-    return "\n".join(lines)
-
-
-def summarise_and_publish(out: str, n_show: int = 10) -> dict:
+@task(name="summarise", cache_policy=NO_CACHE)
+def summarise_task(out: str, n_show: int = 10) -> dict:
     """Summarise the store and publish it to the Prefect UI: a table per layer and a markdown report."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     summary = summarise_store(out, n_show=n_show)
     create_table_artifact(summary["layers"], key="layer-summary", description=f"per-layer summary of {out}")
     create_markdown_artifact(report_markdown(summary, out), key="polysemanticity-report",
                              description=f"most polysemantic neurons of {out}")
     return summary
-
-
-summarise_task = task(name="summarise", cache_policy=NO_CACHE)(summarise_and_publish)

@@ -7,41 +7,35 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from neuron_embeddings.tasks.resolve import resolve_run
-from neuron_embeddings.tasks.cluster import cluster_store_shard
-from neuron_embeddings.tasks.embed import embed_shard
+from neuron_embeddings.core.settings import default
+from neuron_embeddings.storage.schema import CONTRACT
+from neuron_embeddings.storage.store import Store
 from neuron_embeddings.tasks.prepare import prepare_store
-from neuron_embeddings.tasks.scan import maxima_block, scan_block
-from neuron_embeddings.tasks.similar import centroid_shard, similar_shard
+from neuron_embeddings.tasks.registry import phases
+from neuron_embeddings.tasks.resolve import resolve_run
 
-CONTRACT_ARRAYS = ["tokens", "vocab", "topk/act", "topk/seq", "topk/pos", "embeddings", "clusters/labels",
-                   "clusters/linkage", "metrics/n_examples", "metrics/n_clusters", "metrics/max_distance",
-                   "metrics/mean_distance", "metrics/mean_intra", "metrics/mean_inter"]
+CONTRACT_ARRAYS = list(CONTRACT)
 
 
 def options(model: str, **over) -> dict:
-    base = dict(model=model, dataset="builtin:python-docs", layers=None, n_sequences=24, ctx_len=32, k=6,
-                selection="top", shard_size=64, linkage="average", threshold=0.5, seed=0,
-                embedding_dtype="float32", scan_blocks=1, device="cpu", workers=1)
+    """Small run options for tests (the rest: the settings' defaults)."""
+    base = dict(model=model, dataset=default("dataset"), layers=None, n_sequences=24, ctx_len=32, k=6,
+                selection=default("selection"), shard_size=64, linkage=default("linkage"),
+                threshold=default("threshold"), seed=default("seed"), embedding_dtype="float32", scan_blocks=1,
+                device="cpu", workers=1)
     base.update(over)
     return base
 
 
 def run_stages(out: str, batch_size: int = 8, **opts) -> zarr.Group:
-    """Every stage of the pipeline in plan order, by calling the task functions directly."""
+    """Every stage of the registry in plan order, by calling the task functions directly (no Prefect)."""
     settings, lm = resolve_run(out, **opts)
     plan = prepare_store(out, settings, lm)
-    if plan["band"]:
-        for b in plan["blocks"]:
-            maxima_block(out, b, batch_size, "cpu")
-    for b in plan["blocks"]:
-        scan_block(out, b, batch_size, "cpu")
-    for sh in plan["shards"]:
-        embed_shard(out, sh)
-        cluster_store_shard(out, sh)
-        centroid_shard(out, sh)
-    for sh in plan["shards"]:
-        similar_shard(out, sh)
+    for phase in phases(Store(out).settings()):
+        units = plan["blocks"] if phase[0].over == "blocks" else plan["shards"]
+        for unit in units:
+            for stage in phase:
+                stage.task.fn(out, unit, "cpu", batch_size)
     return zarr.open_group(out, mode="r")
 
 

@@ -10,7 +10,7 @@ import time
 
 import psutil
 
-from neuron_embeddings.storage.status import store_status
+from neuron_embeddings.tasks.registry import run_status
 from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
 
 
@@ -39,7 +39,7 @@ def test_two_workers_report_to_the_runs_own_server(tiny_gpt2, tmp_path):
         time.sleep(0.1)
     err = p.stderr.read()
     assert p.wait(timeout=30) == 0, err[-2000:]
-    st = store_status(str(out))
+    st = run_status(str(out))
     assert st.failed == 0 and st.pending == 0
     assert len(servers) == 1, f"{len(servers)} Prefect servers ran"
     assert len(workers) == 2

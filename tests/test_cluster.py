@@ -9,7 +9,7 @@ import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist, squareform
 
-from neuron_embeddings.tasks.cluster import (
+from neuron_embeddings.core.cluster import (
     LINKAGES,
     ClusterResult,
     cluster_shard,

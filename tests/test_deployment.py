@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from neuron_embeddings.storage.status import store_status
+from neuron_embeddings.tasks.registry import run_status
 from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tiny_
     state = run_worker_once()
     assert state is not None and state.is_failed(), f"{state!r}; worker log:\n{worker_log.read_text()[-4000:]}"
     assert "L01-N00064" in worker_log.read_text()
-    st = store_status(str(out))
+    st = run_status(str(out))
     assert st.units["embed"]["L01-N00064"] == "failed" and st.failed == 1, st
     before = _marker_mtimes(out)
 
@@ -115,7 +115,7 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tiny_
     assert {k for k in changed if not k.startswith("similar/")} == {
         "embed/L01-N00064.done", "cluster/L01-N00064.done", "centroids/L01-N00064.done"}
 
-    st = store_status(str(out))
+    st = run_status(str(out))
     assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 * 4, st
 
     ref = tmp_path / "reference.zarr"

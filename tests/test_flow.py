@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from neuron_embeddings.flows.run import ShardsFailed, neuron_embeddings_run
-from neuron_embeddings.storage.status import store_status
+from neuron_embeddings.tasks.registry import run_status
 from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
 
 FLOW_OPTS = dict(n_sequences=24, ctx_len=32, k=6, shard_size=64, embedding_dtype="float32", device="cpu",
@@ -27,7 +27,7 @@ def reference(tiny_gpt2, tmp_path_factory):
 def test_flow_run_then_resume(prefect_server, tiny_gpt2, tmp_path, reference):
     out = str(tmp_path / "flow.zarr")
     summary = neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)
-    st = store_status(out)
+    st = run_status(out)
     assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 * 4  # prepare, scan, 8 shards x 4 stages
     assert [r["layer"] for r in summary["layers"]] == [0, 1]
     assert_same_arrays(reference, contract_arrays(out))  # the flow writes what the stages compute
@@ -76,7 +76,7 @@ def test_shards_two_at_a_time_in_a_batch(prefect_server, tiny_gpt2, tmp_path, re
     assert shard_threads() == min(2, os.cpu_count() or 1)  # 2 here: this machine has 2 cores
     out = str(tmp_path / "threads.zarr")
     neuron_embeddings_run(out=out, model=tiny_gpt2, **{**FLOW_OPTS, "shard_size": 16})
-    st = store_status(out)
+    st = run_status(out)
     assert st.failed == 0 and st.pending == 0 and len(st.units["embed"]) == 32
     batches = shard_batches([{"id": i} for i in range(32)], 1)
     assert [s["id"] for b in batches for s in b] == list(range(32)) and max(map(len, batches)) > 2
@@ -94,7 +94,8 @@ def _check_shard_logs(out: str) -> None:
     from prefect.client.schemas.sorting import FlowRunSort
     from prefect.logging.handlers import APILogHandler
 
-    from neuron_embeddings.storage.store import Store, stage_units
+    from neuron_embeddings.storage.store import Store
+    from neuron_embeddings.tasks.registry import stage_units
 
     APILogHandler().flush()
     store = Store(out)
@@ -118,7 +119,7 @@ def test_failed_shard_is_named_and_only_it_is_rerun(prefect_server, tiny_gpt2, t
     out = str(tmp_path / "fault.zarr")
     with pytest.raises(ShardsFailed, match="L01-N00064"):
         neuron_embeddings_run(out=out, model=tiny_gpt2, fault_shard="embed/L01-N00064", **FLOW_OPTS)
-    st = store_status(out)
+    st = run_status(out)
     assert st.units["embed"]["L01-N00064"] == "failed"
     assert st.units["cluster"]["L01-N00064"] == "pending"
     assert st.units["centroids"]["L01-N00064"] == "pending"
@@ -129,14 +130,14 @@ def test_failed_shard_is_named_and_only_it_is_rerun(prefect_server, tiny_gpt2, t
     changed = {k for k in after if before.get(k) != after[k]}
     assert changed == {"embed/L01-N00064.done", "cluster/L01-N00064.done", "centroids/L01-N00064.done"} | {
         f"similar/{u}.done" for u in st.units["similar"]}
-    assert store_status(out).failed == 0
+    assert run_status(out).failed == 0
     assert_same_arrays(reference, contract_arrays(out))
 
 
 def test_two_dask_worker_processes_give_the_same_store(prefect_server, tiny_gpt2, tmp_path, reference):
     out = str(tmp_path / "dask.zarr")
     neuron_embeddings_run(out=out, model=tiny_gpt2, workers=2, **FLOW_OPTS)
-    st = store_status(out)
+    st = run_status(out)
     assert st.failed == 0 and st.pending == 0
     assert len(st.units["scan"]) == 2  # two data-parallel scan blocks
     for stage in ("scan", "embed", "cluster"):  # both the scan blocks and the neuron shards spread over both
@@ -155,7 +156,7 @@ def test_task_retries_absorb_a_transient_fault(prefect_server, tiny_gpt2, tmp_pa
     out = str(tmp_path / "retry.zarr")
     neuron_embeddings_run(out=out, model=tiny_gpt2, fault_shard="cluster/L00-N00128:once", task_retries=1,
                           **FLOW_OPTS)
-    st = store_status(out)
+    st = run_status(out)
     assert st.failed == 0 and st.pending == 0
     assert_same_arrays(reference, contract_arrays(out))
 
@@ -165,7 +166,7 @@ def test_no_similar_leaves_that_stage_out(prefect_server, tiny_gpt2, tmp_path, r
 
     out = str(tmp_path / "nosim.zarr")
     neuron_embeddings_run(out=out, model=tiny_gpt2, similar=False, **FLOW_OPTS)
-    st = store_status(out)
+    st = run_status(out)
     assert st.units["similar"] == {} and st.failed == 0 and st.pending == 0
     assert st.complete == 1 + 1 + 8 * 3  # prepare, scan, 8 shards x (embed, cluster, centroids)
     assert (zarr.open_group(out, mode="r")["similar/neighbours"][...] == -1).all()

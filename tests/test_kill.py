@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from neuron_embeddings.storage.status import store_status
+from neuron_embeddings.tasks.registry import run_status
 from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
 
 N_SEQ, CTX, K, SHARD = 160, 32, 6, 64
@@ -42,11 +42,11 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_store(tiny_gpt2, tmp_path, p
     assert p.poll() is None, "the run finished before it could be killed"
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    st = store_status(str(out))
+    st = run_status(str(out))
     assert st.pending > 0  # it really was cut short
     done = subprocess.run(_cli(tiny_gpt2, str(out)), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    st = store_status(str(out))
+    st = run_status(str(out))
     assert st.failed == 0 and st.pending == 0
     ref = tmp_path / "ref.zarr"
     run_stages(str(ref), **options(tiny_gpt2, n_sequences=N_SEQ, ctx_len=CTX, k=K, shard_size=SHARD))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from neuron_embeddings.core.settings import RunSettings
-from neuron_embeddings.storage.store import create_store, neuron_shards, scan_blocks, shard_region
+from neuron_embeddings.core.plan import neuron_shards, scan_blocks
+from neuron_embeddings.storage.store import create_store, shard_region
 
 
 def _chunk_ids(region: tuple, chunks: tuple, shape: tuple) -> set:

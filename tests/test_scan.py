@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neuron_embeddings.core.models import load_model
-from neuron_embeddings.tasks.scan import (SlotTable, band_priority, merge_blocks, neuron_embeddings, rank_order, scan_sequences,
+from neuron_embeddings.core.scan import (SlotTable, band_priority, merge_blocks, neuron_embeddings, rank_order, scan_sequences,
                         update_slots)
 
 

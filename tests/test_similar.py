@@ -8,7 +8,7 @@ import pytest
 import torch
 import zarr
 
-from neuron_embeddings.tasks.similar import ClusterSet, cluster_centroids, cluster_top_tokens, compact, nearest_clusters
+from neuron_embeddings.core.similar import ClusterSet, cluster_centroids, cluster_top_tokens, compact, nearest_clusters
 from tests.helpers import options, run_stages
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,37 @@ def load_model(name: str, device: str = "auto") -> LoadedModel:
             log.info("loading model %s on %s", name, dev)
             _CACHE[key] = _boot(name, dev)
         return _CACHE[key]
+
+
+class _StopForward(Exception):
+    """Raised by `run_until`'s hooks once every hook has fired: nothing after them is computed."""
+
+
+def run_until(bridge, ids_BT: torch.Tensor, hooks: list[tuple[str, Callable[[torch.Tensor], None]]]) -> None:
+    """Run the model on `ids_BT` with `hooks` (hook name, fn(activation)) and stop the forward as soon
+    as every one of them has fired: the one way this package runs a model up to a hook."""
+    pending = {name for name, _ in hooks}
+
+    def wrap(name: str, fn: Callable[[torch.Tensor], None]):
+        def hook(t, hook):
+            fn(t.detach())
+            pending.discard(name)
+            if not pending:
+                raise _StopForward
+            return t
+        return hook
+
+    try:
+        bridge.run_with_hooks(ids_BT, fwd_hooks=[(name, wrap(name, fn)) for name, fn in hooks])
+    except _StopForward:
+        pass
+
+
+def capture(bridge, ids_BT: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """The activations at each hook of `names` (detached), from a forward stopped after the last."""
+    got: dict[str, torch.Tensor] = {}
+    run_until(bridge, ids_BT, [(name, lambda t, name=name: got.__setitem__(name, t)) for name in names])
+    return got
 
 
 def mlp_weights(model: LoadedModel, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,16 @@
-"""One validated settings object per run; what a store remembers in its root attributes.
+"""The run's settings: every default and its validation, in one place.
 
-`RunSettings` holds every option that changes what lands in the store. Options that only change
-how fast it gets there (batch size, device, workers) live in `ExecSettings` and may differ between
-a run and its resumption.
+`RunSettings` holds every option that changes what lands in the store (remembered in its root
+attributes). `ExecSettings` holds the options that only change how fast it gets there (batch size,
+device, workers, retries), which may differ between a run and its resumption. The CLI's options,
+the flow's parameters and prefect.yaml take their defaults from here (`default`), and a test
+checks them against it.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from neuron_embeddings.core.errors import UserError
 
@@ -111,6 +113,10 @@ class RunSettings:
         return [f"{k}: {a[k]!r} in the store, {b[k]!r} asked" for k in a if a[k] != b[k]]
 
 
+DEFAULT_MODEL = "gpt2"
+DEFAULT_DATASET = "builtin:python-docs"
+
+
 @dataclass(frozen=True)
 class ExecSettings:
     """How a run executes; free to change between a run and its resumption."""
@@ -120,7 +126,6 @@ class ExecSettings:
     workers: int = 1
     dask_address: str | None = None
     task_retries: int = 0
-    fault_shard: str | None = field(default=None)  # tests only: make this shard id fail
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -129,3 +134,16 @@ class ExecSettings:
             raise UserError(f"--device {self.device!r}: use auto, cpu or cuda")
         if self.workers < 1:
             raise UserError(f"--workers {self.workers}: need at least 1")
+        if self.task_retries < 0:
+            raise UserError(f"--task-retries {self.task_retries}: use 0 or more")
+
+
+def default(name: str):
+    """The default of a run option (`model`, `dataset`, or a field of RunSettings or ExecSettings)."""
+    if name in ("model", "dataset"):
+        return {"model": DEFAULT_MODEL, "dataset": DEFAULT_DATASET}[name]
+    for cls in (RunSettings, ExecSettings):
+        for f in dataclasses.fields(cls):
+            if f.name == name and f.default is not dataclasses.MISSING:
+                return f.default
+    raise KeyError(f"no default for run option {name!r}")

@@ -1,4 +1,9 @@
-"""What a store's units are: a model's MLP neurons (the default) or the features of an SAE.
+"""Unit sources: where a store's units get their input x, their activation and their weights.
+
+A unit is anything with an input vector x and input weights whose product sums to its
+pre-activation. A `UnitSource` says which hooks feed a store row, how the captured tensors become
+(activations, x), and the weights the embeddings multiply x by; the scan, the embed stage and the
+explorer see a unit source, never a model family. Two today: MLP neurons and SAE features.
 
 For MLP neurons the scan hooks `mlp.hook_in` (x) and `mlp.hook_post` (the activation) and the
 weights are the MLP's `W_in`, `b_in`. For an SAE attached at hook `h` the scan hooks `h` only and
@@ -15,6 +20,7 @@ from pathlib import Path
 import torch
 
 from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.models import HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE, LoadedModel, capture, mlp_weights, versions
 
 _SAE_CACHE: dict[str, object] = {}
 _LOCK = threading.Lock()
@@ -39,29 +45,15 @@ def hook_template(hook_name: str) -> str:
     return re.sub(r"(^|\.)blocks\.\d+\.", r"\1blocks.{layer}.", hook_name, count=1)
 
 
-class _Stop(Exception):
-    pass
-
-
 def hook_width(bridge, hook_name: str) -> int:
     """The last dimension of the activations at `hook_name`, from a one-token forward; a one-line
     error when the model has no such hook."""
     if hook_name not in bridge.hook_dict:
         raise UserError(f"the SAE reads hook {hook_name!r}, which this model does not have; "
                         "evaluate it with the model it was trained on")
-    seen = {}
-
-    def grab(t, hook):
-        seen["d"] = int(t.shape[-1])
-        raise _Stop
-
     ids = torch.zeros((1, 1), dtype=torch.long, device=next(bridge.parameters()).device)
     with torch.inference_mode():
-        try:
-            bridge.run_with_hooks(ids, fwd_hooks=[(hook_name, grab)])
-        except _Stop:
-            pass
-    return seen["d"]
+        return int(capture(bridge, ids, [hook_name])[hook_name].shape[-1])
 
 
 def check_sae_fits(sae, bridge) -> None:
@@ -83,3 +75,114 @@ def sae_model_info(sae, sae_path: str) -> dict:
 def sae_weights_for_store(sae) -> tuple[torch.Tensor, torch.Tensor]:
     """(W [1, d_in, d_sae], b [1, d_sae]) float32: the store's `weights/W_in`, `weights/b_in`."""
     return sae.W_enc.detach().float().cpu()[None], sae.b_enc.detach().float().cpu()[None]
+
+
+# --- the interface ----------------------------------------------------------------------------
+
+class UnitSource:
+    """Where the units of one store come from. Subclasses set `kind` (the store's `unit` attribute)."""
+
+    kind: str = ""
+    n_units: int  # M: units per row
+    d_input: int  # D: width of x
+
+    def taps(self, layer: int, need_x: bool = True) -> tuple[str, ...]:
+        """Hook names the scan captures for the row of `layer`, in forward order."""
+        raise NotImplementedError
+
+    def read(self, captured: dict[str, torch.Tensor], layer: int, need_x: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(activations [B, T, M], x [B, T, D] or None) from the row's captured tensors."""
+        raise NotImplementedError
+
+    def weights(self, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W [rows, D, M], b [rows, M]) float32: sum(x * W[r, :, j]) + b[r, j] is unit j's pre-activation."""
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        """The store's attributes about the units."""
+        raise NotImplementedError
+
+
+class MLPNeurons(UnitSource):
+    """A model's MLP neurons: x at `mlp.hook_in`, activation at `mlp.hook_post`, weights W_in, b_in."""
+
+    kind = "mlp-neuron"
+
+    def __init__(self, lm: LoadedModel | None, model: str, n_units: int | None = None, d_input: int | None = None):
+        self.lm, self.model = lm, model
+        self.n_units = lm.d_mlp if lm is not None else int(n_units)
+        self.d_input = lm.d_model if lm is not None else int(d_input)
+
+    @classmethod
+    def for_bridge(cls, bridge) -> "MLPNeurons":
+        """The MLP neurons of a bridge, for the scan alone (no weights or store attributes)."""
+        return cls(None, "", int(bridge.cfg.d_mlp), int(bridge.cfg.d_model))
+
+    def taps(self, layer: int, need_x: bool = True) -> tuple[str, ...]:
+        post = HOOK_ACTIVATION.format(layer=layer)
+        return (HOOK_INPUT.format(layer=layer), post) if need_x else (post,)
+
+    def read(self, captured, layer, need_x=True):
+        x = captured[HOOK_INPUT.format(layer=layer)] if need_x else None
+        return captured[HOOK_ACTIVATION.format(layer=layer)], x
+
+    def weights(self, layers):
+        return mlp_weights(self.lm, list(layers))
+
+    def info(self) -> dict:
+        lm = self.lm
+        return {"model": self.model, "unit": self.kind, "d_model": lm.d_model, "d_mlp": lm.d_mlp,
+                "weights": lm.weights, "hook_input": HOOK_INPUT, "hook_pre": HOOK_PRE,
+                "hook_activation": HOOK_ACTIVATION, "model_n_layers": lm.n_layers, **versions()}
+
+
+class SAEFeatures(UnitSource):
+    """An SAE's features, on the SAE's hook h: x = the encoder's input (h - b_dec where the SAE
+    subtracts it), activation = the feature activations, weights W_enc, b_enc. One store row."""
+
+    kind = "sae-feature"
+
+    def __init__(self, lm: LoadedModel, model: str, sae_path: str):
+        self.mlp = MLPNeurons(lm, model)
+        self.sae, self.path = load_sae_cached(sae_path), sae_path
+        self.n_units, self.d_input = self.sae.d_sae, self.sae.d_in
+
+    def taps(self, layer: int, need_x: bool = True) -> tuple[str, ...]:
+        assert layer == self.sae.layer, "an SAE store has one row, the SAE's layer"
+        return (self.sae.hook_name,)
+
+    def read(self, captured, layer, need_x=True):
+        t = captured[self.sae.hook_name]
+        h = t.reshape(-1, t.shape[-1])
+        weights = sae_on_device(self.sae, t.device)
+        post = weights.encode(h).reshape(*t.shape[:-1], -1)
+        return post, weights.encoder_input(h).reshape(t.shape) if need_x else None
+
+    def weights(self, layers):
+        return sae_weights_for_store(self.sae)
+
+    def info(self) -> dict:
+        return {**self.mlp.info(), **sae_model_info(self.sae, self.path)}
+
+
+def sae_on_device(sae, device):
+    """The SAE's weights on `device` (a copy, made once per SAE and device)."""
+    if str(sae.W_enc.device) == str(device):
+        return sae
+    cache = sae.__dict__.setdefault("_on_device", {})
+    if str(device) not in cache:
+        import dataclasses
+
+        cache[str(device)] = dataclasses.replace(
+            sae, W_enc=sae.W_enc.to(device), b_enc=sae.b_enc.to(device), W_dec=sae.W_dec.to(device),
+            b_dec=sae.b_dec.to(device), threshold=None if sae.threshold is None else sae.threshold.to(device))
+    return cache[str(device)]
+
+
+UNIT_SOURCES: dict[str, type[UnitSource]] = {MLPNeurons.kind: MLPNeurons, SAEFeatures.kind: SAEFeatures}
+
+
+def unit_source(lm: LoadedModel, model: str, sae: str | None = None) -> UnitSource:
+    """The unit source of a run: an SAE's features when `sae` is given, else the MLP neurons."""
+    return SAEFeatures(lm, model, sae) if sae is not None else MLPNeurons(lm, model)

@@ -1,0 +1,355 @@
+"""Scan: one forward pass per batch, a running top-k per neuron that keeps the MLP input x.
+
+Per batch and layer the activations [B, T, M] are reduced over positions first (per-sequence max
+and argmax, [B, M]); the candidates are merged into a slot table of k entries per neuron, ranked
+by (key descending, sequence index ascending). Only the candidates that enter the table have their
+x vector gathered, so the state is O(M * k * D) whatever the number of tokens.
+
+`top` ranks by the activation itself. `band:F` ranks by a seeded hash of (seed, layer, neuron,
+sequence), among the sequences whose max is at least F times the neuron's dataset maximum (known
+from a first pass): the k smallest hashes are a uniform sample that does not depend on how the
+sequences are split into blocks, batches or shards.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from neuron_embeddings.core.models import run_until
+from neuron_embeddings.core.units import MLPNeurons, UnitSource
+
+log = logging.getLogger(__name__)
+
+NO_SEQ = np.iinfo(np.int64).max
+MASK32 = 0xFFFFFFFF
+
+
+# --- pure functions ---------------------------------------------------------------------------
+
+@dataclass
+class SlotTable:
+    """The k best entries of every neuron of one layer, kept in rank order (key desc, seq asc).
+
+    Each entry has one of k fixed slots per neuron; `slot` says which slot holds each ranked entry's
+    x and window, so a merge moves small fields only. Empty entries have key -inf.
+
+    The MLP inputs are not copied per entry: many neurons pick the same token (while the table
+    fills, nearly every token of a batch enters for some neuron), so each token's x is stored once,
+    in a pool of rows, and a slot holds the row's index (`xref`; row 0 is the zero vector). When the
+    pool is full, rows no slot refers to are dropped (`_reserve`). The pool has M * k + a margin rows,
+    allocated and touched up front: memory is the same for any number of tokens, and a run that
+    would not fit fails at its start.
+    """
+
+    key: torch.Tensor  # float64 [M, k] ranking key, larger is better, descending along k
+    act: torch.Tensor  # float32 [M, k] the example's activation (per-sequence max)
+    seq: torch.Tensor  # int64 [M, k] sequence index (NO_SEQ where empty)
+    pos: torch.Tensor  # int64 [M, k] position of the sequence's max token
+    slot: torch.Tensor  # int64 [M, k] slot holding each ranked entry's x and window
+    xref: torch.Tensor  # int64 [M, k] by slot: the pool row holding that slot's MLP input
+    pool: torch.Tensor  # [rows, D] MLP inputs in the embedding dtype; row 0 = zeros
+    win: torch.Tensor  # float32 [M, k, W] activations at positions pos-before .. pos+after, by slot
+    before: int = 0  # tokens of the window before the max token (W = before + 1 + after)
+    used: int = 1  # pool rows in use (row 0 always)
+
+    @classmethod
+    def empty(cls, d_mlp: int, k: int, d_model: int, dtype: torch.dtype, device="cpu",
+              window: tuple[int, int] = (0, 0), pool_rows: int | None = None) -> "SlotTable":
+        rows = pool_rows or d_mlp * k + 1 + max(d_mlp * k // 4, 4096)
+        pool = torch.empty((rows, d_model), dtype=dtype, device=device)
+        pool.zero_()  # touched now (see the class docstring)
+        return cls(
+            key=torch.full((d_mlp, k), -torch.inf, dtype=torch.float64, device=device),
+            act=torch.full((d_mlp, k), torch.nan, dtype=torch.float32, device=device),
+            seq=torch.full((d_mlp, k), NO_SEQ, dtype=torch.int64, device=device),
+            pos=torch.full((d_mlp, k), -1, dtype=torch.int64, device=device),
+            slot=torch.arange(k, device=device).repeat(d_mlp, 1),
+            xref=torch.zeros((d_mlp, k), dtype=torch.int64, device=device),
+            pool=pool,
+            win=torch.full((d_mlp, k, window[0] + 1 + window[1]), torch.nan, dtype=torch.float32, device=device),
+            before=window[0],
+        )
+
+    @property
+    def x(self) -> torch.Tensor:
+        """[M, k, D] the MLP input of each slot (a new tensor, in the embedding dtype)."""
+        M, k = self.xref.shape
+        return self.pool.index_select(0, self.xref.view(-1)).view(M, k, -1)
+
+    def by_slot(self, name: str) -> torch.Tensor:
+        """Field `name` rearranged into slot order, to go with `x` ([M, k])."""
+        field = getattr(self, name)
+        return torch.empty_like(field).scatter_(1, self.slot, field)
+
+    def add_rows(self, rows_ND: torch.Tensor) -> int:
+        """Append rows to the pool; returns the index of the first."""
+        self._reserve(rows_ND.shape[0])
+        at = self.used
+        self.pool[at:at + rows_ND.shape[0]] = rows_ND
+        self.used += rows_ND.shape[0]
+        return at
+
+    def _reserve(self, n: int, chunk: int = 8192) -> None:
+        """Make room for n more rows: keep only the rows some slot refers to (and row 0), in order."""
+        if self.used + n <= self.pool.shape[0]:
+            return
+        zero = torch.zeros(1, dtype=torch.int64, device=self.xref.device)
+        live, inv = torch.unique(torch.cat([zero, self.xref.view(-1)]), sorted=True, return_inverse=True)
+        for a in range(0, live.numel(), chunk):  # live[i] >= i: copying forward in chunks is safe
+            src = live[a:a + chunk]
+            self.pool[a:a + src.numel()] = self.pool.index_select(0, src)
+        self.xref = inv[1:].view(self.xref.shape)
+        self.used = live.numel()
+        if self.used + n > self.pool.shape[0]:  # only with a pool smaller than M * k + n rows
+            grown = torch.empty((self.used + n, self.pool.shape[1]), dtype=self.pool.dtype, device=self.pool.device)
+            grown[:self.used] = self.pool[:self.used]
+            self.pool = grown
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 tensors holding values in [0, 2**32)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & MASK32
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & MASK32
+    return h ^ (h >> 16)
+
+
+def band_priority(seed: int, layer: int, neurons_M: torch.Tensor, seq_B: torch.Tensor) -> torch.Tensor:
+    """Uniform pseudo-random priorities in [0, 1) as float64 [B, M], a pure function of
+    (seed, layer, neuron, sequence)."""
+    h = _mix32(torch.tensor((seed & MASK32) ^ 0x9E3779B9, dtype=torch.int64))
+    h = _mix32(h ^ (layer & MASK32))
+    h = _mix32(h ^ neurons_M.to(torch.int64))[None, :]  # [1, M]
+    h = _mix32(h ^ (seq_B.to(torch.int64)[:, None] & MASK32))  # [B, M]
+    return h.to(torch.float64) / 2.0**32
+
+
+def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, post_BTM: torch.Tensor,
+                 seq_B: torch.Tensor, x_BTD: torch.Tensor, big_threads: int = 1) -> int:
+    """Merge one batch of candidates (one per sequence and neuron) into the table, in place.
+
+    Precondition (the scan's order): the batch's sequence indices are ascending and larger than
+    any in the table. Then one stable sort of [table, candidates] by key gives the exact
+    (key desc, seq asc) order. Only neurons with a candidate at or above their worst entry are
+    merged, and only entering candidates have their max position (first argmax over positions of
+    `post_BTM`), window and x gathered; those gathers run on `big_threads` threads when many
+    enter (the caller runs the rest on one). Returns how many entered.
+    """
+    k = table.key.shape[1]
+    B = key_BM.shape[0]
+    key_MB = key_BM.T.to(torch.float64)
+    M = key_MB.shape[0]
+    rows_R = torch.nonzero((key_MB >= table.key[:, -1:]).any(dim=1)).squeeze(1)
+    R = rows_R.numel()
+    if R == 0:
+        return 0
+    if 2 * R > M:  # most rows: plain slices beat fancy indexing
+        rows_R, R = torch.arange(M, device=key_MB.device), M
+        sel = slice(None)
+    else:
+        sel = rows_R
+    key_RN = torch.cat([table.key[sel], key_MB[sel]], dim=1)  # [R, k+B]
+    order_RN = torch.argsort(-key_RN, dim=1, stable=True)
+    top_RK, drop_RB = order_RN[:, :k], order_RN[:, k:]
+    r_new, c_new = torch.nonzero(top_RK >= k, as_tuple=True)  # entering candidates, row-major
+    r_old, c_old = torch.nonzero(drop_RB < k, as_tuple=True)  # evicted entries, row-major: pairs up
+    n = int(r_new.numel())
+    if n == 0:
+        return 0
+    freed = torch.gather(table.slot[sel], 1, drop_RB.clamp(max=k - 1))[r_old, c_old]
+
+    def merged(old_RK: torch.Tensor, new_RB: torch.Tensor) -> torch.Tensor:
+        return torch.gather(torch.cat([old_RK, new_RB], dim=1), 1, top_RK)
+
+    b_RB = torch.arange(B, device=key_BM.device).expand(R, B)
+    src_b = torch.gather(b_RB, 1, (top_RK - k).clamp(min=0))[r_new, c_new]  # batch row of each entrant
+    # the entrants again, in (batch row, neuron) order: their reads of post_BTM then walk memory
+    # nearly in order (row-major entrants read it ~3x slower), each with the slot it goes to
+    m_new = rows_R[r_new]
+    tgt_BM = torch.full((B, M), -1, dtype=torch.int64, device=key_BM.device)
+    tgt_BM[src_b, m_new] = m_new * k + freed
+    b_n, m_n = torch.nonzero(tgt_BM >= 0, as_tuple=True)
+    tgt_n = tgt_BM[b_n, m_n]
+    with torch_threads(big_threads if n >= 4096 else 1):  # the big gathers want every thread
+        post_nT = post_BTM[b_n, :, m_n]
+        pos_n = torch.argmax(post_nT, dim=1)  # first max position of each entrant
+        win_nW = activation_windows(post_nT, pos_n, table.before, table.win.shape[2])
+    del post_nT
+    pos_BM = torch.zeros_like(key_BM, dtype=torch.int64)
+    pos_BM[b_n, m_n] = pos_n
+    table.key[sel] = torch.gather(key_RN, 1, top_RK)
+    table.act[sel] = merged(table.act[sel], act_BM.T[sel])
+    table.seq[sel] = merged(table.seq[sel], seq_B[None, :].expand(R, B))
+    table.pos[sel] = merged(table.pos[sel], pos_BM.T[sel])
+    slot_RK = merged(table.slot[sel], torch.zeros_like(b_RB))
+    slot_RK[r_new, c_new] = freed
+    table.slot[sel] = slot_RK
+    T, D = x_BTD.shape[1], x_BTD.shape[2]
+    tok_n = b_n * T + pos_n  # the entrant's token, as a row of the batch
+    used_t = torch.zeros(B * T, dtype=torch.bool, device=tok_n.device)
+    used_t[tok_n] = True
+    tok_u = torch.nonzero(used_t).squeeze(1)  # each token that entered, once
+    first = table.add_rows(x_BTD.reshape(-1, D).index_select(0, tok_u).to(table.pool.dtype))
+    row_t = torch.zeros(B * T, dtype=torch.int64, device=tok_n.device)
+    row_t[tok_u] = torch.arange(first, first + tok_u.numel(), device=tok_n.device)
+    table.xref.view(-1).index_copy_(0, tgt_n, row_t[tok_n])
+    table.win.view(-1, win_nW.shape[1]).index_copy_(0, tgt_n, win_nW)
+    return n
+
+
+def activation_windows(post_nT: torch.Tensor, pos_n: torch.Tensor, before: int, width: int) -> torch.Tensor:
+    """Activations at positions pos-before .. pos-before+width-1 of each row: float32 [n, width],
+    NaN where the window runs past either end of the sequence."""
+    T = post_nT.shape[1]
+    idx_nW = pos_n[:, None] - before + torch.arange(width, device=pos_n.device)[None, :]
+    inside = (idx_nW >= 0) & (idx_nW < T)
+    vals = torch.gather(post_nT.float(), 1, idx_nW.clamp(0, T - 1))
+    return torch.where(inside, vals, torch.full_like(vals, torch.nan))
+
+
+def batch_candidates(post_BTM: torch.Tensor) -> torch.Tensor:
+    """Per-sequence max over positions: [B, M] float32 (amax: ~10x faster than max with indices;
+    positions are found later, for the few candidates that enter the table)."""
+    return post_BTM.float().amax(dim=1)
+
+
+def band_keys(act_BM: torch.Tensor, gmax_M: torch.Tensor, fraction: float, seed: int, layer: int,
+              neurons_M: torch.Tensor, seq_B: torch.Tensor) -> torch.Tensor:
+    """Keys for `band:F`: -priority where the sequence is eligible (act >= F * neuron max), else -inf."""
+    eligible = act_BM.double() >= fraction * gmax_M.double()[None, :]
+    key = -band_priority(seed, layer, neurons_M, seq_B).to(act_BM.device)
+    return torch.where(eligible, key, torch.full_like(key, -torch.inf))
+
+
+@dataclass
+class TopK:
+    """Final per-neuron selection, ordered by activation descending (ties: sequence ascending)."""
+
+    act: np.ndarray  # float32 [S, k], NaN where none
+    seq: np.ndarray  # int32 [S, k], -1 where none
+    pos: np.ndarray  # int32 [S, k], -1 where none
+    x: np.ndarray  # [S, k, D], 0 where none
+    win: np.ndarray | None = None  # float32 [S, k, W] activation windows, NaN where none
+
+
+def rank_order(key_SN: np.ndarray, seq_SN: np.ndarray) -> np.ndarray:
+    """Indices [S, N] that sort each row by key descending, then sequence index ascending."""
+    return np.lexsort((seq_SN, -key_SN), axis=-1)
+
+
+def merge_blocks(key_NSK: np.ndarray, act_NSK: np.ndarray, seq_NSK: np.ndarray, pos_NSK: np.ndarray,
+                 x_NSKD: np.ndarray, k: int, win_NSKW: np.ndarray | None = None) -> TopK:
+    """Exact merge of N blocks' slot tables for S neurons: the best k by (key desc, seq asc) of the
+    union, then ordered by (activation desc, seq asc). Empty entries (key -inf) are dropped."""
+    N, S, K = key_NSK.shape
+    flat = lambda a: np.ascontiguousarray(np.moveaxis(a, 0, 1).reshape(S, N * K))  # noqa: E731
+    key, act, seq = flat(key_NSK), flat(act_NSK), flat(seq_NSK).astype(np.int64)
+    seq = np.where(seq < 0, NO_SEQ, seq)
+    chosen = rank_order(key, seq)[:, :k]  # [S, k]
+    valid = np.take_along_axis(key, chosen, axis=1) > -np.inf
+    act_c = np.where(valid, np.take_along_axis(act, chosen, axis=1), -np.inf)
+    seq_c = np.where(valid, np.take_along_axis(seq, chosen, axis=1), NO_SEQ)
+    order = rank_order(act_c.astype(np.float64), seq_c)  # invalid (-inf) go last
+    chosen, valid = np.take_along_axis(chosen, order, axis=1), np.take_along_axis(valid, order, axis=1)
+    blk, slot = chosen // K, chosen % K
+    rows = np.arange(S)[:, None]
+    out_act = np.where(valid, act_NSK[blk, rows, slot], np.nan).astype(np.float32)
+    out_seq = np.where(valid, seq_NSK[blk, rows, slot], -1).astype(np.int32)
+    out_pos = np.where(valid, pos_NSK[blk, rows, slot], -1).astype(np.int32)
+    out_x = x_NSKD[blk, rows, slot]
+    out_x[~valid] = 0
+    out_win = None
+    if win_NSKW is not None:
+        out_win = win_NSKW[blk, rows, slot].astype(np.float32)
+        out_win[~valid] = np.nan
+    return TopK(out_act, out_seq, out_pos, out_x, out_win)
+
+
+def neuron_embeddings(x_SKD: np.ndarray, w_in_DS: np.ndarray, dtype: str) -> np.ndarray:
+    """e[s, i] = x[s, i] ⊙ W_in[:, s]  ->  [S, k, D] in `dtype` (computed in float32)."""
+    with torch_threads(1):  # torch casts to float16 ~1.7x faster than NumPy; small ops: one thread
+        w_SD = torch.from_numpy(np.ascontiguousarray(w_in_DS.T, dtype=np.float32))
+        e = torch.from_numpy(x_SKD).float() * w_SD[:, None, :]
+        return e.to(getattr(torch, dtype)).numpy()
+
+
+# --- the forward pass -------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with `n` torch threads. Many small memory-bound ops ran ~10x slower with 2
+    threads than with 1 on our 2-core machines; big matrix products want them all."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list[int], k: int,
+                   emb_dtype: torch.dtype, batch_size: int, device: str, mode: str = "top",
+                   gmax_LM: torch.Tensor | None = None, fraction: float | None = None, seed: int = 0,
+                   progress=None, window: tuple[int, int] = (0, 0), units: UnitSource | None = None
+                   ) -> list[SlotTable] | torch.Tensor:
+    """Run the model over tokens (sequence indices seq_start + row) and return one SlotTable per
+    layer, or for mode="max" the per-unit maximum [n_layers, M] (first pass of band selection).
+
+    `units` (default: the model's MLP neurons) says which hooks feed each row and how the captured
+    tensors become the activations and x (core.units); the forward stops after the last row's hooks."""
+    units = units or MLPNeurons.for_bridge(bridge)
+    M, D = units.n_units, units.d_input
+    need_x = mode != "max"
+    tables = [SlotTable.empty(M, k, D, emb_dtype, device, window) for _ in layers]
+    gmax = torch.full((len(layers), M), -torch.inf, device=device)
+    neurons = torch.arange(M, device=device)
+    state: dict = {}
+    threads = torch.get_num_threads()  # the forward's
+
+    def on_tap(row: int, layer: int, name: str, last: str):
+        def fn(t: torch.Tensor) -> None:
+            state["captured", row, name] = t
+            if name == last:  # the row is complete: its activations (and x) now, with the forward's threads
+                taps = units.taps(layer, need_x)
+                captured = {n: state.pop(("captured", row, n)) for n in taps}
+                post, x = units.read(captured, layer, need_x)
+                del captured
+                bookkeeping(row, layer, post, x)  # now: this row's tensors are freed before the next runs
+        return fn
+
+    def bookkeeping(row: int, layer: int, post: torch.Tensor, x: torch.Tensor | None) -> None:
+        """One row's candidates into its table: many small memory-bound ops, run on one thread
+        (with 2 threads they ran ~10x slower here); the forward keeps all its threads. Done inside
+        the forward, layer by layer: holding every layer's activations until the end of the
+        forward made the forward itself ~9 % slower (its buffers could not be reused)."""
+        with torch_threads(1):
+            val = batch_candidates(post)
+            if mode == "max":
+                gmax[row] = torch.maximum(gmax[row], val.max(dim=0).values)
+                return
+            if mode == "top":
+                key = val
+            else:
+                key = band_keys(val, gmax_LM[row].to(device), fraction, seed, layer, neurons, state["seq"])
+            update_slots(tables[row], key, val, post, state["seq"], x, big_threads=threads)
+
+    hooks = []
+    for row, layer in enumerate(layers):
+        taps = units.taps(layer, need_x)
+        hooks += [(name, on_tap(row, layer, name, taps[-1])) for name in taps]
+    n = tokens_SeqT.shape[0]
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            ids = torch.from_numpy(tokens_SeqT[start:start + batch_size].astype(np.int64)).to(device)
+            state["seq"] = torch.arange(seq_start + start, seq_start + start + ids.shape[0], device=device)
+            t0 = time.perf_counter()
+            run_until(bridge, ids, hooks)
+            if progress is not None:
+                progress(ids.shape[0], time.perf_counter() - t0)
+    return gmax.cpu() if mode == "max" else tables

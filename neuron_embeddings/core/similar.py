@@ -1,0 +1,250 @@
+"""Similar clusters: for every cluster, the nearest clusters of *other* neurons.
+
+A cluster's centroid is the mean of the L2-normalised embeddings of its examples; two clusters are
+as similar as the cosine between their centroids. Two stages over the neuron shards:
+
+- `centroids` (per shard): each cluster's centroid and its top token (the token its examples most
+  often peak on; the explorer labels links and searches tokens with it);
+- `similar` (per shard, after every centroid shard): the `N_SIMILAR` clusters of other neurons with
+  the largest centroid cosine to each cluster of the shard, by a blockwise matrix product against
+  all clusters of the store (memory bounded by the block sizes; each process keeps the store's
+  centroids for its next shards when they fit in CACHE_BYTES, else reads them shard by shard).
+
+Clusters of a single example (MIN_CLUSTER_SIZE) are left out on both sides: an outlier example is
+not a behaviour worth linking, and they are ~40 % of all clusters (the demo store), so leaving them
+out cuts the quadratic cost about 3x.
+
+Clusters are identified by (row, neuron, cluster): store row, neuron index, cluster label.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+
+
+def cluster_centroids(emb_SKD: np.ndarray, labels_SK: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Centroids [S, K, D] in `dtype`: slot c of neuron s = mean of the L2-normalised embeddings of
+    the examples labelled c (zero-norm embeddings count as zero vectors); zero where no cluster c.
+    Sums in float32 by one scatter-add over the labelled examples (no [S, K, K] one-hot product)."""
+    S, K, D = emb_SKD.shape
+    lab_N = torch.from_numpy(np.asarray(labels_SK, dtype=np.int64)).reshape(-1)
+    ok_N = torch.nonzero(lab_N >= 0).squeeze(1)
+    e_ND = torch.from_numpy(np.ascontiguousarray(emb_SKD)).reshape(S * K, D).index_select(0, ok_N).float()
+    e_ND /= e_ND.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    g_N = torch.div(ok_N, K, rounding_mode="floor") * K + lab_N[ok_N]  # the cluster's row in [S * K]
+    sum_CD = torch.zeros((S * K, D)).index_add_(0, g_N, e_ND)
+    count_C = torch.bincount(g_N, minlength=S * K).clamp_min(1).to(torch.float32)
+    sum_CD /= count_C[:, None]
+    return sum_CD.reshape(S, K, D).to(getattr(torch, np.dtype(dtype).name)).numpy()
+
+
+def cluster_top_tokens(labels_SK: np.ndarray, peak_SK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each cluster slot (s, c): the token its examples most often peak on and how many do
+    (ties: the token of the earliest, i.e. most activating, example). Returns int32 [S, K] token
+    (-1 where no cluster c) and int32 [S, K] count."""
+    S, K = labels_SK.shape
+    top_SC = np.full((S, K), -1, dtype=np.int32)
+    cnt_SC = np.zeros((S, K), dtype=np.int32)
+    s_N, slot_N = np.nonzero(labels_SK >= 0)
+    if s_N.size == 0:
+        return top_SC, cnt_SC
+    g_N = s_N * K + labels_SK[s_N, slot_N]  # the cluster, as one key
+    t_N = peak_SK[s_N, slot_N].astype(np.int64)
+    order = np.lexsort((slot_N, t_N, g_N))
+    g_N, t_N, slot_N = g_N[order], t_N[order], slot_N[order]
+    start = np.flatnonzero(np.r_[True, (g_N[1:] != g_N[:-1]) | (t_N[1:] != t_N[:-1])])  # runs of (g, t)
+    count_R = np.diff(np.r_[start, g_N.size])
+    g_R, t_R, first_R = g_N[start], t_N[start], slot_N[start]
+    best = np.lexsort((first_R, -count_R, g_R))  # per g: largest count, then earliest example
+    head = best[np.r_[True, g_R[best][1:] != g_R[best][:-1]]]
+    top_SC.flat[g_R[head]] = t_R[head]
+    cnt_SC.flat[g_R[head]] = count_R[head]
+    return top_SC, cnt_SC
+
+
+MIN_CLUSTER_SIZE = 2  # clusters of one example get no similar clusters and are nobody's neighbour
+RESCORE_EXTRA = 27  # candidates beyond n re-scored in float32 when the search runs in bfloat16
+
+
+@dataclass
+class ClusterSet:
+    """Centroids of a set of clusters (as stored, not normalised), with who they are."""
+
+    c_ND: torch.Tensor  # [N, D], the store's dtype
+    inv_N: torch.Tensor  # float32 [N]: 1 / norm (0 for a zero centroid)
+    owner_N: torch.Tensor  # int64 [N]: the neuron, as row * d_mlp + neuron
+    id_N: torch.Tensor  # int64 [N]: the cluster, as (row * d_mlp + neuron) * K + label
+    search_ND: torch.Tensor | None = None  # unit-norm copy in the search dtype (`searchable`)
+
+    def __len__(self) -> int:
+        return self.c_ND.shape[0]
+
+    def unit(self, sl: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """float32 unit-norm centroids of rows `sl` (a slice or an index tensor of any shape)."""
+        return self.c_ND[sl].float() * self.inv_N[sl].unsqueeze(-1)
+
+    def search(self, sl: slice, dtype: torch.dtype) -> torch.Tensor:
+        if self.search_ND is not None and self.search_ND.dtype == dtype:
+            return self.search_ND[sl]
+        return self.unit(sl).to(dtype)
+
+    def searchable(self, dtype: torch.dtype, block: int = 65536) -> "ClusterSet":
+        """With a unit-norm copy in `dtype`, made once for every search that follows."""
+        out = torch.empty(self.c_ND.shape, dtype=dtype, device=self.c_ND.device)
+        for a in range(0, len(self), block):
+            out[a:a + block] = self.unit(slice(a, a + block)).to(dtype)
+        return ClusterSet(self.c_ND, self.inv_N, self.owner_N, self.id_N, out)
+
+    def rows(self, sl: slice) -> "ClusterSet":
+        return ClusterSet(self.c_ND[sl], self.inv_N[sl], self.owner_N[sl], self.id_N[sl],
+                          None if self.search_ND is None else self.search_ND[sl])
+
+    @staticmethod
+    def concat(sets: list["ClusterSet"]) -> "ClusterSet":
+        return ClusterSet(*(torch.cat([getattr(s, f) for s in sets]) for f in ("c_ND", "inv_N", "owner_N", "id_N")))
+
+    @property
+    def nbytes(self) -> int:
+        ts = (self.c_ND, self.inv_N, self.owner_N, self.id_N) + (() if self.search_ND is None else (self.search_ND,))
+        return sum(t.element_size() * t.numel() for t in ts)
+
+
+def cluster_sizes(labels_SK: np.ndarray) -> np.ndarray:
+    """int64 [S, K]: examples in cluster c of neuron s."""
+    S, K = labels_SK.shape
+    s_N, slot_N = np.nonzero(labels_SK >= 0)
+    return np.bincount(s_N * K + labels_SK[s_N, slot_N], minlength=S * K).reshape(S, K)
+
+
+def compact(cent_SKD: np.ndarray, size_SK: np.ndarray, row: int, start: int, d_mlp: int,
+            min_size: int = MIN_CLUSTER_SIZE, device: str = "cpu") -> ClusterSet:
+    """The clusters of a shard (neurons start.. of `row`) with at least `min_size` examples."""
+    S, K, D = cent_SKD.shape
+    s_N, c_N = np.nonzero(np.asarray(size_SK) >= min_size)
+    c_ND = torch.from_numpy(np.ascontiguousarray(cent_SKD[s_N, c_N])).to(device)
+    norm_N = c_ND.float().norm(dim=1)
+    inv_N = torch.where(norm_N > 0, 1.0 / norm_N.clamp_min(1e-30), torch.zeros_like(norm_N))
+    owner_N = torch.from_numpy(row * d_mlp + start + s_N.astype(np.int64)).to(device)
+    return ClusterSet(c_ND, inv_N, owner_N, owner_N * K + torch.from_numpy(c_N.astype(np.int64)).to(device))
+
+
+def _mask_same_owner(sim_QR: torch.Tensor, q_own: torch.Tensor, r_own: torch.Tensor) -> None:
+    """Set -inf where query and reference belong to the same neuron. Owners ascend in both, so
+    only the references whose owners fall in the queries' range are compared."""
+    lo = int(torch.searchsorted(r_own, q_own[0]))
+    hi = int(torch.searchsorted(r_own, q_own[-1], right=True))
+    if hi > lo:
+        sub = sim_QR[:, lo:hi]
+        sub.masked_fill_(q_own[:, None] == r_own[None, lo:hi], -torch.inf)
+
+
+def nearest_clusters(query: ClusterSet, refs: Iterable[ClusterSet], n: int, block: int = 8192,
+                     q_block: int = 1024, search_dtype: torch.dtype = torch.float32,
+                     extra: int = RESCORE_EXTRA) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query cluster, the `n` reference clusters of other neurons with the largest
+    centroid cosine: (id int64 [Q, n], -1 where fewer; cosine float32 [Q, n], NaN there), best
+    first. Owners (neurons) must ascend within the query and within each reference set.
+
+    The references come block by block; a [q_block, block] similarity tile is the largest
+    temporary, so memory does not grow with the store. With `search_dtype` bfloat16 (fast on
+    CPUs with AVX512-BF16 and on GPUs) each reference set's n + `extra` best candidates are found
+    in bfloat16, then re-scored in float32: the result differs from the float32 one only if
+    rounding pushes one of the true n best below `extra` others."""
+    Q, dev = len(query), query.c_ND.device
+    low = search_dtype != torch.float32
+    m = n + extra if low else n
+    q_unit = query.unit()
+    q_search = q_unit.to(search_dtype)
+    best_cos = torch.full((Q, n), -torch.inf, device=dev)
+    best_id = torch.full((Q, n), -1, dtype=torch.int64, device=dev)
+    for ref in refs:
+        R = len(ref)
+        if Q == 0 or R == 0:
+            continue
+        mm = min(m, R)
+        cand_s = torch.full((Q, mm), -torch.inf, dtype=search_dtype, device=dev)
+        cand_at = torch.full((Q, mm), -1, dtype=torch.int64, device=dev)
+        for r0 in range(0, R, block):
+            rs = slice(r0, r0 + block)
+            r_search, r_own = ref.search(rs, search_dtype), ref.owner_N[rs]
+            at_R = torch.arange(r0, r0 + r_search.shape[0], device=dev)
+            for q0 in range(0, Q, q_block):
+                q = slice(q0, q0 + q_block)
+                sim = q_search[q] @ r_search.T  # [q, r] in the search dtype
+                _mask_same_owner(sim, query.owner_N[q], r_own)
+                # only rows with a value above their current m-th best can change (few, after the
+                # first tiles): top-k of those rows of the tile, merged with their candidates
+                rows = q0 + torch.nonzero(sim.amax(dim=1) > cand_s[q, -1]).squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                top, at = torch.topk(sim[rows - q0], min(mm, sim.shape[1]), dim=1)
+                top, pick = torch.topk(torch.cat([cand_s[rows], top], dim=1), mm, dim=1)
+                cand_s[rows] = top
+                cand_at[rows] = torch.gather(torch.cat([cand_at[rows], at_R[at]], dim=1), 1, pick)
+        ok = torch.isfinite(cand_s.float()) & (cand_at >= 0)
+        if low:  # re-score the candidates in float32, a few queries at a time
+            exact = torch.empty((Q, mm), device=dev)
+            for q0 in range(0, Q, 256):
+                q = slice(q0, q0 + 256)
+                exact[q] = torch.einsum("qd,qmd->qm", q_unit[q], ref.unit(cand_at[q].clamp_min(0)))
+        else:
+            exact = cand_s.float()
+        exact = torch.where(ok, exact, torch.full_like(exact, -torch.inf))
+        ids = torch.where(ok, ref.id_N[cand_at.clamp_min(0)], torch.full_like(cand_at, -1))
+        top_cos, top_at = torch.topk(torch.cat([best_cos, exact], dim=1), n, dim=1)
+        best_cos, best_id = top_cos, torch.gather(torch.cat([best_id, ids], dim=1), 1, top_at)
+    missing = torch.isinf(best_cos)
+    best_id[missing] = -1
+    best_cos[missing] = torch.nan
+    return best_id, best_cos
+
+
+_DTYPE_CHOICE: dict[str, torch.dtype] = {}
+
+
+def search_dtype(device: str) -> torch.dtype:
+    """bfloat16 where a quick trial shows its matrix products at least 1.5x as fast as float32's
+    (CPUs with AVX512-BF16 or AMX), else float32. Measured once per process and device."""
+    if device not in _DTYPE_CHOICE:
+        import time
+
+        a, b = torch.randn(1024, 768, device=device), torch.randn(4096, 768, device=device)
+        best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+        for _ in range(4):  # interleaved, best of 4: robust to other work on the machine
+            for dt in best:
+                x, y = a.to(dt), b.to(dt)
+                t0 = time.perf_counter()
+                (x @ y.T).amax().item()
+                best[dt] = min(best[dt], time.perf_counter() - t0)
+        _DTYPE_CHOICE[device] = torch.bfloat16 if best[torch.bfloat16] * 1.5 < best[torch.float32] else torch.float32
+    return _DTYPE_CHOICE[device]
+
+
+def scatter_neighbours(query: ClusterSet, id_QN: torch.Tensor, cos_QN: torch.Tensor, S: int, K: int,
+                       d_mlp: int, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slot arrays for a shard of S neurons: int32 [S, K, n, 3] (row, neuron, cluster) of each
+    neighbour (-1 where none) and float32 [S, K, n] cosine (NaN where none)."""
+    n = id_QN.shape[1]
+    nb_SKN3 = np.full((S, K, n, 3), -1, dtype=np.int32)
+    cos_SKN = np.full((S, K, n), np.nan, dtype=np.float32)
+    own = query.owner_N.cpu().numpy()
+    s_Q, c_Q = own % d_mlp - start, query.id_N.cpu().numpy() % K
+    ids = id_QN.cpu().numpy()
+    ok = ids >= 0
+    trip = np.stack([ids // K // d_mlp, ids // K % d_mlp, ids % K], axis=-1)
+    nb_SKN3[s_Q, c_Q] = np.where(ok[..., None], trip, -1)
+    cos_SKN[s_Q, c_Q] = cos_QN.cpu().numpy()
+    return nb_SKN3, cos_SKN
+
+
+def peak_token_ids(seq_SK: np.ndarray, pos_SK: np.ndarray, rows_R: np.ndarray, tokens_RT: np.ndarray | None) -> np.ndarray:
+    """int32 [S, K] token id at each example's max token (-1 where no example), given the token
+    rows `tokens_RT` of the sorted, unique sequence indices `rows_R` the examples point into."""
+    ok = seq_SK >= 0
+    out = np.full(seq_SK.shape, -1, dtype=np.int32)
+    if ok.any():
+        out[ok] = tokens_RT[np.searchsorted(rows_R, seq_SK[ok]), pos_SK[ok]]
+    return out

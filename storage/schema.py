@@ -1,0 +1,108 @@
+"""The store's schema: every array declared once (path, dtype, dimensions, fill, compression,
+chunking). `storage.store` creates, reads and writes arrays from these declarations; no other
+module names an array path.
+
+Dimensions come from one vocabulary (`DIMS`); their sizes from the run (`sizes`). Chunks are
+aligned to the work units: one store row (`layer`) x one neuron shard (`neuron`) x the rest whole,
+and one scan block (`block`), so a task writes whole chunks and nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SCHEMA_VERSION = "neuron-embeddings/1"
+N_SIMILAR = 5  # nearest clusters of other neurons stored per cluster (similar/*)
+WINDOW = (24, 8)  # activation window recorded around each example's max token: tokens before, after
+
+# the dimension vocabulary: name -> what it counts
+DIMS = {
+    "sequence": "packed rows of the dataset", "position": "token position in a row",
+    "token": "vocabulary entry", "layer": "store row (root attribute `layers` gives the model's layer)",
+    "neuron": "unit of the row (MLP neuron or SAE feature)", "example": "selected example, best first",
+    "link": "merge step of the hierarchy", "link_field": "SciPy linkage column",
+    "d_embed": "embedding / MLP-input component", "window": "token around the example's max token",
+    "block": "data-parallel scan block", "neighbour": "similar cluster, nearest first",
+    "neighbour_field": "(row, neuron, cluster) of a neighbour",
+}
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    path: str
+    dtype: str  # a NumPy dtype name, "embedding" (the run's embedding dtype) or "str"
+    dims: tuple[str, ...]
+    fill: object = None
+    compress: bool | str = True  # True: Zarr's default (zstd); "fast": blosc lz4 + shuffle; False: none
+    chunking: str = "shard"  # "shard" (1 per layer/block, a shard of neurons, the rest whole), "rows" or "whole"
+    contract: bool = False  # named in the public contract (CONTRACT.md)
+
+
+def _a(path, dtype, dims, fill=None, **kw) -> ArraySpec:
+    return ArraySpec(path, dtype, tuple(dims.split()), fill, **kw)
+
+
+TOKENS = _a("tokens", "int32", "sequence position", 0, chunking="rows", contract=True)
+VOCAB = _a("vocab", "str", "token", chunking="whole", contract=True)
+TOPK_ACT = _a("topk/act", "float32", "layer neuron example", np.nan, contract=True)
+TOPK_SEQ = _a("topk/seq", "int32", "layer neuron example", -1, contract=True)
+TOPK_POS = _a("topk/pos", "int32", "layer neuron example", -1, contract=True)
+EMBEDDINGS = _a("embeddings", "embedding", "layer neuron example d_embed", 0, compress=False, contract=True)
+TOPK_WINDOW = _a("topk/window", "float32", "layer neuron example window", np.nan, compress="fast")  # for the explorer
+LABELS = _a("clusters/labels", "int32", "layer neuron example", -1, contract=True)
+LINKAGE = _a("clusters/linkage", "float32", "layer neuron link link_field", np.nan, contract=True)
+METRICS = ("n_examples", "n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter")
+METRIC_ARRAYS = {m: _a(f"metrics/{m}", "int32" if m in ("n_examples", "n_clusters") else "float32", "layer neuron",
+                       0 if m in ("n_examples", "n_clusters") else np.nan, contract=True) for m in METRICS}
+# not in the contract: the weights the embeddings were made with, and the scan's partial results
+W_IN = _a("weights/W_in", "float32", "layer d_embed neuron", 0, compress=False)
+B_IN = _a("weights/b_in", "float32", "layer neuron", 0)
+SCAN_FIELDS = ("key", "act", "seq", "pos", "x", "win")  # a scan block's partial top-k table, by slot
+SCAN = {
+    "key": _a("scan/key", "float64", "block layer neuron example", -np.inf),
+    "act": _a("scan/act", "float32", "block layer neuron example", np.nan),
+    "seq": _a("scan/seq", "int32", "block layer neuron example", -1),
+    "pos": _a("scan/pos", "int32", "block layer neuron example", -1),
+    "x": _a("scan/x", "embedding", "block layer neuron example d_embed", 0, compress=False),
+    "win": _a("scan/win", "float32", "block layer neuron example window", np.nan, compress="fast"),
+}
+SCAN_MAX = _a("scan/max", "float32", "block layer neuron", -np.inf, chunking="whole")
+# not in the contract: similar clusters (tasks/similar.py); slots c >= n_clusters stay empty
+CENTROIDS = _a("similar/centroids", "embedding", "layer neuron example d_embed", 0, compress="fast")
+TOP_TOKEN = _a("similar/top_token", "int32", "layer neuron example", -1)
+TOP_COUNT = _a("similar/top_count", "int32", "layer neuron example", 0)
+NEIGHBOURS = _a("similar/neighbours", "int32", "layer neuron example neighbour neighbour_field", -1)
+COSINE = _a("similar/cosine", "float32", "layer neuron example neighbour", np.nan)
+
+ARRAYS: tuple[ArraySpec, ...] = (
+    TOKENS, VOCAB, TOPK_ACT, TOPK_SEQ, TOPK_POS, EMBEDDINGS, TOPK_WINDOW, LABELS, LINKAGE,
+    *METRIC_ARRAYS.values(), W_IN, B_IN, *SCAN.values(), SCAN_MAX,
+    CENTROIDS, TOP_TOKEN, TOP_COUNT, NEIGHBOURS, COSINE)
+BY_PATH = {a.path: a for a in ARRAYS}
+CONTRACT = tuple(a.path for a in ARRAYS if a.contract)
+
+
+def sizes(n_layers: int, d_mlp: int, d_embed: int, k: int, n_sequences: int, ctx_len: int, d_vocab: int,
+          n_blocks: int) -> dict[str, int]:
+    """The size of every dimension for a run."""
+    return {"sequence": n_sequences, "position": ctx_len, "token": d_vocab, "layer": n_layers, "neuron": d_mlp,
+            "example": k, "link": k - 1, "link_field": 4, "d_embed": d_embed, "window": sum(WINDOW) + 1,
+            "block": n_blocks, "neighbour": N_SIMILAR, "neighbour_field": 3}
+
+
+def shape(spec: ArraySpec, dim_sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(dim_sizes[d] for d in spec.dims)
+
+
+def chunks(spec: ArraySpec, dim_sizes: dict[str, int], shard_size: int) -> tuple[int, ...]:
+    """Chunk shape: aligned to a neuron shard and a scan block ("shard"), ~1 MiB of token rows
+    ("rows"), or the whole array below its first dimension ("whole")."""
+    full = shape(spec, dim_sizes)
+    if spec.chunking == "rows":
+        n, t = full
+        return (min(n, max(1, 2**20 // t)), t)
+    if spec.chunking == "whole":
+        return (1, *full[1:]) if len(full) > 1 else full
+    per_dim = {"layer": 1, "block": 1, "neuron": min(shard_size, dim_sizes["neuron"])}
+    return tuple(per_dim.get(d, n) for d, n in zip(spec.dims, full))

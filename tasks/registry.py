@@ -1,0 +1,96 @@
+"""The stage registry: every stage of a run declared once, in plan order.
+
+A stage has a name, the stages it needs, what it iterates over (`once`, scan `blocks`, neuron
+`shards`), its task (module-level `@task`; `.fn` is the plain function) and when it runs. The flow,
+the shard batches, the workers' preload, the CLI's progress bars, `status`, the tests' helpers and
+the ground-truth benchmark all read this list: a new stage is one module plus one entry here.
+
+`barrier`: the stage needs every unit of the stages before it (the scan needs every block's maxima,
+embed every block's scan, similar every shard's centroids); stages without a barrier run shard by
+shard right after the one before, in the same shard batch. `batched`: its shards run in batches of
+several shards per Prefect task (tasks.shards), else one task per unit.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from neuron_embeddings.core.plan import neuron_shards, scan_blocks
+from neuron_embeddings.core.settings import RunSettings
+from neuron_embeddings.storage.status import StoreStatus, store_status
+from neuron_embeddings.tasks.centroids import centroid_shard
+from neuron_embeddings.tasks.cluster import cluster_store_shard
+from neuron_embeddings.tasks.embed import embed_shard
+from neuron_embeddings.tasks.maxima import maxima_block
+from neuron_embeddings.tasks.prepare import prepare_task
+from neuron_embeddings.tasks.scan import scan_block
+from neuron_embeddings.tasks.similar import similar_shard
+
+
+def _always(settings: RunSettings) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]
+    over: str  # "once" | "blocks" | "shards"
+    task: object  # a prefect Task: task.fn(out, unit, device, batch_size) -> small record
+    barrier: bool = True
+    when: Callable[[RunSettings], bool] = _always
+    batched: bool = False  # shards run in batches, several shards per Prefect task (tasks.shards)
+    unit: str = "shard"  # what the CLI's progress bar counts: "seq" (sequences) or "shard"
+
+    def runs(self, settings: RunSettings) -> bool:
+        return self.when(settings)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare", (), "once", prepare_task),
+    Stage("maxima", ("prepare",), "blocks", maxima_block, when=lambda s: s.band_fraction is not None, unit="seq"),
+    Stage("scan", ("prepare", "maxima"), "blocks", scan_block, unit="seq"),
+    Stage("embed", ("scan",), "shards", embed_shard, batched=True),
+    Stage("cluster", ("embed",), "shards", cluster_store_shard, barrier=False, batched=True),
+    Stage("centroids", ("cluster",), "shards", centroid_shard, barrier=False, batched=True),
+    Stage("similar", ("centroids",), "shards", similar_shard, when=lambda s: s.similar),
+)
+BY_NAME = {s.name: s for s in STAGES}
+# modules a worker process imports as it starts (the shard stages' SciPy, torch, ... imports)
+PRELOAD = tuple(sorted({s.task.fn.__module__ for s in STAGES if s.over == "shards"}))
+
+
+def stage_units(stage: str | Stage, settings: RunSettings, d_mlp: int) -> list[str]:
+    """Ids of the work units of a stage, in plan order (none when the stage does not run)."""
+    stage = BY_NAME[stage] if isinstance(stage, str) else stage
+    if not stage.runs(settings):
+        return []
+    if stage.over == "once":
+        return ["all"]
+    if stage.over == "blocks":
+        return [b.id for b in scan_blocks(settings)]
+    return [s.id for s in neuron_shards(settings, d_mlp)]
+
+
+def plan_units(settings: RunSettings, d_mlp: int) -> dict[str, list[str]]:
+    """stage -> its unit ids, for every stage (what `status` and the progress bars count)."""
+    return {s.name: stage_units(s, settings, d_mlp) for s in STAGES}
+
+
+def phases(settings: RunSettings) -> list[list[Stage]]:
+    """The stages after `prepare` that run, grouped into phases: a phase starts at each barrier,
+    and its stages run unit by unit back to back (one stage per phase for blocks)."""
+    out: list[list[Stage]] = []
+    for stage in STAGES:
+        if stage.over == "once" or not stage.runs(settings):
+            continue
+        if stage.barrier or not out:
+            out.append([stage])
+        else:
+            out[-1].append(stage)
+    return out
+
+
+def run_status(url: str) -> StoreStatus:
+    """Every stage's units in the store at `url`, with the state their markers give."""
+    return store_status(url, plan_units)
