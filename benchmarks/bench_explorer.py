@@ -27,7 +27,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from neuron_embeddings.core.plan import neuron_shards  # noqa: E402
 from neuron_embeddings.core.settings import RunSettings  # noqa: E402
+from neuron_embeddings.storage import schema  # noqa: E402
 from neuron_embeddings.storage import store as st  # noqa: E402
 
 L, M, K, D, S, T, VOCAB = 12, 3072, 50, 768, 8192, 128, 50257
@@ -54,35 +56,30 @@ def build(out: str, similar: bool, similar_shards: int | None = None, seed: int 
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
-    from neuron_embeddings.tasks.cluster import cluster_shard
-    from neuron_embeddings.tasks.similar import centroid_shard, similar_shard
+    from neuron_embeddings.core.cluster import cluster_shard
+    from neuron_embeddings.tasks.centroids import centroid_shard
 
     settings = RunSettings(model="synthetic-gpt2-small-shape", dataset="random", layers=tuple(range(L)),
                            n_sequences=S, ctx_len=T, k=K, shard_size=256, embedding_dtype="float16")
     info = {"d_mlp": M, "d_model": D, "unit": "mlp-neuron", "weights": "random"}
     store = st.create_store(out, settings, info, VOCAB)
     rng = np.random.default_rng(seed)
-    st.write(store, "tokens", (slice(None), slice(None)), rng.integers(0, VOCAB, (S, T)).astype(np.int32))
-    st.write(store, "vocab", (slice(None),), np.array([f" w{i}" for i in range(VOCAB)]))
+    st.write(store, schema.TOKENS, (slice(None), slice(None)), rng.integers(0, VOCAB, (S, T)).astype(np.int32))
+    st.write(store, schema.VOCAB, (slice(None),), np.array([f" w{i}" for i in range(VOCAB)]))
     st.Store(out).mark_complete("prepare", "all", {})
     before, after = st.window(store)
-    shards = st.neuron_shards(settings, M)
+    shards = neuron_shards(settings, M)
     for sh in tqdm(shards, desc="synthesise + cluster + centroids"):
         region = (sh.row, slice(sh.start, sh.stop))
         act, seq, pos, emb, win = synth_shard(rng, sh.stop - sh.start, before, after)
-        for name, a in (("topk/act", act), ("topk/seq", seq), ("topk/pos", pos), ("embeddings", emb),
-                        ("topk/window", win)):
-            st.write(store, name, region, a)
+        st.write_topk(store, region, act, seq, pos, win, emb)
         with threadpool_limits(limits=1, user_api="blas"):  # as the cluster stage runs it
             res = cluster_shard(emb, act, "average", 0.5)
-        st.write(store, "clusters/labels", region, res.labels)
-        st.write(store, "clusters/linkage", region, res.linkage)
-        for m in st.METRICS:
-            st.write(store, f"metrics/{m}", region, getattr(res, m))
+        st.write_clusters(store, region, res.labels, res.linkage, {m: getattr(res, m) for m in schema.METRICS})
         for stage in ("embed", "cluster"):
             store.mark_complete(stage, sh.id, {})
-        centroid_shard(out, {**sh.__dict__, "id": sh.id})
-    nc = st.read(store, "metrics/n_clusters")
+        centroid_shard.fn(out, {**sh.__dict__, "id": sh.id}, "cpu")
+    nc = st.read_metrics(store, ("n_clusters",))["n_clusters"]
     print(f"clusters: {int(nc.sum())} ({nc.mean():.2f} per neuron)")
     if similar:
         time_similar(out, similar_shards)
@@ -92,14 +89,13 @@ def build(out: str, similar: bool, similar_shards: int | None = None, seed: int 
 def random_links(store, rng: np.random.Generator) -> None:
     """Random similar-cluster links for the shards without real ones: a page reads and shows
     them the same way."""
-    for sh in st.neuron_shards(store.settings(), M):
+    for sh in neuron_shards(store.settings(), M):
         if store.is_complete("similar", sh.id):
             continue
         n = sh.stop - sh.start
         nb = np.stack([rng.integers(0, L, (n, K, 5)), rng.integers(0, M, (n, K, 5)), rng.integers(0, 3, (n, K, 5))], -1)
-        st.write(store, "similar/neighbours", (sh.row, slice(sh.start, sh.stop)), nb.astype(np.int32))
-        st.write(store, "similar/cosine", (sh.row, slice(sh.start, sh.stop)),
-                 -np.sort(-rng.random((n, K, 5)), axis=-1).astype(np.float32))
+        st.write_similar(store, (sh.row, slice(sh.start, sh.stop)), nb.astype(np.int32),
+                         -np.sort(-rng.random((n, K, 5)), axis=-1).astype(np.float32))
         store.mark_complete("similar", sh.id, {})
 
 
@@ -108,11 +104,12 @@ def time_similar(out: str, n_shards: int | None = None) -> None:
     stage from their median), in this process (one worker), and time it."""
     from tqdm import tqdm
 
-    from neuron_embeddings.tasks.similar import cluster_sizes, search_dtype, similar_shard
+    from neuron_embeddings.core.similar import cluster_sizes, search_dtype
+    from neuron_embeddings.tasks.similar import similar_shard
 
     store = st.Store(out)
-    shards = st.neuron_shards(store.settings(), M)
-    sizes = cluster_sizes(st.read(store, "clusters/labels").reshape(L * M, K))
+    shards = neuron_shards(store.settings(), M)
+    sizes = cluster_sizes(st.read(store, schema.LABELS).reshape(L * M, K))
     print(f"similar: {int((sizes >= 2).sum())} clusters of >= 2 examples; search dtype {search_dtype('cpu')}")
     run = shards[:n_shards] if n_shards else shards
     for sh in run:
@@ -120,7 +117,7 @@ def time_similar(out: str, n_shards: int | None = None) -> None:
     t0 = time.perf_counter()
     secs = []
     for sh in tqdm(run, desc="similar (real stage)"):
-        secs.append(similar_shard(out, {**sh.__dict__, "id": sh.id})["seconds"])
+        secs.append(similar_shard.fn(out, {**sh.__dict__, "id": sh.id}, "cpu")["seconds"])
     med = statistics.median(secs[1:] or secs)
     print(f"similar stage: {time.perf_counter() - t0:.1f} s for {len(run)} of {len(shards)} shards (first shard "
           f"{secs[0]:.1f} s, including reading every centroid; then median {med:.2f} s per shard); "
@@ -138,7 +135,7 @@ def main() -> None:
     ap.add_argument("--rebuild", action="store_true")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    if a.rebuild or not st.Store(a.out).is_complete("centroids", st.neuron_shards(
+    if a.rebuild or not st.Store(a.out).is_complete("centroids", neuron_shards(
             RunSettings(model="x", dataset="x", layers=tuple(range(L)), shard_size=256), M)[-1].id):
         import shutil
 
@@ -174,7 +171,7 @@ def main() -> None:
         layer, j = int(rng.integers(L)), int(rng.integers(M))
         t0 = time.perf_counter()
         arrays = data.read_neuron(layer, j)
-        data.token_rows(arrays["topk/seq"])
+        data.token_rows(arrays[schema.TOPK_SEQ])
         reads.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         r = client.get(f"/neuron/{layer}/{j}")

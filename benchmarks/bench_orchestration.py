@@ -23,7 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from neuron_embeddings.storage.store import METRICS  # noqa: E402 - after the path
+from neuron_embeddings.core.plan import neuron_shards  # noqa: E402 - after the path
+from neuron_embeddings.storage import schema  # noqa: E402
+from neuron_embeddings.storage.schema import METRICS  # noqa: E402
 
 
 def markers(store: Path, stage: str) -> list[tuple[float, dict]]:
@@ -51,35 +53,33 @@ def run_cli(args: list[str], env: dict) -> float:
 
 def storage_share(store: Path, n_shards: int = 6) -> dict:
     """Inside shard bodies: seconds in store reads/writes vs compute, for embed + cluster of a few
-    shards (rewriting the same data the run wrote; each stage's arrays written concurrently, as
-    the pipeline does)."""
+    shards (rewriting the same data the run wrote, through the storage functions the embed and
+    cluster stages use: each stage's arrays written concurrently, as the pipeline does)."""
     from threadpoolctl import threadpool_limits
 
+    from neuron_embeddings.core.cluster import cluster_shard
+    from neuron_embeddings.core.scan import merge_blocks, neuron_embeddings
     from neuron_embeddings.storage import store as st
-    from neuron_embeddings.tasks.cluster import cluster_shard
-    from neuron_embeddings.tasks.scan import merge_blocks, neuron_embeddings
 
     s = st.Store(str(store))
     settings = s.settings()
     io = compute = 0.0
-    for sh in st.neuron_shards(settings, int(s.attrs["d_mlp"]))[:n_shards]:
-        row, sl = sh.row, slice(sh.start, sh.stop)
-        region = (row, sl)
+    for sh in neuron_shards(settings, int(s.attrs["d_mlp"]))[:n_shards]:
+        region = (sh.row, slice(sh.start, sh.stop))
         t0 = time.perf_counter()
-        parts = {n: st.read(s, f"scan/{n}", (slice(None), row, sl)) for n in ("key", "act", "seq", "pos", "x")}
-        w = st.read(s, "weights/W_in", (row, slice(None), sl))
+        parts = st.read_block_tables(s, region)
+        w = st.read_weights(s, region)
         t1 = time.perf_counter()
-        top = merge_blocks(parts["key"], parts["act"], parts["seq"], parts["pos"], parts["x"], settings.k)
+        top = merge_blocks(parts["key"], parts["act"], parts["seq"], parts["pos"], parts["x"], settings.k, parts["win"])
         emb = neuron_embeddings(top.x, w, settings.embedding_dtype)
         t2 = time.perf_counter()
-        st.write_many(s, region, {"topk/act": top.act, "topk/seq": top.seq, "topk/pos": top.pos, "embeddings": emb})
-        emb2, act2 = st.read(s, "embeddings", region), st.read(s, "topk/act", region)
+        st.write_topk(s, region, top.act, top.seq, top.pos, top.win, emb)
+        emb2, act2 = st.read(s, schema.EMBEDDINGS, region), st.read(s, schema.TOPK_ACT, region)
         t3 = time.perf_counter()
         with threadpool_limits(1, "blas"):
             res = cluster_shard(emb2, act2, settings.linkage, settings.threshold)
         t4 = time.perf_counter()
-        st.write_many(s, region, {"clusters/labels": res.labels, "clusters/linkage": res.linkage,
-                                  **{f"metrics/{m}": getattr(res, m) for m in st.METRICS}})
+        st.write_clusters(s, region, res.labels, res.linkage, {m: getattr(res, m) for m in METRICS})
         t5 = time.perf_counter()
         io += (t1 - t0) + (t3 - t2) + (t5 - t4)
         compute += (t2 - t1) + (t4 - t3)
@@ -94,13 +94,13 @@ def shard_phase(store: Path) -> float:
     return max(ends) - min(starts)
 
 
-CLUSTER_OUTPUTS = ["clusters/labels", "clusters/linkage"] + [f"metrics/{m}" for m in METRICS]
+CLUSTER_OUTPUTS = [schema.LABELS.path, schema.LINKAGE.path] + [schema.METRIC_ARRAYS[m].path for m in METRICS]
 
 
 def clear(store: Path, stage: str, outputs: list[str] = ()) -> None:
     """Mark `stage` not done; with `outputs`, also delete those arrays' chunk files, so that the
     rerun writes new files as the first run did (writing over a chunk file already on disk costs
-    ext4 0.3-2 ms here, a new file ~0.1 ms: `diag_orchestration.py`)."""
+    ext4 0.3-2 ms here, a new file ~0.1 ms: `scripts/diagnostics/diag_orchestration.py`)."""
     import shutil
 
     for p in (store / "_markers" / stage).glob("*.done"):
@@ -119,10 +119,10 @@ def _bare_cluster(args: tuple) -> float:
 
     s = st.Store(out)
     shards = [dict(id=sh.id, row=sh.row, start=sh.start, stop=sh.stop)
-              for sh in st.neuron_shards(s.settings(), int(s.attrs["d_mlp"]))][first::step]
+              for sh in neuron_shards(s.settings(), int(s.attrs["d_mlp"]))][first::step]
     t0 = time.perf_counter()
     for shard in shards:
-        cluster_store_shard(out, shard)
+        cluster_store_shard.fn(out, shard, "cpu")
     return time.perf_counter() - t0
 
 

@@ -9,12 +9,12 @@ the same run, on the same machine state:
 
 1. Scan throughput vs a bare forward pass. The tokens are the ones the CLI would use
    (builtin:python-docs packed into N/ctx_len sequences by the model's tokenizer). ONE call of
-   ``tasks.scan.scan_sequences`` runs over all of them; its ``progress`` callback (called after each
+   ``core.scan.scan_sequences`` runs over all of them; its ``progress`` callback (called after each
    batch, outside the scan's own timing) runs the two references on the SAME batch right there, so
    every scan batch is interleaved with its references (order alternating) and machine noise hits
    all three alike:
-     - bare: ``bridge.run_with_hooks(ids, fwd_hooks=[("blocks.{last}.mlp.hook_post", raise_stop)])``
-       catching the stop exception (the scan's forward without its hooks),
+     - bare: ``core.models.run_until(bridge, ids, [("blocks.{last}.mlp.hook_post", no-op)])``, the
+       forward stopped after the last hook as the scan stops it (the scan's forward without its hook work),
      - hf:   ``bridge.original_model.transformer(ids, use_cache=False)`` (blocks + final LN, no LM head).
    Reported: tokens/s of each (sum of per-batch times), the ratio scan/bare of throughputs, the
    median per-batch ratio, and how much of the scan's time is in its hook work
@@ -149,12 +149,11 @@ def cli_command() -> list[str]:
 
 # --- 1. scan vs references ----------------------------------------------------------------------
 
-class _Stop(Exception):
-    pass
+def _stop_at(bridge, hook: str):
+    """The bare forward up to `hook` (the scan's forward without its hook work): ids -> None."""
+    from neuron_embeddings.core.models import run_until
 
-
-def _raise_stop(t, hook):
-    raise _Stop
+    return lambda ids: run_until(bridge, ids, [(hook, lambda t: None)])
 
 
 def bench_forward(lm, tokens, k: int, batch_size: int, device: str) -> dict:
@@ -162,20 +161,15 @@ def bench_forward(lm, tokens, k: int, batch_size: int, device: str) -> dict:
     import numpy as np
     import torch
 
-    import neuron_embeddings.tasks.scan as scan_mod
+    import neuron_embeddings.core.scan as scan_mod
+    from neuron_embeddings.core.models import HOOK_ACTIVATION
 
     bridge = lm.bridge
     layers = list(range(lm.n_layers))
-    stop_hook = f"blocks.{max(layers)}.mlp.hook_post"
     cuda = str(device).startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     tok_all = torch.from_numpy(tokens.astype(np.int64))
-
-    def bare(ids):
-        try:
-            bridge.run_with_hooks(ids, fwd_hooks=[(stop_hook, _raise_stop)])
-        except _Stop:
-            pass
+    bare = _stop_at(bridge, HOOK_ACTIVATION.format(layer=max(layers)))
 
     def hf(ids):
         bridge.original_model.transformer(ids, use_cache=False)
@@ -268,17 +262,16 @@ def bare_probe(lm, tokens, batch_size: int, device: str, batches: int) -> dict:
     import numpy as np
     import torch
 
-    bridge, stop_hook = lm.bridge, f"blocks.{lm.n_layers - 1}.mlp.hook_post"
+    from neuron_embeddings.core.models import HOOK_ACTIVATION
+
+    bare = _stop_at(lm.bridge, HOOK_ACTIVATION.format(layer=lm.n_layers - 1))
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     ts = []
     with torch.inference_mode():
         for i in range(batches):
             ids = torch.from_numpy(tokens[i * batch_size:(i + 1) * batch_size].astype(np.int64)).to(device)
             t = time.perf_counter()
-            try:
-                bridge.run_with_hooks(ids, fwd_hooks=[(stop_hook, _raise_stop)])
-            except _Stop:
-                pass
+            bare(ids)
             sync()
             ts.append(time.perf_counter() - t)
     n = min(batches * batch_size, len(tokens)) * tokens.shape[1]
@@ -440,7 +433,7 @@ def scan_child(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     from neuron_embeddings.core.models import load_model
-    from neuron_embeddings.tasks.scan import scan_sequences
+    from neuron_embeddings.core.scan import scan_sequences
 
     lm = load_model(spec["model"], spec["device"])
     tokens = pack(lm.tokenizer, spec["n_sequences"], spec["ctx_len"])

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from neuron_embeddings.core.summary import layer_table
 from neuron_embeddings.explorer.data import Example, ExplorerData
 from neuron_embeddings.explorer.plots import cluster_colour, dendrogram_svg, histogram_svg
 
@@ -95,8 +96,6 @@ class Explorer:
         return self._overview
 
     def _render_overview(self) -> str:
-        from neuron_embeddings.tasks.summarise import layer_table
-
         d, m = self.data, self.data.metrics
         rows = layer_table(d.layers, m["n_examples"], m["n_clusters"], m["mean_distance"])
         md_max = float(np.nanmax(m["mean_distance"])) if np.isfinite(m["mean_distance"]).any() else 1.0

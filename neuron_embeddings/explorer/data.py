@@ -16,10 +16,19 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
 import numpy as np
-import zarr
 
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.storage.store import METRICS, SCHEMA_VERSION, Store
+from neuron_embeddings.core.plan import NeuronShard, neuron_shards
+from neuron_embeddings.core.summary import rank_neurons
+from neuron_embeddings.storage import schema
+from neuron_embeddings.storage.schema import METRICS, SCHEMA_VERSION
+from neuron_embeddings.storage.store import Store, window
+
+# the per-neuron arrays a neuron page reads (one chunk each); the window and similar/* ones only
+# where the store has them
+NEURON_ARRAYS = (schema.TOPK_ACT, schema.TOPK_SEQ, schema.TOPK_POS, schema.LABELS, schema.LINKAGE,
+                 schema.EMBEDDINGS)
+TOP_TOKENS_CACHE = "top_tokens.npz"  # the explorer's token index, for a store without similar/top_token
 
 TOKENS_IN_MEMORY = 256 * 2**20  # read the whole tokens array once when it is at most this big
 
@@ -133,32 +142,33 @@ class ExplorerData:
             raise UserError(f"{url} is not a neuron-embeddings store; give the --out path of a "
                             "`neuron-embeddings run` or `demo`")
         self.url, self.attrs = str(url), attrs
-        self.group = zarr.open_group(zarr_store or self.store._zarr_target(), mode="r")
+        self.group = self.store.open_read_only(zarr_store)
         self.layers: list[int] = [int(x) for x in attrs["layers"]]
         self.unit = attrs.get("unit", "mlp-neuron")
         self.unit_word = "feature" if self.unit == "sae-feature" else "neuron"
         self.d_mlp, self.k = int(attrs["d_mlp"]), int(attrs["k"])
-        self.window = (int(attrs.get("window_before", 24)), int(attrs.get("window_after", 8)))
-        self.has_window = "window" in self._members("topk")
-        self.has_similar = "neighbours" in self._members("similar")
+        self.window = window(self.store)
+        self.has_window = self._has(schema.TOPK_WINDOW)
+        self.has_similar = self._has(schema.NEIGHBOURS)
         self._lock = threading.Lock()
 
-    def _members(self, group: str) -> set[str]:
+    def _has(self, spec: schema.ArraySpec) -> bool:
+        """Whether the store has the array (older stores lack `topk/window` and `similar/*`)."""
         try:
-            return set(self.group[group].array_keys())
-        except KeyError:
-            return set()
+            return spec.path in self.group
+        except (KeyError, OSError, ValueError):
+            return False
 
     # --- small whole arrays, cached ---
 
     @cached_property
     def metrics(self) -> dict[str, np.ndarray]:
         """Every metrics/* array, [n_rows, d_mlp]."""
-        return {m: self.group[f"metrics/{m}"][...] for m in METRICS}
+        return {m: self.group[schema.METRIC_ARRAYS[m].path][...] for m in METRICS}
 
     @cached_property
     def vocab(self) -> np.ndarray:
-        return self.group["vocab"][...]
+        return self.group[schema.VOCAB.path][...]
 
     @cached_property
     def wordpiece(self) -> bool:
@@ -166,7 +176,7 @@ class ExplorerData:
 
     @cached_property
     def _tokens(self):
-        a = self.group["tokens"]
+        a = self.group[schema.TOKENS.path]
         return a[...] if a.nbytes <= TOKENS_IN_MEMORY else a
 
     def _rows(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -219,31 +229,33 @@ class ExplorerData:
 
     # --- one neuron ---
 
-    def read_neuron(self, row: int, j: int) -> dict[str, np.ndarray]:
-        """The neuron's slice of every per-neuron array the page shows (one chunk read each)."""
-        names = ["topk/act", "topk/seq", "topk/pos", "clusters/labels", "clusters/linkage", "embeddings"]
+    def read_neuron(self, row: int, j: int) -> dict[schema.ArraySpec, np.ndarray]:
+        """The neuron's slice of every per-neuron array the page shows (one chunk read each), by
+        the array's spec (`storage.schema`)."""
+        specs = list(NEURON_ARRAYS)
         if self.has_window:
-            names.append("topk/window")
+            specs.append(schema.TOPK_WINDOW)
         if self.has_similar:
-            names += ["similar/neighbours", "similar/cosine"]
-        return {n: self.group[n][row, j] for n in names}
+            specs += [schema.NEIGHBOURS, schema.COSINE]
+        return {spec: self.group[spec.path][row, j] for spec in specs}
 
     def similar_state(self, row: int, j: int) -> str:
         if not self.has_similar:
             return "absent"
         if self.attrs.get("similar") is False:  # made with --no-similar
             return "off"
-        shard = self.store.settings().shard_size
-        unit = f"L{self.layers[row]:02d}-N{j // shard * shard:05d}"
+        size = self.store.settings().shard_size
+        start = j // size * size
+        unit = NeuronShard(row, self.layers[row], start, min(start + size, self.d_mlp)).id
         return "ready" if self.store.is_complete("similar", unit) else "pending"
 
     def example(self, slot: int, a: dict, tokens_row: np.ndarray, max_act: float) -> Example:
-        seq, pos, act = int(a["topk/seq"][slot]), int(a["topk/pos"][slot]), float(a["topk/act"][slot])
+        seq, pos, act = int(a[schema.TOPK_SEQ][slot]), int(a[schema.TOPK_POS][slot]), float(a[schema.TOPK_ACT][slot])
         before, after = self.window
         lo, hi = max(0, pos - before), min(len(tokens_row), pos + after + 1)
         ids = tokens_row[lo:hi]
-        if "topk/window" in a:
-            acts = a["topk/window"][slot][lo - (pos - before):hi - (pos - before)]
+        if schema.TOPK_WINDOW in a:
+            acts = a[schema.TOPK_WINDOW][slot][lo - (pos - before):hi - (pos - before)]
         else:  # a store without window activations: only the max token's activation is known
             acts = np.where(np.arange(lo, hi) == pos, act, np.nan)
         texts = display_texts([str(self.vocab[t]) for t in ids], self.wordpiece)
@@ -252,7 +264,7 @@ class ExplorerData:
 
     def neighbours(self, a: dict, label: int) -> list[Neighbour]:
         out = []
-        for (r, j, c), cos in zip(a["similar/neighbours"][label], a["similar/cosine"][label]):
+        for (r, j, c), cos in zip(a[schema.NEIGHBOURS][label], a[schema.COSINE][label]):
             if r < 0:
                 continue
             t = int(self.top_tokens[0][r, j, c])
@@ -265,15 +277,15 @@ class ExplorerData:
         """Everything the neuron page shows; clusters largest first, each central example first."""
         row = self.check(layer, neuron)
         a = self.read_neuron(row, neuron)
-        labels, seq = a["clusters/labels"], a["topk/seq"]
+        labels, seq = a[schema.LABELS], a[schema.TOPK_SEQ]
         rows = self.token_rows(seq)
-        acts = a["topk/act"]
+        acts = a[schema.TOPK_ACT]
         max_act = float(np.nanmax(acts)) if np.isfinite(acts).any() else float("nan")
         sim_state = self.similar_state(row, neuron)
         clusters = []
         for c in range(int(labels.max()) + 1 if (labels >= 0).any() else 0):
             slots = np.flatnonzero(labels == c)
-            order = central_first(slots, a["embeddings"][slots])
+            order = central_first(slots, a[schema.EMBEDDINGS][slots])
             exs = [self.example(s, a, rows[int(seq[s])], max_act) for s in order]
             exs[0].central = len(exs) > 1
             counts: dict[str, int] = {}
@@ -291,7 +303,7 @@ class ExplorerData:
                  for s in leaf_slots]
         m = {k: self.metrics[k][row, neuron].item() for k in METRICS}
         return NeuronView(row, layer, neuron, m, max_act, clusters, unclustered,
-                          np.asarray(a["clusters/linkage"][:max(n - 1, 0)], dtype=np.float64),
+                          np.asarray(a[schema.LINKAGE][:max(n - 1, 0)], dtype=np.float64),
                           leaf_slots, labels[leaf_slots], names, sim_state)
 
     # --- overview ---
@@ -299,8 +311,6 @@ class ExplorerData:
     def ranked(self, n: int = 20) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """(layer, neuron) of the n most and n least polysemantic neurons (as the run's summary
         ranks them: clusters, then mean distance; neurons with at least k/2 examples)."""
-        from neuron_embeddings.tasks.summarise import rank_neurons
-
         m = self.metrics
         most, least = rank_neurons(m["n_examples"], m["n_clusters"], m["mean_distance"],
                                    min_examples=max(2, self.k // 2))
@@ -318,33 +328,32 @@ class ExplorerData:
         """(token, count) int32 [n_rows, d_mlp, k]: each cluster's most frequent peak token and how
         many of its examples peak on it; -1 / 0 where no such cluster."""
         if self.has_similar and self._all_complete("centroids"):
-            return self.group["similar/top_token"][...], self.group["similar/top_count"][...]
+            return self.group[schema.TOP_TOKEN.path][...], self.group[schema.TOP_COUNT.path][...]
         return self._cached_top_tokens()
 
     def _all_complete(self, stage: str) -> bool:
+        """Whether every neuron shard of a shard stage (`cluster`, `centroids`) is complete."""
         states = self.store.marker_states(stage)
-        from neuron_embeddings.storage.store import stage_units
-
-        units = stage_units(stage, self.store.settings(), self.d_mlp)
+        units = [s.id for s in neuron_shards(self.store.settings(), self.d_mlp)]
         return bool(units) and all(states.get(u) == "complete" for u in units)
 
     def _cached_top_tokens(self) -> tuple[np.ndarray, np.ndarray]:
-        """Computed from the whole store once; kept in `_explorer/top_tokens.npz`, valid while the
-        set of complete cluster shards is unchanged."""
-        from neuron_embeddings.tasks.similar import cluster_top_tokens
+        """Computed from the whole store once; kept in the explorer's cache `top_tokens.npz`
+        (`STORE/_explorer/`), valid while the set of complete cluster shards is unchanged."""
+        from neuron_embeddings.core.similar import cluster_top_tokens  # imports torch: only when needed
 
         done = sorted(u for u, v in self.store.marker_states("cluster").items() if v == "complete")
         stamp = json.dumps(done)
-        path = f"{self.store.root}/_explorer/top_tokens.npz"
-        try:
-            with self.store.fs.open(path, "rb") as f:
-                z = np.load(io.BytesIO(f.read()))
+        cached = self.store.read_explorer_cache(TOP_TOKENS_CACHE)
+        if cached is not None:
+            try:
+                z = np.load(io.BytesIO(cached))
                 if str(z["stamp"]) == stamp:
                     return z["token"], z["count"]
-        except (OSError, KeyError, ValueError):
-            pass
+            except (OSError, KeyError, ValueError):
+                pass
         g = self.group
-        labels, seq, pos = g["clusters/labels"][...], g["topk/seq"][...], g["topk/pos"][...]
+        labels, seq, pos = g[schema.LABELS.path][...], g[schema.TOPK_SEQ.path][...], g[schema.TOPK_POS.path][...]
         L, M, K = labels.shape
         peak = self.peak_tokens(seq, pos)
         tok, cnt = cluster_top_tokens(labels.reshape(L * M, K), peak.reshape(L * M, K))
@@ -352,7 +361,7 @@ class ExplorerData:
         try:
             buf = io.BytesIO()
             np.savez(buf, token=tok, count=cnt, stamp=np.array(stamp))
-            self.store._write_atomic(path, buf.getvalue())
+            self.store.write_explorer_cache(TOP_TOKENS_CACHE, buf.getvalue())
         except OSError:  # a read-only store: keep it in memory only
             pass
         return tok, cnt
@@ -360,7 +369,7 @@ class ExplorerData:
     @cached_property
     def _cluster_sizes(self) -> np.ndarray:
         """int32 [n_rows, d_mlp, k]: examples in each cluster."""
-        labels = self.group["clusters/labels"][...]
+        labels = self.group[schema.LABELS.path][...]
         L, M, K = labels.shape
         flat = labels.reshape(L * M, K)
         s_N, slot_N = np.nonzero(flat >= 0)

@@ -10,7 +10,6 @@ causal model only preceding tokens can change the activation (later ones show a 
 """
 from __future__ import annotations
 
-import io
 import json
 import threading
 
@@ -18,10 +17,9 @@ import numpy as np
 import torch
 
 from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.models import HOOK_ACTIVATION, capture, load_model
 
-
-class _Stop(Exception):
-    pass
+IMPORTANCE_CACHE = "importance.json"  # the explorer's cache file (`STORE/_explorer/`)
 
 
 def replacement_token(tokenizer) -> tuple[int, str]:
@@ -45,8 +43,6 @@ class ImportanceModel:
     """A model (and for an SAE store, its SAE) that computes unit activations at one position."""
 
     def __init__(self, model: str, attrs: dict, device: str = "auto"):
-        from neuron_embeddings.core.models import load_model
-
         self.lm = load_model(model, device)
         self.attrs = attrs
         self.sae = None
@@ -71,25 +67,10 @@ class ImportanceModel:
 
     def activations(self, batch_BT: np.ndarray, layer: int, unit: int, pos: int) -> np.ndarray:
         """float64 [B]: the unit's activation at `pos` in each row, from one forward."""
-        if self.sae is not None:
-            hook = self.sae.hook_name
-        else:
-            from neuron_embeddings.core.models import HOOK_ACTIVATION
-
-            hook = HOOK_ACTIVATION.format(layer=layer)
-        got = {}
-
-        def grab(t, hook):
-            got["t"] = t[:, pos].detach()
-            raise _Stop
-
+        hook = self.sae.hook_name if self.sae is not None else HOOK_ACTIVATION.format(layer=layer)
         ids = torch.from_numpy(batch_BT).to(self.lm.device)
         with self._lock, torch.inference_mode():
-            try:
-                self.lm.bridge.run_with_hooks(ids, fwd_hooks=[(hook, grab)])
-            except _Stop:
-                pass
-        t = got["t"]
+            t = capture(self.lm.bridge, ids, [hook])[hook][:, pos]
         val = self.sae.encode(t.to(self.sae.W_enc.device))[:, unit] if self.sae is not None else t[:, unit]
         return val.double().cpu().numpy()
 
@@ -103,17 +84,18 @@ class ImportanceModel:
 
 
 class ImportanceCache:
-    """Results by (layer, unit, slot): in memory, and in `STORE/_explorer/importance.json` when the
-    store is writable."""
+    """Results by (layer, unit, slot): in memory, and in the explorer's cache `importance.json`
+    (`STORE/_explorer/`) when the store is writable."""
 
     def __init__(self, store):
         self.store = store
-        self.path = f"{store.root}/_explorer/importance.json"
         self._lock = threading.Lock()
+        cached = store.read_explorer_cache(IMPORTANCE_CACHE)
         try:
-            with store.fs.open(self.path, "rb") as f:
-                self.data = json.load(io.TextIOWrapper(f))
-        except (OSError, ValueError):
+            self.data = json.loads(cached) if cached is not None else {}
+        except ValueError:
+            self.data = {}
+        if not isinstance(self.data, dict):
             self.data = {}
 
     @staticmethod
@@ -127,6 +109,6 @@ class ImportanceCache:
         with self._lock:
             self.data[self.key(layer, unit, slot)] = value
             try:
-                self.store._write_atomic(self.path, json.dumps(self.data).encode())
+                self.store.write_explorer_cache(IMPORTANCE_CACHE, json.dumps(self.data).encode())
             except OSError:  # read-only store: memory only
                 pass

@@ -1,7 +1,7 @@
 """Per-neuron accuracy of clusterings against known features, baselines, and rank correlations.
 
 Everything here is pure NumPy/SciPy on a ``NeuronExamples`` (the examples of N neurons with their
-true features); the clustering is the pipeline's own (``tasks.cluster.cluster_shard``), run on the
+true features); the clustering is the pipeline's own (``core.cluster.cluster_shard``), run on the
 neuron embeddings ``e = x * w_j`` and, as a baseline, on the raw MLP inputs ``x``.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from neuron_embeddings.groundtruth.ari import adjusted_rand_index
-from neuron_embeddings.tasks.cluster import cluster_shard
+from neuron_embeddings.core.cluster import cluster_shard
 
 METRICS = ("n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter")
 METHODS = ("embedding", "raw_x", "input_identity", "random")

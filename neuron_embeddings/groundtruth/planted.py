@@ -1,11 +1,12 @@
 """Planted-neuron transformers (``neuron_embeddings.core.synthetic``) run through the real pipeline.
 
 A variant is a ``build_planted_model`` configuration plus a corpus; ``planted_examples`` builds the
-model, runs every stage of the pipeline in this process (prepare, [maxima], scan, embed, cluster:
-the same task functions the Prefect flow calls) into a Zarr store, and reads back each planted
-neuron's examples: activations, neuron embeddings (from the store), the raw MLP inputs x of the
-same examples (the scan's stored x, merged exactly as the embed stage merges them), the feature
-of each example's token (the truth) and the token id (the token-identity baseline).
+model, runs every stage of the pipeline in this process (the stage registry's stages in plan order:
+prepare, [maxima], scan, embed, cluster, centroids, [similar]; the same task functions the Prefect
+flow calls) into a Zarr store, and reads back each planted neuron's examples: activations, neuron
+embeddings (from the store), the raw MLP inputs x of the same examples (the scan's stored x, merged
+exactly as the embed stage merges them), the feature of each example's token (the truth) and the
+token id (the token-identity baseline).
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from neuron_embeddings.core.synthetic import (
     build_planted_model,
     write_planted_corpus,
 )
+from neuron_embeddings.storage import schema
+from neuron_embeddings.storage.store import Store
+
+BATCH_SIZE = 32  # sequences per forward in the maxima and scan stages
 
 
 @dataclass(frozen=True)
@@ -38,13 +43,13 @@ def unequal_scales(n_features: int, low: float = 0.35, seed: int = 0) -> list[fl
     return [float(s) for s in rng.permutation(np.geomspace(low, 1.0, n_features))]
 
 
-def run_pipeline(out: str, model_dir: str, corpus: str, **opts) -> None:
-    """Every stage of the pipeline in plan order, in this process, without Prefect (one block)."""
-    from neuron_embeddings.tasks.resolve import resolve_run
-    from neuron_embeddings.tasks.cluster import cluster_store_shard
-    from neuron_embeddings.tasks.embed import embed_shard
+def run_pipeline(out: str, model_dir: str, corpus: str, batch_size: int = BATCH_SIZE, **opts) -> None:
+    """Every stage of the pipeline in plan order, in this process, without Prefect (one block): the
+    registry's stages, phase by phase, each stage's plain task function over the plan's blocks or
+    shards (within a phase, unit by unit: each shard goes through the phase's stages back to back)."""
     from neuron_embeddings.tasks.prepare import prepare_store
-    from neuron_embeddings.tasks.scan import maxima_block, scan_block
+    from neuron_embeddings.tasks.registry import phases
+    from neuron_embeddings.tasks.resolve import resolve_run
 
     options = dict(model=model_dir, dataset=corpus, layers=None, selection="top", shard_size=256,
                    linkage="average", threshold=0.5, seed=0, embedding_dtype="float32", scan_blocks=1,
@@ -52,40 +57,36 @@ def run_pipeline(out: str, model_dir: str, corpus: str, **opts) -> None:
     options.update(opts)
     settings, lm = resolve_run(out, **options)
     plan = prepare_store(out, settings, lm)
-    if plan["band"]:
-        for b in plan["blocks"]:
-            maxima_block(out, b, 32, "cpu")
-    for b in plan["blocks"]:
-        scan_block(out, b, 32, "cpu")
-    for sh in plan["shards"]:
-        embed_shard(out, sh)
-        cluster_store_shard(out, sh)
+    for phase in phases(settings):
+        units = plan["blocks"] if phase[0].over == "blocks" else plan["shards"]
+        for unit in units:
+            for stage in phase:
+                stage.task.fn(out, unit, "cpu", batch_size)
 
 
 def merged_x(g, layer: int, k: int) -> np.ndarray:
     """[d_mlp, k, D] float32 MLP inputs of each neuron's stored examples, merged from the scan's
-    block tables by the embed stage's own ``merge_blocks`` (so slot i is topk slot i)."""
-    from neuron_embeddings.tasks.scan import merge_blocks
+    block tables by the embed stage's own ``merge_blocks`` (so slot i is topk slot i). ``g``: the
+    store's Zarr group."""
+    from neuron_embeddings.core.scan import merge_blocks
 
-    parts = {n: g[f"scan/{n}"][:, layer] for n in ("key", "act", "seq", "pos", "x")}
+    parts = {n: g[schema.SCAN[n].path][:, layer] for n in ("key", "act", "seq", "pos", "x")}
     top = merge_blocks(parts["key"], parts["act"], parts["seq"], parts["pos"], parts["x"].astype(np.float32), k)
-    if not np.array_equal(top.seq, g["topk/seq"][layer]):
-        raise AssertionError("merged scan tables disagree with topk/seq")
+    if not np.array_equal(top.seq, g[schema.TOPK_SEQ.path][layer]):
+        raise AssertionError(f"merged scan tables disagree with {schema.TOPK_SEQ.path}")
     return top.x
 
 
 def store_examples(store: str, truth: PlantedTruth, name: str, layer: int = 0):
     """The ``NeuronExamples`` of the planted neurons of ``layer`` in a finished store."""
-    import zarr
-
     from neuron_embeddings.groundtruth.measures import NeuronExamples
 
-    g = zarr.open_group(store, mode="r")
+    g = Store(store).open_read_only()
     k = int(g.attrs["k"])
-    act, seq, pos = g["topk/act"][layer], g["topk/seq"][layer], g["topk/pos"][layer]  # [M, k]
-    emb = g["embeddings"][layer].astype(np.float32)  # [M, k, D]
+    act, seq, pos = (g[spec.path][layer] for spec in (schema.TOPK_ACT, schema.TOPK_SEQ, schema.TOPK_POS))  # [M, k]
+    emb = g[schema.EMBEDDINGS.path][layer].astype(np.float32)  # [M, k, D]
     x = merged_x(g, layer, k)
-    tokens = g["tokens"][...]
+    tokens = g[schema.TOKENS.path][...]
     have = seq >= 0
     tok = np.where(have, tokens[np.where(have, seq, 0), np.where(have, pos, 0)], -1)  # [M, k]
     feat = np.where(have, truth.token_feature()[np.maximum(tok, 0)], -1)
@@ -93,8 +94,8 @@ def store_examples(store: str, truth: PlantedTruth, name: str, layer: int = 0):
     return NeuronExamples(name, act[planted], emb[planted], x[planted], feat[planted], tok[planted],
                           truth.n_clusters()[planted],
                           dict(kind="planted", neurons=planted.tolist(), store=str(store),
-                               stored_labels=g["clusters/labels"][layer][planted],
-                               stored_n_clusters=g["metrics/n_clusters"][layer][planted]))
+                               stored_labels=g[schema.LABELS.path][layer][planted],
+                               stored_n_clusters=g[schema.METRIC_ARRAYS["n_clusters"].path][layer][planted]))
 
 
 def planted_examples(workdir: str | Path, variant: PlantedVariant, seed: int, selection: str = "top",

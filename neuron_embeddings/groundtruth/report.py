@@ -297,7 +297,7 @@ def write_report(results: dict, out: Path) -> Path:
         "magnitudes 0.25-1), `noise` (Gaussian noise, std 0.1, on x), `dense` (features active 3 % of the time "
         "instead of 1 %).",
         f"- Per neuron, the k = {cfg['k']} examples chosen by `top` or `band:F` are clustered by the "
-        "pipeline's own code (`tasks.cluster.cluster_shard`) and scored with the adjusted Rand index (ARI) "
+        "pipeline's own code (`core.cluster.cluster_shard`) and scored with the adjusted Rand index (ARI) "
         "against their true features. A feature is *present* in a neuron's examples when it is the true "
         "feature of at least max(2, 10 %) of them; *1-feature* / *multi* neurons have one / several present. "
         "*Feature recall* = features present / true features from the weights. *ARI all* is the mean over "

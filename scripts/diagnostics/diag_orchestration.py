@@ -1,8 +1,9 @@
 """Diagnostics behind the orchestration figures in the README (not a benchmark: no targets).
 
-    .venv/bin/python benchmarks/diag_orchestration.py [--workdir DIR]
+    .venv/bin/python scripts/diagnostics/diag_orchestration.py [--workdir DIR]
 
-Needs the store that `bench_orchestration.py` leaves in its work directory. Prints:
+Needs the store that `benchmarks/bench_orchestration.py` leaves in its work directory (and reuses that
+benchmark's helpers). Prints:
 1. the cost of writing a chunk file over an existing one vs a new one (ext4 truncation);
 2. the cost of one SSL context loading the certifi bundle (Prefect builds two per task);
 3. a `--workers 2` rerun of the cluster stage (fresh chunk files): the CPU seconds of each process
@@ -20,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # scripts/diagnostics/ -> the repository root
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_orchestration's helpers
 
 
 def file_writes(work: Path, n: int = 200) -> dict:
@@ -63,6 +64,7 @@ def cluster_stage_with_cpu(work: Path) -> None:
     import psutil
 
     from bench_orchestration import CLUSTER_OUTPUTS, clear, markers
+    from neuron_embeddings.core.plan import neuron_shards
     from neuron_embeddings.storage import store as st
     from neuron_embeddings.tasks.shards import shard_batches
 
@@ -112,7 +114,7 @@ def cluster_stage_with_cpu(work: Path) -> None:
     for name, cpu in totals.items():
         print(f"     {name:32s} {cpu:6.2f} s")
     by_unit = {r["unit"]: (t - r["seconds"], t, r.get("worker", "?")) for t, r in ms}
-    shards = [{"id": sh.id} for sh in st.neuron_shards(settings, int(s.attrs["d_mlp"]))]
+    shards = [{"id": sh.id} for sh in neuron_shards(settings, int(s.attrs["d_mlp"]))]
     rows = []
     for batch in shard_batches(shards, 2):
         spans = [by_unit[sh["id"]] for sh in batch]
@@ -128,7 +130,7 @@ def main() -> None:
     work = Path(ap.parse_args().workdir)
     if not (work / "run.zarr" / "zarr.json").exists():
         raise SystemExit(f"no store in {work}: run benchmarks/bench_orchestration.py first")
-    print(f"command: {sys.executable} benchmarks/diag_orchestration.py --workdir {work}")
+    print(f"command: {sys.executable} scripts/diagnostics/diag_orchestration.py --workdir {work}")
     for size, (new, over) in file_writes(work).items():
         print(f"1. writing a {size:,}-byte file: new {1000 * new:.3f} ms, over an existing one {1000 * over:.3f} ms")
     print(f"2. one SSL context with the certifi bundle: {ssl_context_ms():.1f} ms")

@@ -2,7 +2,7 @@
 """Does L_N make SAE features more monosemantic at a similar explained variance? The SAE flow on
 the model with planted features and on all-MiniLM-L6-v2, with several L_N coefficients.
 
-    .venv/bin/python benchmarks/sae_science.py --which planted|minilm|both --workdir DIR [--steps N]
+    .venv/bin/python scripts/experiments/sae_science.py --which planted|minilm|both --workdir DIR [--steps N]
 
 Each model gets one `flows/sae.py:sae_flow` run (a temporary Prefect server starts if none is
 configured): the layer's MLP neurons, a standard SAE and one L_N SAE per coefficient, all evaluated
@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # scripts/experiments/ -> the repository root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -5,7 +5,7 @@ SAELens pins transformer-lens < 4, so it cannot live in this project's environme
 separate one (it imports only `sae_io`, which needs torch and safetensors):
 
     python3.11 -m venv /tmp/sl && /tmp/sl/bin/pip install torch==2.13.0 sae-lens   # or 'sae-lens<6'
-    HF_HUB_OFFLINE=1 /tmp/sl/bin/python benchmarks/check_saelens_load.py [SAE_DIR ...]
+    HF_HUB_OFFLINE=1 /tmp/sl/bin/python scripts/interop/check_saelens_load.py [SAE_DIR ...]
 
 Without arguments it writes a standard and a TopK SAE with random weights to a temporary directory.
 For each directory: SAELens's `SAE.load_from_disk` (6.x) or `load_from_pretrained` (5.x), then its
@@ -13,19 +13,19 @@ For each directory: SAELens's `SAE.load_from_disk` (6.x) or `load_from_pretraine
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # scripts/interop/ -> the repository root
 sys.path.insert(0, str(ROOT))
-
-import torch
-from safetensors.torch import load_file
 
 
 def example_dirs(tmp: Path) -> list[str]:
+    import torch
+
     from neuron_embeddings.core.sae_io import SAEWeights, save_sae
 
     g = torch.Generator().manual_seed(0)
@@ -41,6 +41,8 @@ def example_dirs(tmp: Path) -> list[str]:
 
 def check(d: str) -> float:
     import sae_lens
+    import torch
+    from safetensors.torch import load_file
     from sae_lens import SAE
 
     load = getattr(SAE, "load_from_disk", None) or SAE.load_from_pretrained
@@ -62,7 +64,10 @@ def check(d: str) -> float:
 
 
 def main() -> int:
-    dirs = sys.argv[1:]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dirs", nargs="*", metavar="SAE_DIR",
+                    help="SAE directories to check (default: a standard and a TopK SAE with random weights)")
+    dirs = ap.parse_args().dirs
     with tempfile.TemporaryDirectory() as tmp:
         if not dirs:
             dirs = example_dirs(Path(tmp))

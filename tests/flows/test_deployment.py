@@ -19,7 +19,7 @@ import pytest
 from neuron_embeddings.tasks.registry import run_status
 from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 POOL = "neuron-embeddings"
 CI_PARAMS = dict(dataset="builtin:python-docs", n_sequences=16, ctx_len=32, k=4, shard_size=64, device="cpu",
                  embedding_dtype="float32", batch_size=8)
@@ -79,7 +79,7 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tiny_
     # A run of the deployment with CI-sized parameters (they override the deployment's), with a
     # transient fault in one shard (its first attempt fails): the flow run fails, naming it.
     out = tmp_path / "deployed.zarr"
-    params = dict(CI_PARAMS, out=str(out), model=tiny_gpt2, fault_shard="embed/L01-N00064:once")
+    params = dict(CI_PARAMS, out=str(out), model=tiny_gpt2)
     created = _prefect(["deployment", "run", "neuron-embeddings/demo", "--params", json.dumps(params)],
                        _env(api_url, REPO), REPO, 60)
     match = re.search(r"UUID: ([0-9a-f-]{36})", created)
@@ -92,9 +92,13 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tiny_
     worker_dir.mkdir()
     worker_log = tmp_path / "worker.log"
 
+    flags = tmp_path / "fault-flags"
+    flags.mkdir()
+    # the test's fault switch lives in the worker's environment, never in the deployment's parameters
+    worker_env = dict(_env(api_url, worker_dir), NE_TEST_FAULT="embed/L01-N00064:once", NE_TEST_FAULT_DIR=str(flags))
+
     def run_worker_once() -> object:
-        _prefect(["worker", "start", "--pool", POOL, "--run-once"], _env(api_url, worker_dir), worker_dir, 240,
-                 log=worker_log)
+        _prefect(["worker", "start", "--pool", POOL, "--run-once"], worker_env, worker_dir, 240, log=worker_log)
         with get_client(sync_client=True) as client:
             return client.read_flow_run(flow_run_id).state
 
@@ -117,6 +121,7 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tiny_
 
     st = run_status(str(out))
     assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 * 4, st
+    assert not (out / "_faults").exists() and (flags / "embed-L01-N00064").exists()  # nothing of it in the store
 
     ref = tmp_path / "reference.zarr"
     run_stages(str(ref), **options(tiny_gpt2, n_sequences=16, k=4))

@@ -37,7 +37,7 @@ def server(tiny_gpt2, tmp_path_factory):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "neuron_embeddings.cli", "explore", out, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
     deadline = time.time() + 60
     while time.time() < deadline:
         with socket.socket() as s:

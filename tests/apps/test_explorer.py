@@ -257,7 +257,7 @@ def test_token_importance(store, data, tiny_gpt2):
 
 def test_sae_store_pages_and_importance(tiny_gpt2, tmp_path):
     from neuron_embeddings.explorer.importance import ImportanceModel
-    from tests.test_sae_evaluate import write_saelens_dir
+    from tests.apps.test_sae_evaluate import write_saelens_dir
 
     write_saelens_dir(tmp_path / "sae", 256, 48, "blocks.1.mlp.hook_post", 1)
     out = str(tmp_path / "sae.zarr")

@@ -115,10 +115,12 @@ def _check_shard_logs(out: str) -> None:
     assert all(log.task_run_id is not None for log in logs if "done in" in log.message)
 
 
-def test_failed_shard_is_named_and_only_it_is_rerun(prefect_server, tiny_gpt2, tmp_path, reference):
+def test_failed_shard_is_named_and_only_it_is_rerun(prefect_server, tiny_gpt2, tmp_path, reference, monkeypatch):
     out = str(tmp_path / "fault.zarr")
+    monkeypatch.setenv("NE_TEST_FAULT", "embed/L01-N00064")
     with pytest.raises(ShardsFailed, match="L01-N00064"):
-        neuron_embeddings_run(out=out, model=tiny_gpt2, fault_shard="embed/L01-N00064", **FLOW_OPTS)
+        neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)
+    monkeypatch.delenv("NE_TEST_FAULT")
     st = run_status(out)
     assert st.units["embed"]["L01-N00064"] == "failed"
     assert st.units["cluster"]["L01-N00064"] == "pending"
@@ -152,10 +154,12 @@ def _marker_records(out: str, stage: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in (Path(out) / "_markers" / stage).glob("*.done")]
 
 
-def test_task_retries_absorb_a_transient_fault(prefect_server, tiny_gpt2, tmp_path, reference):
+def test_task_retries_absorb_a_transient_fault(prefect_server, tiny_gpt2, tmp_path, reference, monkeypatch):
     out = str(tmp_path / "retry.zarr")
-    neuron_embeddings_run(out=out, model=tiny_gpt2, fault_shard="cluster/L00-N00128:once", task_retries=1,
-                          **FLOW_OPTS)
+    monkeypatch.setenv("NE_TEST_FAULT", "cluster/L00-N00128:once")
+    monkeypatch.setenv("NE_TEST_FAULT_DIR", str(tmp_path))
+    neuron_embeddings_run(out=out, model=tiny_gpt2, task_retries=1, **FLOW_OPTS)
+    assert (tmp_path / "cluster-L00-N00128").exists()  # the fault did fire once
     st = run_status(out)
     assert st.failed == 0 and st.pending == 0
     assert_same_arrays(reference, contract_arrays(out))

@@ -45,7 +45,7 @@ def test_peak_token_perplexity_and_effective_dims():
 
 def test_sae_flow_end_to_end(prefect_server, tiny_gpt2, tmp_path):
     from neuron_embeddings.flows.sae import sae_flow
-    from tests.test_flow import _latest_artifact
+    from tests.flows.test_flow import _latest_artifact
 
     out = tmp_path / "sae-flow"
     result = sae_flow(out=str(out), model=tiny_gpt2, layer=1, n_sequences=16, ctx_len=16, expansion=0.5, l1=1.0,
