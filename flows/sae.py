@@ -25,9 +25,13 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from neuron_embeddings.core.sae import SAETrainSettings
+from neuron_embeddings.core.settings import DEMO, default
 from neuron_embeddings.flows.run import neuron_embeddings_run
 from neuron_embeddings.tasks.sae import cache_activations_task, train_sae_task
 from neuron_embeddings.tasks.sae_report import compare_task
+
+SAE = SAETrainSettings()  # the SAE training defaults
 
 
 def ln_names(ln_coef: float | list[float]) -> dict[str, float]:
@@ -41,32 +45,32 @@ def ln_names(ln_coef: float | list[float]) -> dict[str, float]:
 @flow(name="neuron-embeddings-sae", log_prints=True)
 def sae_flow(
     out: str,
-    model: str = "builtin:all-MiniLM-L6-v2",
-    dataset: str = "builtin:python-docs",
+    model: str = DEMO["model"],
+    dataset: str = DEMO["dataset"],
     layer: int = 3,
     hook: str = "post",
     n_sequences: int = 768,
     ctx_len: int = 64,
-    architecture: str = "standard",
-    topk: int | None = None,
-    expansion: float = 4.0,
-    l1: float = 5.0,
+    architecture: str = SAE.architecture,
+    topk: int | None = SAE.topk,
+    expansion: float = SAE.expansion,
+    l1: float = SAE.l1,
     ln_coef: float | list[float] = 1e-3,
-    ln_start: int = 0,
-    ln_momentum: float = 0.9,
-    ln_update: str = "ema",
-    steps: int = 2000,
-    batch_size: int = 4096,
-    lr: float = 1e-3,
-    seed: int = 0,
-    k: int = 50,
-    selection: str = "top",
-    linkage: str = "average",
-    threshold: float = 0.5,
-    shard_size: int = 256,
+    ln_start: int = SAE.ln_start,
+    ln_momentum: float = SAE.ln_momentum,
+    ln_update: str = SAE.ln_update,
+    steps: int = SAE.steps,
+    batch_size: int = SAE.batch_size,
+    lr: float = SAE.lr,
+    seed: int = SAE.seed,
+    k: int = default("k"),
+    selection: str = default("selection"),
+    linkage: str = default("linkage"),
+    threshold: float = default("threshold"),
+    shard_size: int = default("shard_size"),
     activation_dtype: str = "float16",
-    device: str = "auto",
-    workers: int = 1,
+    device: str = default("device"),
+    workers: int = default("workers"),
 ) -> dict:
     """Are the SAE features more monosemantic than the layer's neurons, and does L_N help at the
     same reconstruction quality? The same SAE settings train every SAE; only `ln_coef` differs

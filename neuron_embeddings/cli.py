@@ -6,6 +6,7 @@ not all complete exits 1 and says how to resume.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -13,9 +14,8 @@ import threading
 import time
 
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.core.settings import ExecSettings, default
+from neuron_embeddings.core.settings import DEMO, ExecSettings, default
 
-DEMO_SETTINGS = dict(dataset="builtin:python-docs", n_sequences=768, ctx_len=128, k=50, shard_size=256)
 
 
 def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(sub.add_parser("run", help="the full pipeline over every MLP neuron of a model"))
     demo = sub.add_parser("demo", help="the pipeline offline on all-MiniLM-L6-v2 and CPython's docs, in minutes")
     demo.add_argument("--out", default="demo.zarr")
-    demo.add_argument("--n-sequences", type=int, default=DEMO_SETTINGS["n_sequences"])
+    demo.add_argument("--n-sequences", type=int, default=DEMO["n_sequences"])
     _add_run_options(demo, demo=True)
     status = sub.add_parser("status", help="shard states of a store")
     status.add_argument("store")
@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def sae_default(name: str):
+    """The default of an SAE training option: the field's default in SAETrainSettings."""
+    from neuron_embeddings.core.sae import SAETrainSettings
+
+    return next(f.default for f in dataclasses.fields(SAETrainSettings) if f.name == name)
+
+
 def _add_sae_train(sae_sub) -> None:
     p = sae_sub.add_parser("train", help="cache one hook's activations and train an SAE on them (optionally with L_N); "
                                          "writes cfg.json, sae_weights.safetensors (SAELens layout) and metrics.json")
@@ -88,23 +95,23 @@ def _add_sae_train(sae_sub) -> None:
     p.add_argument("--out", required=True, help="SAE directory to write")
     p.add_argument("--hook", default="post", help="post (MLP activations, default), pre, in, resid_pre, resid_mid, "
                                                    "resid_post, mlp_out")
-    p.add_argument("--architecture", default="standard", help="standard (ReLU + L1, default) or topk")
-    p.add_argument("--topk", type=int, default=None, help="k of a topk SAE")
-    p.add_argument("--expansion", type=float, default=4.0, help="features per input dimension (default 4)")
-    p.add_argument("--l1", type=float, default=5.0, help="L1 coefficient on inputs scaled to E||x||^2 = d_in (default 5)")
-    p.add_argument("--ln-coef", type=float, default=0.0, help="coefficient of the neuron-embedding loss L_N (default 0: off)")
-    p.add_argument("--ln-start", type=int, default=0, help="step from which L_N counts (default 0)")
-    p.add_argument("--ln-momentum", type=float, default=0.9, help="EMA momentum of the L_N lookup (default 0.9)")
-    p.add_argument("--ln-update", default="ema", help="ema (default) or mean: how the L_N lookup averages inputs")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=4096, help="activations per training step (default 4096)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=None, help="learning-rate warm-up steps (default 5%% of --steps)")
-    p.add_argument("--resample-every", type=int, default=None,
+    p.add_argument("--architecture", default=sae_default("architecture"), help="standard (ReLU + L1, default) or topk")
+    p.add_argument("--topk", type=int, default=sae_default("topk"), help="k of a topk SAE")
+    p.add_argument("--expansion", type=float, default=sae_default("expansion"), help="features per input dimension (default 4)")
+    p.add_argument("--l1", type=float, default=sae_default("l1"), help="L1 coefficient on inputs scaled to E||x||^2 = d_in (default 5)")
+    p.add_argument("--ln-coef", type=float, default=sae_default("ln_coef"), help="coefficient of the neuron-embedding loss L_N (default 0: off)")
+    p.add_argument("--ln-start", type=int, default=sae_default("ln_start"), help="step from which L_N counts (default 0)")
+    p.add_argument("--ln-momentum", type=float, default=sae_default("ln_momentum"), help="EMA momentum of the L_N lookup (default 0.9)")
+    p.add_argument("--ln-update", default=sae_default("ln_update"), help="ema (default) or mean: how the L_N lookup averages inputs")
+    p.add_argument("--steps", type=int, default=sae_default("steps"))
+    p.add_argument("--batch-size", type=int, default=sae_default("batch_size"), help="activations per training step (default 4096)")
+    p.add_argument("--lr", type=float, default=sae_default("lr"))
+    p.add_argument("--warmup", type=int, default=sae_default("warmup"), help="learning-rate warm-up steps (default 5%% of --steps)")
+    p.add_argument("--resample-every", type=int, default=sae_default("resample_every"),
                    help="resample dead features every N steps up to 3/4 of the run (default steps/5; 0 = never)")
     p.add_argument("--n-sequences", type=int, default=1024)
     p.add_argument("--ctx-len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=sae_default("seed"))
     p.add_argument("--cache", default=None, help="activation cache directory (default OUT/activations.zarr; reused "
                                                  "when made with the same model, dataset, hook and sizes)")
     p.add_argument("--activation-dtype", default="float16", help="float16 (default) or float32 for the cache")
@@ -289,10 +296,8 @@ def _closing_status(out: str) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from neuron_embeddings.core.models import BUILTIN_MINILM
-
-    a.model = BUILTIN_MINILM
-    for key, value in DEMO_SETTINGS.items():
+    a.model = DEMO["model"]
+    for key, value in DEMO.items():
         if not hasattr(a, key):
             setattr(a, key, value)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -5,27 +5,21 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from neuron_embeddings.core.models import load_model
 from neuron_embeddings.core.plan import block_id
 from neuron_embeddings.core.scan import scan_sequences
-from neuron_embeddings.core.units import unit_source
 from neuron_embeddings.storage import store as st
+from neuron_embeddings.tasks.blocks import block_inputs
 from neuron_embeddings.tasks.common import run_unit
-from neuron_embeddings.tasks.progress import progress_writer
 
 
 @task(name="maxima-block", task_run_name="maxima-B{block[index]}", cache_policy=NO_CACHE)
 def maxima_block(out: str, block: dict, device: str = "auto", batch_size: int = 16) -> dict:
     """First pass of band selection: write each unit's maximum over the block to scan/max."""
     def work(store: st.Store) -> dict:
-        s = store.settings()
-        lm = load_model(s.model, device)
-        tokens = st.read_tokens(store, block["start"], block["stop"])
-        report = progress_writer(store, "maxima", block_id(block["index"]), len(tokens))
-        gmax = scan_sequences(lm.bridge, tokens, block["start"], list(s.layers), s.k, torch.float32,
-                              batch_size, lm.device, mode="max", progress=report,
-                              units=unit_source(lm, s.model, s.sae))
+        b = block_inputs(store, block, "maxima", device)
+        gmax = scan_sequences(b.lm.bridge, b.tokens_ST, block["start"], list(b.settings.layers), b.settings.k,
+                              torch.float32, batch_size, b.lm.device, mode="max", progress=b.report, units=b.units)
         st.write_block_maxima(store, block["index"], gmax.numpy())
-        return {"sequences": len(tokens)}
+        return {"sequences": len(b.tokens_ST)}
 
     return run_unit(out, "maxima", block_id(block["index"]), work)

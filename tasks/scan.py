@@ -8,32 +8,28 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from neuron_embeddings.core.models import load_model
 from neuron_embeddings.core.plan import block_id
 from neuron_embeddings.core.scan import NO_SEQ, scan_sequences
-from neuron_embeddings.core.units import unit_source
 from neuron_embeddings.storage import store as st
+from neuron_embeddings.tasks.blocks import block_inputs
 from neuron_embeddings.tasks.common import run_unit
-from neuron_embeddings.tasks.progress import progress_writer
 
 
 @task(name="scan-block", task_run_name="scan-B{block[index]}", cache_policy=NO_CACHE)
 def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16) -> dict:
     """Forward passes over the block, a running top-k with x per unit, partial tables to the store."""
     def work(store: st.Store) -> dict:
-        s = store.settings()
-        lm = load_model(s.model, device)
-        tokens = st.read_tokens(store, block["start"], block["stop"])
         gmax = None
-        if s.band_fraction is not None:
+        if store.settings().band_fraction is not None:
             gmax = torch.from_numpy(st.read_maxima(store))  # [L, M], over all blocks
-        report = progress_writer(store, "scan", block_id(block["index"]), len(tokens))
+        b = block_inputs(store, block, "scan", device)
+        s, tokens = b.settings, b.tokens_ST
         t0 = time.perf_counter()
-        tables = scan_sequences(lm.bridge, tokens, block["start"], list(s.layers), s.k,
-                                getattr(torch, s.embedding_dtype), batch_size, lm.device,
+        tables = scan_sequences(b.lm.bridge, tokens, block["start"], list(s.layers), s.k,
+                                getattr(torch, s.embedding_dtype), batch_size, b.lm.device,
                                 mode="top" if gmax is None else "band", gmax_LM=gmax,
-                                fraction=s.band_fraction, seed=s.seed, progress=report,
-                                window=st.window(store), units=unit_source(lm, s.model, s.sae))
+                                fraction=s.band_fraction, seed=s.seed, progress=b.report,
+                                window=st.window(store), units=b.units)
         t_model = time.perf_counter() - t0
         for row, table in enumerate(tables):  # layer by layer: one layer's x table at a time
             parts = {}

@@ -115,6 +115,10 @@ class RunSettings:
 
 DEFAULT_MODEL = "gpt2"
 DEFAULT_DATASET = "builtin:python-docs"
+# the demo's run (`neuron-embeddings demo` and the `demo` deployment): a real model that ships as a
+# package, text on every Python install, minutes on 2 CPU cores
+DEMO = dict(model="builtin:all-MiniLM-L6-v2", dataset="builtin:python-docs", n_sequences=768, ctx_len=128, k=50,
+            shard_size=256)
 
 
 @dataclass(frozen=True)

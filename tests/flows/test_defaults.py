@@ -11,7 +11,8 @@ import yaml
 
 from neuron_embeddings.cli import build_parser, main
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.core.settings import ExecSettings, RunSettings, default
+from neuron_embeddings.core.models import BUILTIN_MINILM
+from neuron_embeddings.core.settings import DEMO, ExecSettings, RunSettings, default
 from neuron_embeddings.flows.run import neuron_embeddings_run
 from neuron_embeddings.flows.sae import sae_flow
 
@@ -56,6 +57,13 @@ def test_prefect_yaml_parameters_are_valid_settings():
         assert set(d["parameters"]) <= sae_params, (d["name"], set(d["parameters"]) - sae_params)
 
 
+def test_the_demo_deployment_is_the_demo():
+    demo = next(d for d in _deployments() if d["name"] == "demo")["parameters"]
+    assert {k: v for k, v in demo.items() if k != "out"} == DEMO and DEMO["model"] == BUILTIN_MINILM
+    a = build_parser().parse_args(["demo"])
+    assert a.n_sequences == DEMO["n_sequences"]
+
+
 @pytest.mark.parametrize("field, value", [("batch_size", 0), ("batch_size", -4), ("workers", 0),
                                           ("task_retries", -1), ("device", "tpu")])
 def test_exec_settings_refuse_bad_values(field, value):
@@ -69,3 +77,17 @@ def test_cli_refuses_a_bad_batch_size_before_creating_the_store(tmp_path, capsys
                "--batch-size", "-4"])
     assert rc == 2 and "--batch-size -4" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_sae_options_take_the_sae_settings_defaults():
+    from neuron_embeddings.core.sae import SAETrainSettings
+
+    sae = {f.name: f.default for f in dataclasses.fields(SAETrainSettings)}
+    a = build_parser().parse_args(["sae", "train", "--dataset", "x.txt", "--layer", "0", "--out", "d"])
+    params = inspect.signature(sae_flow.fn).parameters
+    for name, value in sae.items():
+        assert getattr(a, name) == value, name
+        if name in params and name != "ln_coef":  # the flow compares with L_N on: its own default
+            assert params[name].default == value, name
+    for name in ("k", "selection", "linkage", "threshold", "shard_size", "device", "workers"):
+        assert params[name].default == default(name), name
