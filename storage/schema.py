@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEMA_VERSION = "neuron-embeddings/1"
+SCHEMA_VERSION = "neuron-embeddings/2"
+READABLE_VERSIONS = ("neuron-embeddings/1", SCHEMA_VERSION)  # version 1: no d_embed, gated or BOS attributes
 N_SIMILAR = 5  # nearest clusters of other neurons stored per cluster (similar/*)
 WINDOW = (24, 8)  # activation window recorded around each example's max token: tokens before, after
 
@@ -22,7 +23,8 @@ DIMS = {
     "token": "vocabulary entry", "layer": "store row (root attribute `layers` gives the model's layer)",
     "neuron": "unit of the row (MLP neuron or SAE feature)", "example": "selected example, best first",
     "link": "merge step of the hierarchy", "link_field": "SciPy linkage column",
-    "d_embed": "embedding / MLP-input component", "window": "token around the example's max token",
+    "d_model": "component of x, the vector the units' input weights multiply",
+    "d_embed": "embedding component (d_model, or 2 x d_model for gated MLPs: x*W_gate then x*W_in)", "window": "token around the example's max token",
     "block": "data-parallel scan block", "neighbour": "similar cluster, nearest first",
     "neighbour_field": "(row, neuron, cluster) of a neighbour",
 }
@@ -37,6 +39,7 @@ class ArraySpec:
     compress: bool | str = True  # True: Zarr's default (zstd); "fast": blosc lz4 + shuffle; False: none
     chunking: str = "shard"  # "shard" (1 per layer/block, a shard of neurons, the rest whole), "rows" or "whole"
     contract: bool = False  # named in the public contract (CONTRACT.md)
+    gated_only: bool = False  # only in stores of gated MLP neurons
 
 
 def _a(path, dtype, dims, fill=None, **kw) -> ArraySpec:
@@ -56,15 +59,18 @@ METRICS = ("n_examples", "n_clusters", "max_distance", "mean_distance", "mean_in
 METRIC_ARRAYS = {m: _a(f"metrics/{m}", "int32" if m in ("n_examples", "n_clusters") else "float32", "layer neuron",
                        0 if m in ("n_examples", "n_clusters") else np.nan, contract=True) for m in METRICS}
 # not in the contract: the weights the embeddings were made with, and the scan's partial results
-W_IN = _a("weights/W_in", "float32", "layer d_embed neuron", 0, compress=False)
+W_IN = _a("weights/W_in", "float32", "layer d_model neuron", 0, compress=False)
 B_IN = _a("weights/b_in", "float32", "layer neuron", 0)
+W_GATE = _a("weights/W_gate", "float32", "layer d_model neuron", 0, compress=False, gated_only=True)
+B_GATE = _a("weights/b_gate", "float32", "layer neuron", 0, gated_only=True)
+WEIGHTS = {"W_in": W_IN, "b_in": B_IN, "W_gate": W_GATE, "b_gate": B_GATE}
 SCAN_FIELDS = ("key", "act", "seq", "pos", "x", "win")  # a scan block's partial top-k table, by slot
 SCAN = {
     "key": _a("scan/key", "float64", "block layer neuron example", -np.inf),
     "act": _a("scan/act", "float32", "block layer neuron example", np.nan),
     "seq": _a("scan/seq", "int32", "block layer neuron example", -1),
     "pos": _a("scan/pos", "int32", "block layer neuron example", -1),
-    "x": _a("scan/x", "embedding", "block layer neuron example d_embed", 0, compress=False),
+    "x": _a("scan/x", "embedding", "block layer neuron example d_model", 0, compress=False),
     "win": _a("scan/win", "float32", "block layer neuron example window", np.nan, compress="fast"),
 }
 SCAN_MAX = _a("scan/max", "float32", "block layer neuron", -np.inf, chunking="whole")
@@ -77,17 +83,18 @@ COSINE = _a("similar/cosine", "float32", "layer neuron example neighbour", np.na
 
 ARRAYS: tuple[ArraySpec, ...] = (
     TOKENS, VOCAB, TOPK_ACT, TOPK_SEQ, TOPK_POS, EMBEDDINGS, TOPK_WINDOW, LABELS, LINKAGE,
-    *METRIC_ARRAYS.values(), W_IN, B_IN, *SCAN.values(), SCAN_MAX,
+    *METRIC_ARRAYS.values(), W_IN, B_IN, W_GATE, B_GATE, *SCAN.values(), SCAN_MAX,
     CENTROIDS, TOP_TOKEN, TOP_COUNT, NEIGHBOURS, COSINE)
 BY_PATH = {a.path: a for a in ARRAYS}
 CONTRACT = tuple(a.path for a in ARRAYS if a.contract)
 
 
-def sizes(n_layers: int, d_mlp: int, d_embed: int, k: int, n_sequences: int, ctx_len: int, d_vocab: int,
-          n_blocks: int) -> dict[str, int]:
+def sizes(n_layers: int, d_mlp: int, d_model: int, d_embed: int, k: int, n_sequences: int, ctx_len: int,
+          d_vocab: int, n_blocks: int) -> dict[str, int]:
     """The size of every dimension for a run."""
     return {"sequence": n_sequences, "position": ctx_len, "token": d_vocab, "layer": n_layers, "neuron": d_mlp,
-            "example": k, "link": k - 1, "link_field": 4, "d_embed": d_embed, "window": sum(WINDOW) + 1,
+            "example": k, "link": k - 1, "link_field": 4, "d_model": d_model, "d_embed": d_embed,
+            "window": sum(WINDOW) + 1,
             "block": n_blocks, "neighbour": N_SIMILAR, "neighbour_field": 3}
 
 

@@ -28,7 +28,8 @@ from neuron_embeddings.core.errors import UserError
 from neuron_embeddings.core.plan import NeuronShard, neuron_shards, scan_blocks  # noqa: F401 - re-exported
 from neuron_embeddings.core.settings import RunSettings
 from neuron_embeddings.storage import schema
-from neuron_embeddings.storage.schema import METRICS, N_SIMILAR, SCAN_FIELDS, SCHEMA_VERSION, WINDOW  # noqa: F401 - re-exported
+from neuron_embeddings.storage.schema import (METRICS, N_SIMILAR, READABLE_VERSIONS, SCAN_FIELDS,  # noqa: F401
+                                              SCHEMA_VERSION, WINDOW)
 
 # Every write covers whole chunks of real data: skip Zarr's check of each chunk against the fill
 # value (a full pass over 20 MB embedding chunks), and write what we were given.
@@ -65,10 +66,15 @@ class Store:
 
     def settings(self) -> RunSettings:
         attrs = self.attrs
-        if attrs.get("schema_version") != SCHEMA_VERSION:
+        if attrs.get("schema_version") not in READABLE_VERSIONS:
             raise UserError(f"{self.url} is not a neuron-embeddings store (schema {SCHEMA_VERSION}); "
                             "choose a new --out path")
         return RunSettings.from_attrs(attrs)
+
+    @property
+    def gated(self) -> bool:
+        """Whether the store's units are gated MLP neurons (weights/W_gate, embeddings [x*W_gate ; x*W_in])."""
+        return bool(self.attrs.get("gated", False))
 
     def array(self, name: str | schema.ArraySpec) -> zarr.Array:
         return self.group("r")[_path(name)]
@@ -197,7 +203,7 @@ def check_writable(url: str) -> None:
 def check_settings(store: Store, settings: RunSettings) -> None:
     """Refuse to mix runs: an existing store must have been made with the same settings."""
     attrs = store.attrs
-    if attrs.get("schema_version") != SCHEMA_VERSION:
+    if attrs.get("schema_version") not in READABLE_VERSIONS:
         raise UserError(
             f"{store.url} is not a neuron-embeddings store of schema {SCHEMA_VERSION} "
             f"(found {attrs.get('schema_version')!r}); choose a new --out path")
@@ -213,12 +219,15 @@ def create_store(url: str, settings: RunSettings, model_info: dict, d_vocab: int
     not there yet. Idempotent: a creation cut short is completed by calling it again; existing
     arrays must have the planned shape and are left as they are."""
     store = Store(url)
-    dim_sizes = schema.sizes(len(settings.layers), model_info["d_mlp"], model_info["d_model"], settings.k,
-                             settings.n_sequences, settings.ctx_len, d_vocab, settings.scan_blocks)
+    dim_sizes = schema.sizes(len(settings.layers), model_info["d_mlp"], model_info["d_model"],
+                             model_info.get("d_embed", model_info["d_model"]), settings.k, settings.n_sequences,
+                             settings.ctx_len, d_vocab, settings.scan_blocks)
     g = zarr.open_group(store._zarr_target(), mode="a", zarr_format=3)
     if "schema_version" not in g.attrs:
         g.attrs.update(_root_attrs(settings, model_info, d_vocab))
     for spec in schema.ARRAYS:
+        if spec.gated_only and not model_info.get("gated", False):
+            continue
         shape = schema.shape(spec, dim_sizes)
         if spec.path in g:
             assert tuple(g[spec.path].shape) == shape, f"{spec.path} exists with shape {g[spec.path].shape}"
@@ -252,6 +261,9 @@ def _root_attrs(settings: RunSettings, model_info: dict, d_vocab: int) -> dict:
         "window_before": WINDOW[0],
         "window_after": WINDOW[1],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # schema 2: how rows were fed (nothing prepended, every token eligible as an example's max)
+        "prepend_bos": False,
+        "excluded_token_ids": [],
         **{k: v for k, v in model_info.items() if k not in ("d_mlp", "d_model")},
     }
 
@@ -311,12 +323,14 @@ def shard_region(shard: NeuronShard) -> tuple:
 
 # --- typed reads and writes, by stage -------------------------------------------------------
 
-def write_prepared(store: Store, tokens_ST: np.ndarray, vocab: list[str], W_LDM: np.ndarray, b_LM: np.ndarray) -> None:
-    """The prepare stage's arrays: tokens, vocabulary, and the weights the embeddings multiply x by."""
+def write_prepared(store: Store, tokens_ST: np.ndarray, vocab: list[str], weights: dict[str, np.ndarray]) -> None:
+    """The prepare stage's arrays: tokens, vocabulary, and the weights the embeddings multiply x by
+    (by name: W_in [rows, d_model, units], b_in [rows, units], and W_gate, b_gate for gated MLPs)."""
     write(store, schema.TOKENS, (slice(None), slice(None)), tokens_ST)
     write(store, schema.VOCAB, (slice(None),), np.array(vocab, dtype=object).astype(str))
-    write(store, schema.W_IN, (slice(None),), W_LDM)
-    write(store, schema.B_IN, (slice(None),), b_LM)
+    for name in ("W_in", "b_in", "W_gate", "b_gate"):
+        if name in weights:
+            write(store, schema.WEIGHTS[name], (slice(None),), weights[name])
 
 
 def read_tokens(store: Store, start: int | None = None, stop: int | None = None) -> np.ndarray:
@@ -353,9 +367,12 @@ def read_block_tables(store: Store, region: tuple) -> dict[str, np.ndarray]:
 
 
 def read_weights(store: Store, region: tuple) -> np.ndarray:
-    """float32 [d_embed, S]: the input weights of a shard region's units."""
+    """float32 [d_embed, S]: the input weights of a shard region's units, in the embedding's layout
+    ([W_gate ; W_in] for gated MLP neurons, else W_in)."""
     row, units = region
-    return read(store, schema.W_IN, (row, slice(None), units))
+    names = (schema.W_GATE, schema.W_IN) if store.gated else (schema.W_IN,)
+    parts = [read(store, spec, (row, slice(None), units)) for spec in names]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
 def write_topk(store: Store, region: tuple, act: np.ndarray, seq: np.ndarray, pos: np.ndarray,

@@ -39,8 +39,8 @@ def prepare_store(out: str, settings: RunSettings, lm: LoadedModel) -> dict:
         if int(tokens.max()) >= lm.bridge.cfg.d_vocab:
             raise AssertionError("tokenizer produced ids outside the model's vocabulary")
         st.create_store(out, settings, units.info(), len(vocab))
-        w_in, b_in = units.weights(list(settings.layers))
-        st.write_prepared(store, tokens, vocab, w_in.numpy(), b_in.numpy())
+        weights = units.weights(list(settings.layers))
+        st.write_prepared(store, tokens, vocab, {name: w.numpy() for name, w in weights.items()})
         return {"tokens": int(tokens.size)}
 
     run_unit(out, "prepare", "all", work)

@@ -144,12 +144,41 @@ def capture(bridge, ids_BT: torch.Tensor, names: list[str]) -> dict[str, torch.T
     return got
 
 
+HOOK_PRE_LINEAR = "blocks.{layer}.mlp.hook_pre_linear"
+
+
+def is_gated(model: LoadedModel) -> bool:
+    """Whether the model's MLPs are gated (act(w_gate . x + b_gate) * (w_in . x + b_in)): the
+    bridge then has a linear pre-activation hook beside the gate's."""
+    return HOOK_PRE_LINEAR.format(layer=0) in model.bridge.hook_dict
+
+
+def _stacked(model: LoadedModel, name: str, layers: list[int], zeros_like: torch.Tensor | None = None):
+    """A stacked bridge parameter (W_in, b_in, W_gate, b_gate) for `layers`, float32 on the CPU;
+    zeros shaped like `zeros_like`'s columns where the model has no such bias (bias-free models)."""
+    try:
+        value = getattr(model.bridge, name)
+    except AttributeError:
+        value = None
+    if value is None:
+        if zeros_like is None:
+            raise UserError(f"the model has no {name}; its MLP is neither a plain nor a gated MLP that this tool reads")
+        return torch.zeros(zeros_like.shape[0], zeros_like.shape[-1])
+    return value.detach()[layers].float().cpu()
+
+
 def mlp_weights(model: LoadedModel, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(W_in [n_rows, d_model, d_mlp], b_in [n_rows, d_mlp]) in float32 for the given layers, as the
-    MLP applies them to hook_in (LayerNorm folded where the model has a pre-LayerNorm)."""
-    w = model.bridge.W_in.detach()[layers].float().cpu()
-    b = model.bridge.b_in.detach()[layers].float().cpu()
-    return w, b
+    MLP applies them to hook_in (the norm's gain folded where the model has a pre-norm); b_in is
+    zeros where the projection has no bias."""
+    w = _stacked(model, "W_in", layers)
+    return w, _stacked(model, "b_in", layers, zeros_like=w)
+
+
+def gate_weights(model: LoadedModel, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_gate [n_rows, d_model, d_mlp], b_gate [n_rows, d_mlp]) of a gated MLP, like `mlp_weights`."""
+    w = _stacked(model, "W_gate", layers)
+    return w, _stacked(model, "b_gate", layers, zeros_like=w)
 
 
 def versions() -> dict:

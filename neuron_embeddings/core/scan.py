@@ -271,11 +271,20 @@ def merge_blocks(key_NSK: np.ndarray, act_NSK: np.ndarray, seq_NSK: np.ndarray, 
     return TopK(out_act, out_seq, out_pos, out_x, out_win)
 
 
-def neuron_embeddings(x_SKD: np.ndarray, w_in_DS: np.ndarray, dtype: str) -> np.ndarray:
-    """e[s, i] = x[s, i] ⊙ W_in[:, s]  ->  [S, k, D] in `dtype` (computed in float32)."""
+def neuron_embeddings(x_SKD: np.ndarray, w_ES: np.ndarray, dtype: str) -> np.ndarray:
+    """e[s, i] = [x[s, i] ; x[s, i] ; ...] ⊙ W[:, s]  ->  [S, k, E] in `dtype` (computed in float32).
+
+    W holds the unit's input weight vectors stacked (E = n x D): W_in (E = D) for plain MLP neurons
+    and SAE features, [W_gate ; W_in] (E = 2D) for gated MLP neurons, whose embedding is then
+    [x ⊙ w_gate ; x ⊙ w_in]."""
     with torch_threads(1):  # torch casts to float16 ~1.7x faster than NumPy; small ops: one thread
-        w_SD = torch.from_numpy(np.ascontiguousarray(w_in_DS.T, dtype=np.float32))
-        e = torch.from_numpy(x_SKD).float() * w_SD[:, None, :]
+        w_SE = torch.from_numpy(np.ascontiguousarray(w_ES.T, dtype=np.float32))
+        x = torch.from_numpy(x_SKD).float()
+        reps = w_SE.shape[1] // x.shape[-1]
+        assert reps * x.shape[-1] == w_SE.shape[1], f"weights of width {w_SE.shape[1]} for x of width {x.shape[-1]}"
+        if reps > 1:
+            x = x.repeat(1, 1, reps)
+        e = x * w_SE[:, None, :]
         return e.to(getattr(torch, dtype)).numpy()
 
 

@@ -139,6 +139,53 @@ def build_random_gpt2(
     return out
 
 
+ARCHITECTURES = ("llama", "qwen2", "gemma", "gpt_neox")
+
+
+def build_random_model(out_dir: str | Path, architecture: str, *, n_layer: int = 2, d_model: int = 64,
+                       d_mlp: int = 128, n_head: int = 4, n_positions: int = 128, vocab_size: int = 600,
+                       seed: int = 0) -> Path:
+    """Save a small randomly initialised model of a Hugging Face architecture users bring (Llama:
+    grouped-query attention, no biases; Qwen2: biases on q/k/v; Gemma: GeGLU, RMSNorm scaled by
+    1 + weight, scaled embeddings; GPT-NeoX: parallel attention and MLP) with a trained BPE
+    tokenizer. Norm gains are randomised so that folding them into W_in matters. Returns the directory."""
+    import transformers
+
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture {architecture!r}: one of {', '.join(ARCHITECTURES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _wrap_tokenizer(train_bpe_tokenizer(vocab_size), n_positions)
+    common = dict(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layer,
+                  num_attention_heads=n_head, max_position_embeddings=n_positions,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config, cls = {
+        "llama": lambda: (transformers.LlamaConfig(**common, num_key_value_heads=max(1, n_head // 2)),
+                          transformers.LlamaForCausalLM),
+        "qwen2": lambda: (transformers.Qwen2Config(**common, num_key_value_heads=max(1, n_head // 2)),
+                          transformers.Qwen2ForCausalLM),
+        "gemma": lambda: (transformers.GemmaConfig(**common, num_key_value_heads=1, head_dim=d_model // n_head,
+                                                   hidden_activation="gelu_pytorch_tanh"),
+                          transformers.GemmaForCausalLM),
+        "gpt_neox": lambda: (transformers.GPTNeoXConfig(**common, use_parallel_residual=True, rotary_pct=0.25),
+                             transformers.GPTNeoXForCausalLM),
+    }[architecture]()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1 and name.endswith("weight"):
+                p.copy_(_uniform(p.shape, (0.5, 1.5) if architecture != "gemma" else (-0.5, 0.5), gen))
+            elif p.ndim == 1 and name.endswith("bias"):  # non-zero biases, so that the identities test them
+                p.copy_(_uniform(p.shape, (-0.1, 0.1), gen))
+    with _no_progress_bars():
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def train_bpe_tokenizer(vocab_size: int = 1000):
     """Train a GPT-2-style byte-level BPE (``tokenizers.Tokenizer``) on CPython's pydoc topics.
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.core.models import HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE, LoadedModel, capture, mlp_weights, versions
+from neuron_embeddings.core.models import (HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE, HOOK_PRE_LINEAR, LoadedModel, capture,
+                                          gate_weights, is_gated, mlp_weights, versions)
 
 _SAE_CACHE: dict[str, object] = {}
 _LOCK = threading.Lock()
@@ -65,7 +66,8 @@ def check_sae_fits(sae, bridge) -> None:
 
 def sae_model_info(sae, sae_path: str) -> dict:
     """Store attributes that differ for an SAE store (see resolve.model_info)."""
-    return {"unit": "sae-feature", "d_model": sae.d_in, "d_mlp": sae.d_sae, "weights": "sae-encoder",
+    return {"unit": "sae-feature", "d_model": sae.d_in, "d_mlp": sae.d_sae, "d_embed": sae.d_in,
+            "embedding": SAEFeatures.embedding, "gated": False, "weights": "sae-encoder",
             "hook_input": hook_template(sae.hook_name), "hook_pre": "sae: encoder_input(x) @ W_enc + b_enc",
             "hook_activation": f"sae: {sae.architecture} features of " + hook_template(sae.hook_name),
             "sae_path": str(sae_path), "sae_architecture": sae.architecture,
@@ -83,8 +85,14 @@ class UnitSource:
     """Where the units of one store come from. Subclasses set `kind` (the store's `unit` attribute)."""
 
     kind: str = ""
+    embedding: str = "x*W_in"  # the embedding's layout: the weights x is multiplied by, "|" between halves
     n_units: int  # M: units per row
     d_input: int  # D: width of x
+
+    @property
+    def d_embed(self) -> int:
+        """Width of a unit's embedding: x times each of its input weight matrices, concatenated."""
+        return self.d_input * len(self.embedding.split("|"))
 
     def taps(self, layer: int, need_x: bool = True) -> tuple[str, ...]:
         """Hook names the scan captures for the row of `layer`, in forward order."""
@@ -95,8 +103,10 @@ class UnitSource:
         """(activations [B, T, M], x [B, T, D] or None) from the row's captured tensors."""
         raise NotImplementedError
 
-    def weights(self, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W [rows, D, M], b [rows, M]) float32: sum(x * W[r, :, j]) + b[r, j] is unit j's pre-activation."""
+    def weights(self, layers: list[int]) -> dict[str, torch.Tensor]:
+        """float32 input weights by name, in the order of `embedding`: "W_in" [rows, D, M] and "b_in"
+        [rows, M] (sum(x * W_in[r, :, j]) + b_in[r, j] is unit j's pre-activation), and for gated
+        units also "W_gate", "b_gate" (the gate's pre-activation)."""
         raise NotImplementedError
 
     def info(self) -> dict:
@@ -128,13 +138,30 @@ class MLPNeurons(UnitSource):
         return captured[HOOK_ACTIVATION.format(layer=layer)], x
 
     def weights(self, layers):
-        return mlp_weights(self.lm, list(layers))
+        w, b = mlp_weights(self.lm, list(layers))
+        return {"W_in": w, "b_in": b}
 
     def info(self) -> dict:
         lm = self.lm
         return {"model": self.model, "unit": self.kind, "d_model": lm.d_model, "d_mlp": lm.d_mlp,
+                "d_embed": self.d_embed, "embedding": self.embedding, "gated": False,
                 "weights": lm.weights, "hook_input": HOOK_INPUT, "hook_pre": HOOK_PRE,
                 "hook_activation": HOOK_ACTIVATION, "model_n_layers": lm.n_layers, **versions()}
+
+
+class GatedMLPNeurons(MLPNeurons):
+    """Gated MLP neurons (Llama, Qwen, Gemma, Mistral, SmolLM): a_j = act(w_gate_j . x + b_gate_j) *
+    (w_in_j . x + b_in_j). The embedding is [x * w_gate_j ; x * w_in_j]: its first half sums (+ b_gate)
+    to `hook_pre`, its second (+ b_in) to `hook_pre_linear`. Missing biases are zeros."""
+
+    embedding = "x*W_gate|x*W_in"
+
+    def weights(self, layers):
+        w_gate, b_gate = gate_weights(self.lm, list(layers))
+        return {"W_gate": w_gate, "b_gate": b_gate, **super().weights(layers)}
+
+    def info(self) -> dict:
+        return {**super().info(), "gated": True, "hook_pre_linear": HOOK_PRE_LINEAR}
 
 
 class SAEFeatures(UnitSource):
@@ -142,6 +169,7 @@ class SAEFeatures(UnitSource):
     subtracts it), activation = the feature activations, weights W_enc, b_enc. One store row."""
 
     kind = "sae-feature"
+    embedding = "x*W_enc"
 
     def __init__(self, lm: LoadedModel, model: str, sae_path: str):
         self.mlp = MLPNeurons(lm, model)
@@ -160,7 +188,8 @@ class SAEFeatures(UnitSource):
         return post, weights.encoder_input(h).reshape(t.shape) if need_x else None
 
     def weights(self, layers):
-        return sae_weights_for_store(self.sae)
+        w, b = sae_weights_for_store(self.sae)
+        return {"W_in": w, "b_in": b}
 
     def info(self) -> dict:
         return {**self.mlp.info(), **sae_model_info(self.sae, self.path)}
@@ -180,9 +209,12 @@ def sae_on_device(sae, device):
     return cache[str(device)]
 
 
-UNIT_SOURCES: dict[str, type[UnitSource]] = {MLPNeurons.kind: MLPNeurons, SAEFeatures.kind: SAEFeatures}
+UNIT_SOURCES: tuple[type[UnitSource], ...] = (MLPNeurons, GatedMLPNeurons, SAEFeatures)
 
 
 def unit_source(lm: LoadedModel, model: str, sae: str | None = None) -> UnitSource:
-    """The unit source of a run: an SAE's features when `sae` is given, else the MLP neurons."""
-    return SAEFeatures(lm, model, sae) if sae is not None else MLPNeurons(lm, model)
+    """The unit source of a run: an SAE's features when `sae` is given, else the MLP neurons
+    (gated or plain, as the model's MLPs are)."""
+    if sae is not None:
+        return SAEFeatures(lm, model, sae)
+    return GatedMLPNeurons(lm, model) if is_gated(lm) else MLPNeurons(lm, model)

@@ -21,7 +21,7 @@ from neuron_embeddings.core.errors import UserError
 from neuron_embeddings.core.plan import NeuronShard, neuron_shards
 from neuron_embeddings.core.summary import rank_neurons
 from neuron_embeddings.storage import schema
-from neuron_embeddings.storage.schema import METRICS, SCHEMA_VERSION
+from neuron_embeddings.storage.schema import METRICS, READABLE_VERSIONS
 from neuron_embeddings.storage.store import Store, window
 
 # the per-neuron arrays a neuron page reads (one chunk each); the window and similar/* ones only
@@ -138,7 +138,7 @@ class ExplorerData:
             attrs = self.store.attrs if self.store.exists() else {}
         except (OSError, ValueError, KeyError):  # noqa: BLE001 - any unreadable group means "not a store"
             attrs = {}
-        if attrs.get("schema_version") != SCHEMA_VERSION:
+        if attrs.get("schema_version") not in READABLE_VERSIONS:
             raise UserError(f"{url} is not a neuron-embeddings store; give the --out path of a "
                             "`neuron-embeddings run` or `demo`")
         self.url, self.attrs = str(url), attrs

@@ -1,0 +1,38 @@
+"""Stores of schema version 1 (before d_embed, gated MLPs and the BOS / special-token attributes)
+stay readable: status, the explorer, the summary and a resumed run accept them."""
+from __future__ import annotations
+
+import zarr
+
+from neuron_embeddings.explorer.data import ExplorerData
+from neuron_embeddings.storage.store import Store
+from neuron_embeddings.tasks.registry import run_status
+from tests.helpers import contract_arrays, options, run_stages, tree_digest
+
+V2_ONLY = ("d_embed", "embedding", "gated", "prepend_bos", "excluded_token_ids")
+
+
+def _as_version_1(out: str) -> None:
+    """What version 1 wrote: the same arrays, without the version-2 root attributes."""
+    g = zarr.open_group(out, mode="r+")
+    attrs = {k: v for k, v in g.attrs.items() if k not in V2_ONLY}
+    attrs["schema_version"] = "neuron-embeddings/1"
+    g.attrs.clear()
+    g.attrs.update(attrs)
+
+
+def test_version_1_store_is_read_and_resumed(tiny_gpt2, tmp_path):
+    out = str(tmp_path / "v1.zarr")
+    opts = options(tiny_gpt2, layers="1")
+    run_stages(out, **opts)
+    want = contract_arrays(out)
+    _as_version_1(out)
+    assert Store(out).attrs["schema_version"] == "neuron-embeddings/1" and not Store(out).gated
+    st = run_status(out)
+    assert st.failed == 0 and st.pending == 0 and st.complete > 0
+    data = ExplorerData(out)
+    view = data.neuron(1, 3)
+    assert view is not None and data.metrics["n_clusters"].shape == want["metrics/n_clusters"].shape
+    before = tree_digest(out)
+    run_stages(out, **opts)  # the resume check accepts it; every shard is complete: nothing changes
+    assert tree_digest(out) == before

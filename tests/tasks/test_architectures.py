@@ -1,0 +1,98 @@
+"""Real architectures users bring, each a small random-weight model built here: Llama, Qwen2 and
+Gemma (gated, bias-free or partly biased MLPs with RMSNorm), GPT-NeoX (parallel attention and MLP).
+Each runs through every stage, and its embeddings satisfy the identities: for gated neurons
+e = [x*w_gate ; x*w_in], whose first half sums (+ b_gate) to hook_pre and second (+ b_in) to
+hook_pre_linear; for plain ones sum(e) + b_in == hook_pre. The top-k equals a brute-force one."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from neuron_embeddings.core.models import load_model
+from neuron_embeddings.core.synthetic import build_random_model
+from tests.helpers import options, run_stages
+
+GATED = {"llama": True, "qwen2": True, "gemma": True, "gpt_neox": False}
+
+
+@pytest.fixture(scope="module", params=sorted(GATED))
+def arch_store(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    model = str(build_random_model(d / "model", request.param, seed=1))
+    g = run_stages(str(d / "s.zarr"), **options(model, n_sequences=16, ctx_len=16, k=5, shard_size=32))
+    return request.param, model, g
+
+
+def _at_examples(model: str, g, names: list[str]) -> dict[str, np.ndarray]:
+    """Each hook's values at every stored example of every row, from an independent full forward:
+    name -> [rows, M, k] (NaN where none)."""
+    lm = load_model(model, "cpu")
+    tokens = torch.from_numpy(g["tokens"][...].astype(np.int64))
+    wanted = {n.format(layer=layer) for n in names for layer in g.attrs["layers"]}
+    with torch.inference_mode():
+        _, cache = lm.bridge.run_with_cache(tokens, names_filter=lambda n: n in wanted)
+    out = {}
+    for n in names:
+        rows = []
+        for row, layer in enumerate(g.attrs["layers"]):
+            v = cache[n.format(layer=layer)].numpy()  # [S, T, M]
+            seq, pos = g["topk/seq"][row], g["topk/pos"][row]
+            M, k = seq.shape
+            r = np.full((M, k), np.nan)
+            have = seq >= 0
+            j = np.broadcast_to(np.arange(M)[:, None], (M, k))
+            r[have] = v[seq[have], pos[have], j[have]]
+            rows.append(r)
+        out[n] = np.stack(rows)
+    return out
+
+
+def _check_sum(e_LMKD: np.ndarray, b_LM: np.ndarray, want_LMK: np.ndarray, rtol: float = 1e-5) -> None:
+    have = ~np.isnan(want_LMK)
+    assert have.sum() > 0
+    got = e_LMKD.astype(np.float64).sum(-1) + b_LM[:, :, None]
+    scale = np.abs(e_LMKD).sum(-1)[have].max()
+    np.testing.assert_allclose(got[have], want_LMK[have], atol=rtol * scale)
+
+
+def test_identities(arch_store):
+    arch, model, g = arch_store
+    gated = GATED[arch]
+    d_model = g.attrs["d_model"]
+    assert g.attrs["gated"] is gated and g.attrs["d_embed"] == (2 if gated else 1) * d_model
+    assert g.attrs["embedding"] == ("x*W_gate|x*W_in" if gated else "x*W_in")
+    assert g.attrs["weights"] == "folded-ln" and g.attrs["schema_version"] == "neuron-embeddings/2"
+    e = g["embeddings"][...]
+    assert e.shape[-1] == g.attrs["d_embed"]
+    hooks = ["blocks.{layer}.mlp.hook_pre"] + (["blocks.{layer}.mlp.hook_pre_linear"] if gated else [])
+    at = _at_examples(model, g, hooks)
+    if gated:
+        _check_sum(e[..., :d_model], g["weights/b_gate"][...], at[hooks[0]])
+        _check_sum(e[..., d_model:], g["weights/b_in"][...], at[hooks[1]])
+        # the same x in both halves, multiplied by the stored gate and linear weights
+        w_gate, w_in = g["weights/W_gate"][...], g["weights/W_in"][...]  # [L, D, M]
+        r, j, i = np.argwhere(g["topk/seq"][...] >= 0)[0]
+        np.testing.assert_allclose(e[r, j, i, :d_model] / w_gate[r, :, j], e[r, j, i, d_model:] / w_in[r, :, j],
+                                   rtol=1e-4, atol=1e-6)
+    else:
+        _check_sum(e, g["weights/b_in"][...], at[hooks[0]])
+
+
+def test_topk_is_the_brute_force_one(arch_store):
+    """topk/act of every neuron: the k largest per-sequence maxima of hook_post (first max position)."""
+    arch, model, g = arch_store
+    lm = load_model(model, "cpu")
+    tokens = torch.from_numpy(g["tokens"][...].astype(np.int64))
+    k = g.attrs["k"]
+    for row, layer in enumerate(g.attrs["layers"]):
+        name = f"blocks.{layer}.mlp.hook_post"
+        with torch.inference_mode():
+            _, cache = lm.bridge.run_with_cache(tokens, names_filter=lambda n: n == name)
+        post = cache[name].float().numpy()  # [S, T, M]
+        seq_max = post.max(axis=1)  # [S, M]
+        order = np.lexsort((np.arange(post.shape[0])[:, None].repeat(post.shape[2], 1), -seq_max), axis=0)[:k]
+        want_seq = order.T  # [M, k]
+        np.testing.assert_array_equal(g["topk/seq"][row], want_seq)
+        np.testing.assert_array_equal(g["topk/act"][row], np.take_along_axis(seq_max.T, want_seq, axis=1))
+        np.testing.assert_array_equal(g["topk/pos"][row], post.argmax(axis=1).T[np.arange(post.shape[2])[:, None], want_seq])
