@@ -43,6 +43,11 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--device", default=default("device"), help="auto (default), cpu or cuda")
     p.add_argument("--workers", type=int, default=default("workers"), help="parallel workers on this machine")
     p.add_argument("--dask-address", default=default("dask_address"), help="run shards on an existing Dask cluster (tcp://HOST:PORT)")
+    p.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=default("prepend_bos"),
+                   help="start each row with the BOS token (default: on for causal models whose tokenizer has one)")
+    p.add_argument("--exclude-special-tokens", action=argparse.BooleanOptionalAction,
+                   default=default("exclude_special_tokens"),
+                   help="never take a special token (BOS, EOS, PAD, CLS, SEP, ...) as an example's max token (default on)")
     p.add_argument("--no-similar", dest="similar", action="store_false",
                    help="skip the similar-clusters stage (all pairs of clusters; the explorer then shows no "
                         "similar-cluster links)")
@@ -156,7 +161,7 @@ def _options(a: argparse.Namespace) -> dict:
                 k=a.k, selection=a.selection, shard_size=a.shard_size, linkage=a.linkage, threshold=a.threshold,
                 seed=a.seed, embedding_dtype=a.embedding_dtype, scan_blocks=a.scan_blocks, device=a.device,
                 workers=a.workers, sae=getattr(a, "sae", None),
-                similar=a.similar)
+                similar=a.similar, prepend_bos=a.prepend_bos, exclude_special_tokens=a.exclude_special_tokens)
 
 
 def _quiet_prefect(verbose: bool) -> None:

@@ -261,9 +261,6 @@ def _root_attrs(settings: RunSettings, model_info: dict, d_vocab: int) -> dict:
         "window_before": WINDOW[0],
         "window_after": WINDOW[1],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        # schema 2: how rows were fed (nothing prepended, every token eligible as an example's max)
-        "prepend_bos": False,
-        "excluded_token_ids": [],
         **{k: v for k, v in model_info.items() if k not in ("d_mlp", "d_model")},
     }
 

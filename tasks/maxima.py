@@ -18,7 +18,8 @@ def maxima_block(out: str, block: dict, device: str = "auto", batch_size: int = 
     def work(store: st.Store) -> dict:
         b = block_inputs(store, block, "maxima", device)
         gmax = scan_sequences(b.lm.bridge, b.tokens_ST, block["start"], list(b.settings.layers), b.settings.k,
-                              torch.float32, batch_size, b.lm.device, mode="max", progress=b.report, units=b.units)
+                              torch.float32, batch_size, b.lm.device, mode="max", progress=b.report, units=b.units,
+                              excluded_ids=b.settings.excluded_token_ids)
         st.write_block_maxima(store, block["index"], gmax.numpy())
         return {"sequences": len(b.tokens_ST)}
 

@@ -32,7 +32,8 @@ def prepare_store(out: str, settings: RunSettings, lm: LoadedModel) -> dict:
         return plan_record(settings, units.n_units)
     # a UserError from the dataset is raised here, before anything is written
     tokens = pack_tokens(iter_documents(settings.dataset), lm.tokenizer, settings.n_sequences,
-                         settings.ctx_len, dataset_name=settings.dataset)
+                         settings.ctx_len, dataset_name=settings.dataset,
+                         bos_id=lm.tokenizer.bos_token_id if settings.prepend_bos else None)
     vocab = vocab_strings(lm.tokenizer)
 
     def work(store: st.Store) -> dict:

@@ -4,18 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.core.models import LoadedModel, load_model
+from neuron_embeddings.core.models import LoadedModel, default_prepend_bos, load_model, special_token_ids
 from neuron_embeddings.core.settings import RunSettings, parse_layers
 from neuron_embeddings.core.units import check_sae_fits, load_sae_cached
 from neuron_embeddings.storage.store import Store, check_settings, check_writable
 
 
 def resolve_run(out: str, model: str, dataset: str, layers: str | None, device: str,
-                scan_blocks: int | None, workers: int, sae: str | None = None,
-                **options) -> tuple[RunSettings, LoadedModel]:
+                scan_blocks: int | None, workers: int, sae: str | None = None, prepend_bos: bool | None = None,
+                exclude_special_tokens: bool = True, **options) -> tuple[RunSettings, LoadedModel]:
     """Load the model (cached per process), validate every option against it and against an
     existing store at `out`. Raises UserError with a one-line message on any mistake.
-    With `sae` (an SAE directory) the store's units are that SAE's features, on its hook's layer."""
+    With `sae` (an SAE directory) the store's units are that SAE's features, on its hook's layer.
+    `prepend_bos` None: on for causal models whose tokenizer has a BOS token; `exclude_special_tokens`:
+    the tokenizer's special tokens are never an example's max token."""
     # the checks that need neither model nor store come first, so they fail fast
     RunSettings(model=model, dataset=dataset, layers=(0,), scan_blocks=scan_blocks or 1, **options)
     weights = load_sae_cached(sae) if sae is not None else None
@@ -32,8 +34,13 @@ def resolve_run(out: str, model: str, dataset: str, layers: str | None, device: 
         sae = str(Path(sae).expanduser().resolve())
     if scan_blocks is None:
         scan_blocks = existing.scan_blocks if existing else max(1, min(workers, options.get("n_sequences", 1)))
-    settings = RunSettings(model=model, dataset=dataset, layers=tuple(layer_list),
-                           scan_blocks=scan_blocks, sae=sae, **options)
+    if prepend_bos is None:
+        prepend_bos = default_prepend_bos(lm)
+    if prepend_bos and getattr(lm.tokenizer, "bos_token_id", None) is None:
+        raise UserError(f"--prepend-bos: the tokenizer of {model} has no BOS token; use --no-prepend-bos")
+    settings = RunSettings(model=model, dataset=dataset, layers=tuple(layer_list), scan_blocks=scan_blocks, sae=sae,
+                           prepend_bos=bool(prepend_bos),
+                           excluded_token_ids=special_token_ids(lm) if exclude_special_tokens else (), **options)
     if settings.ctx_len > lm.n_ctx:
         raise UserError(f"--ctx-len {settings.ctx_len}: the model takes at most {lm.n_ctx} tokens; lower --ctx-len")
     if store.exists():

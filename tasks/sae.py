@@ -23,7 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.core.models import HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE, capture
+from neuron_embeddings.core.models import HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE, capture, is_causal_lm  # noqa: F401
 from neuron_embeddings.core.sae import SAETrainSettings
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,6 @@ def split_rows(n_sequences: int, ctx_len: int) -> tuple[tuple[int, int], tuple[i
     n_eval = max(1, round(EVAL_FRACTION * n_sequences))
     cut = (n_sequences - n_eval) * ctx_len
     return (0, cut), (cut, n_sequences * ctx_len)
-
-
-def is_causal_lm(bridge) -> bool:
-    """Whether next-token loss means something for this model (GPT-2 yes; BERT/MiniLM no)."""
-    arch = str(getattr(bridge.cfg, "architecture", "") or "")
-    return ("CausalLM" in arch or "LMHead" in arch) and "Masked" not in arch
 
 
 def lm_loss_metrics(bridge, weights, hook: str, tokens_ST: np.ndarray, batch_size: int = 8) -> dict:

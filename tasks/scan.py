@@ -29,7 +29,8 @@ def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16
                                 getattr(torch, s.embedding_dtype), batch_size, b.lm.device,
                                 mode="top" if gmax is None else "band", gmax_LM=gmax,
                                 fraction=s.band_fraction, seed=s.seed, progress=b.report,
-                                window=st.window(store), units=b.units)
+                                window=st.window(store), units=b.units,
+                                excluded_ids=s.excluded_token_ids)
         t_model = time.perf_counter() - t0
         for row, table in enumerate(tables):  # layer by layer: one layer's x table at a time
             parts = {}

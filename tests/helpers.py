@@ -22,7 +22,8 @@ def options(model: str, **over) -> dict:
     base = dict(model=model, dataset=default("dataset"), layers=None, n_sequences=24, ctx_len=32, k=6,
                 selection=default("selection"), shard_size=64, linkage=default("linkage"),
                 threshold=default("threshold"), seed=default("seed"), embedding_dtype="float32", scan_blocks=1,
-                device="cpu", workers=1)
+                device="cpu", workers=1, prepend_bos=default("prepend_bos"),
+                exclude_special_tokens=default("exclude_special_tokens"))
     base.update(over)
     return base
 

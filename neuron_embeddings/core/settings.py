@@ -69,6 +69,8 @@ class RunSettings:
     scan_blocks: int = 1
     sae: str | None = None  # an SAE directory: the store's units are its features (one row)
     similar: bool = True  # the `similar` stage: each cluster's nearest clusters of other units
+    prepend_bos: bool = False  # each row is BOS + the next ctx_len - 1 tokens of the stream (resolved: bool)
+    excluded_token_ids: tuple[int, ...] = ()  # tokens never chosen as an example's max token
 
     def __post_init__(self) -> None:
         if self.k < 2:
@@ -88,6 +90,8 @@ class RunSettings:
         if not 1 <= self.scan_blocks <= self.n_sequences:
             raise UserError(f"--scan-blocks {self.scan_blocks}: use 1 to --n-sequences ({self.n_sequences})")
         parse_selection(self.selection)
+        if self.prepend_bos and self.ctx_len < 2:
+            raise UserError(f"--ctx-len {self.ctx_len}: with --prepend-bos a row needs at least 2 tokens")
         if not self.layers:
             raise UserError("--layers selects no layer")
 
@@ -98,13 +102,15 @@ class RunSettings:
     def to_attrs(self) -> dict:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
+        d["excluded_token_ids"] = list(self.excluded_token_ids)
         return d
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> "RunSettings":
         names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in attrs.items() if k in names}
+        kw = {k: v for k, v in attrs.items() if k in names}  # version-1 stores: no BOS, nothing excluded
         kw["layers"] = tuple(kw["layers"])
+        kw["excluded_token_ids"] = tuple(kw.get("excluded_token_ids", ()))
         return cls(**kw)
 
     def differences(self, other: "RunSettings") -> list[str]:
@@ -142,10 +148,20 @@ class ExecSettings:
             raise UserError(f"--task-retries {self.task_retries}: use 0 or more")
 
 
+# run options that are not settings fields as such: resolved against the model into RunSettings
+OPTION_DEFAULTS = {
+    "model": DEFAULT_MODEL,
+    "dataset": DEFAULT_DATASET,
+    "prepend_bos": None,  # None: on for causal models whose tokenizer has a BOS token, else off
+    "exclude_special_tokens": True,  # the tokenizer's special tokens are never an example's max token
+}
+
+
 def default(name: str):
-    """The default of a run option (`model`, `dataset`, or a field of RunSettings or ExecSettings)."""
-    if name in ("model", "dataset"):
-        return {"model": DEFAULT_MODEL, "dataset": DEFAULT_DATASET}[name]
+    """The default of a run option (`model`, `dataset`, `prepend_bos`, `exclude_special_tokens`,
+    or a field of RunSettings or ExecSettings)."""
+    if name in OPTION_DEFAULTS:
+        return OPTION_DEFAULTS[name]
     for cls in (RunSettings, ExecSettings):
         for f in dataclasses.fields(cls):
             if f.name == name and f.default is not dataclasses.MISSING:

