@@ -309,9 +309,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
     t0 = time.time()
     rc = cmd_run(a, _options(a))
     print(f"\ndemo finished in {time.time() - t0:.0f} s. Next:\n"
+          f"  neuron-embeddings explore {a.out}   # browse every neuron's clusters in a web browser\n"
           f"  neuron-embeddings status {a.out}\n"
           f"  python -c \"import zarr; g = zarr.open_group('{a.out}'); print(g['metrics/n_clusters'][:].mean(axis=1))\"\n"
-          f"  neuron-embeddings run --model gpt2 --dataset <corpus> --out run.zarr   # GPT-2 small, every neuron")
+          f"  neuron-embeddings run --model gpt2 --dataset <corpus> --out run.zarr   # GPT-2 small, every neuron\n"
+          f"  neuron-embeddings run --model builtin:smollm2-135m --dataset builtin:python-docs --out smol.zarr"
+          f"   # a real causal LM, offline")
     return rc
 
 
