@@ -15,7 +15,7 @@ the same run, on the same machine state:
    all three alike:
      - bare: ``core.models.run_until(bridge, ids, [("blocks.{last}.mlp.hook_post", no-op)])``, the
        forward stopped after the last hook as the scan stops it (the scan's forward without its hook work),
-     - hf:   ``bridge.original_model.transformer(ids, use_cache=False)`` (blocks + final LN, no LM head).
+     - hf:   ``bridge.original_model.base_model(ids, use_cache=False)`` (blocks + final norm, no LM head).
    Reported: tokens/s of each (sum of per-batch times), the ratio scan/bare of throughputs, the
    median per-batch ratio, and how much of the scan's time is in its hook work
    (batch_candidates / update_slots, timed by wrapping the module functions).
@@ -109,11 +109,18 @@ def ensure_model(workdir: Path, n_layer: int, vocab_size: int) -> Path:
     return d
 
 
-def pack(tokenizer, n_sequences: int, ctx_len: int):
-    """The tokens the CLI would use (same dataset, packing and tokenizer)."""
+def feed(lm) -> tuple[int | None, tuple[int, ...]]:
+    """(BOS id or None, excluded token ids): how the CLI feeds this model by default."""
+    from neuron_embeddings.core.models import default_prepend_bos, special_token_ids
+
+    return (lm.tokenizer.bos_token_id if default_prepend_bos(lm) else None), special_token_ids(lm)
+
+
+def pack(tokenizer, n_sequences: int, ctx_len: int, bos_id: int | None = None):
+    """The tokens the CLI would use (same dataset, packing, tokenizer and BOS)."""
     from neuron_embeddings.core.datasets import iter_documents, pack_tokens
 
-    return pack_tokens(iter_documents(DATASET), tokenizer, n_sequences, ctx_len, dataset_name=DATASET)
+    return pack_tokens(iter_documents(DATASET), tokenizer, n_sequences, ctx_len, dataset_name=DATASET, bos_id=bos_id)
 
 
 def fits(tokenizer, n_sequences: int, ctx_len: int) -> bool:
@@ -172,7 +179,7 @@ def bench_forward(lm, tokens, k: int, batch_size: int, device: str) -> dict:
     bare = _stop_at(bridge, HOOK_ACTIVATION.format(layer=max(layers)))
 
     def hf(ids):
-        bridge.original_model.transformer(ids, use_cache=False)
+        bridge.original_model.base_model(ids, use_cache=False)
 
     # warm-up (not timed): one batch of each path
     with torch.inference_mode():
@@ -224,7 +231,7 @@ def bench_forward(lm, tokens, k: int, batch_size: int, device: str) -> dict:
         t0 = time.perf_counter()
         st["t_last"] = t0
         tables = scan_mod.scan_sequences(bridge, tokens, 0, layers, k, torch.float16, batch_size, device,
-                                         progress=progress)
+                                         progress=progress, excluded_ids=feed(lm)[1])
         wall = time.perf_counter() - t0
         cpu = _cpu_seconds(resource.RUSAGE_SELF) - cpu0
     finally:
@@ -436,11 +443,12 @@ def scan_child(spec: dict) -> dict:
     from neuron_embeddings.core.scan import scan_sequences
 
     lm = load_model(spec["model"], spec["device"])
-    tokens = pack(lm.tokenizer, spec["n_sequences"], spec["ctx_len"])
+    bos, excluded = feed(lm)
+    tokens = pack(lm.tokenizer, spec["n_sequences"], spec["ctx_len"], bos)
     rss_loaded = _maxrss_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     t0 = time.perf_counter()
     scan_sequences(lm.bridge, tokens, 0, list(range(lm.n_layers)), spec["k"], torch.float16,
-                   spec["batch_size"], lm.device)
+                   spec["batch_size"], lm.device, excluded_ids=excluded)
     secs = time.perf_counter() - t0
     cuda = lm.device.startswith("cuda")
     return {"tokens": int(tokens.size), "scan_seconds": round(secs, 3),
@@ -569,6 +577,8 @@ def report(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=None, help="tokens for items 1-2 (default 65536; --quick 8192)")
+    ap.add_argument("--model", default=None, help="a model to benchmark instead of the random GPT-2 small "
+                                                  "(e.g. builtin:smollm2-135m; --layers and --vocab-size then unused)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--quick", action="store_true", help="4 layers, 8k tokens, scan-only memory check")
     ap.add_argument("--out-json", default=None)
@@ -610,13 +620,13 @@ def main(argv=None) -> int:
     if a.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    model = ensure_model(workdir, a.layers, a.vocab_size)
+    model = a.model or ensure_model(workdir, a.layers, a.vocab_size)
     from neuron_embeddings.core.models import load_model
 
     t = time.perf_counter()
     lm = load_model(str(model), a.device)
     _log(f"model loaded in {time.perf_counter() - t:.1f} s; torch {torch.__version__}, threads {torch.get_num_threads()}")
-    tokens = pack(lm.tokenizer, n_seq, a.ctx_len)
+    tokens = pack(lm.tokenizer, n_seq, a.ctx_len, feed(lm)[0])
     res: dict = {"config": {
         "mode": "quick" if a.quick else "full", "device": a.device, "threads": a.threads, "n_layer": lm.n_layers,
         "d_mlp": lm.d_mlp, "neurons": lm.n_layers * lm.d_mlp, "k": a.k, "batch_size": a.batch_size,
