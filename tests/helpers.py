@@ -61,3 +61,13 @@ def tree_digest(path: str) -> dict[str, str]:
         if p.is_file():
             out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def at_examples(values_STM: np.ndarray, seq_MK: np.ndarray, pos_MK: np.ndarray) -> np.ndarray:
+    """A [S, T, M] array of per-token unit values read at each stored example: [M, k] (NaN where none)."""
+    M, k = seq_MK.shape
+    out = np.full((M, k), np.nan)
+    have = seq_MK >= 0
+    j = np.broadcast_to(np.arange(M)[:, None], (M, k))
+    out[have] = values_STM[seq_MK[have], pos_MK[have], j[have]]
+    return out

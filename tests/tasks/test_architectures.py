@@ -11,7 +11,7 @@ import torch
 
 from neuron_embeddings.core.models import load_model
 from neuron_embeddings.core.synthetic import build_random_model
-from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
+from tests.helpers import assert_same_arrays, at_examples, contract_arrays, options, run_stages
 
 GATED = {"llama": True, "qwen2": True, "gemma": True, "gpt_neox": False}
 
@@ -36,14 +36,7 @@ def _at_examples(model: str, g, names: list[str]) -> dict[str, np.ndarray]:
     for n in names:
         rows = []
         for row, layer in enumerate(g.attrs["layers"]):
-            v = cache[n.format(layer=layer)].numpy()  # [S, T, M]
-            seq, pos = g["topk/seq"][row], g["topk/pos"][row]
-            M, k = seq.shape
-            r = np.full((M, k), np.nan)
-            have = seq >= 0
-            j = np.broadcast_to(np.arange(M)[:, None], (M, k))
-            r[have] = v[seq[have], pos[have], j[have]]
-            rows.append(r)
+            rows.append(at_examples(cache[n.format(layer=layer)].numpy(), g["topk/seq"][row], g["topk/pos"][row]))
         out[n] = np.stack(rows)
     return out
 

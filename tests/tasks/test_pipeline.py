@@ -8,7 +8,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
 from neuron_embeddings.core.models import load_model
-from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
+from tests.helpers import assert_same_arrays, at_examples, contract_arrays, options, run_stages
 
 
 def _hook_pre_at_examples(model_path: str, g, row: int, layer: int) -> np.ndarray:
@@ -18,14 +18,7 @@ def _hook_pre_at_examples(model_path: str, g, row: int, layer: int) -> np.ndarra
     name = f"blocks.{layer}.mlp.hook_pre"
     with torch.inference_mode():
         _, cache = lm.bridge.run_with_cache(tokens, names_filter=lambda n: n == name)
-    pre = cache[name].numpy()  # [S, T, M]
-    seq, pos = g["topk/seq"][row], g["topk/pos"][row]
-    M, k = seq.shape
-    out = np.full((M, k), np.nan)
-    have = seq >= 0
-    j = np.broadcast_to(np.arange(M)[:, None], (M, k))
-    out[have] = pre[seq[have], pos[have], j[have]]
-    return out
+    return at_examples(cache[name].numpy(), g["topk/seq"][row], g["topk/pos"][row])
 
 
 def _check_identity(model_path, g, rtol):
