@@ -82,6 +82,7 @@ def phases(settings: RunSettings) -> list[list[Stage]]:
     and its stages run unit by unit back to back (one stage per phase for blocks)."""
     out: list[list[Stage]] = []
     for stage in STAGES:
+        assert stage.barrier or stage.batched, f"{stage.name}: a stage without a barrier runs in shard batches"
         if stage.over == "once" or not stage.runs(settings):
             continue
         if stage.barrier or not out:

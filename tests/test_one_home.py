@@ -55,3 +55,4 @@ def test_registry_declares_each_stage_once_in_its_own_module():
     assert len(homes) == len(set(homes)), homes  # one module per stage
     for s in STAGES:
         assert set(s.needs) <= set(names[:names.index(s.name)]), s.name  # needs come earlier in plan order
+        assert s.barrier or s.batched, s.name  # the flow runs a phase of several stages only in shard batches
