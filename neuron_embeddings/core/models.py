@@ -258,14 +258,17 @@ def gate_weights(model: LoadedModel, layers: list[int]) -> tuple[torch.Tensor, t
 
 
 def versions() -> dict:
-    import transformer_lens
-    import transformers
+    """The installed versions the store records (from the distributions' metadata: TransformerLens
+    4 has no `__version__`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "unknown"
 
     import neuron_embeddings
 
-    return {
-        "package_version": neuron_embeddings.__version__,
-        "torch_version": torch.__version__,
-        "transformer_lens_version": getattr(transformer_lens, "__version__", "unknown"),
-        "transformers_version": transformers.__version__,
-    }
+    return {"package_version": neuron_embeddings.__version__, "torch_version": torch.__version__,
+            "transformer_lens_version": of("transformer-lens"), "transformers_version": of("transformers")}

