@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.core.plan import NeuronShard, neuron_shards, scan_blocks  # noqa: F401 - re-exported
+from neuron_embeddings.core.plan import NeuronShard
 from neuron_embeddings.core.settings import RunSettings
 from neuron_embeddings.storage import schema
 from neuron_embeddings.storage.schema import (METRICS, N_SIMILAR, READABLE_VERSIONS, SCAN_FIELDS,  # noqa: F401

@@ -20,8 +20,6 @@ def plan_record(settings: RunSettings, n_units: int) -> dict:
     return {
         "blocks": [b.__dict__ for b in scan_blocks(settings)],
         "shards": [{**s.__dict__, "id": s.id} for s in neuron_shards(settings, n_units)],
-        "band": settings.band_fraction is not None,
-        "similar": settings.similar,
     }
 
 

@@ -19,11 +19,9 @@ from neuron_embeddings.tasks.common import run_unit
 def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16) -> dict:
     """Forward passes over the block, a running top-k with x per unit, partial tables to the store."""
     def work(store: st.Store) -> dict:
-        gmax = None
-        if store.settings().band_fraction is not None:
-            gmax = torch.from_numpy(st.read_maxima(store))  # [L, M], over all blocks
         b = block_inputs(store, block, "scan", device)
         s, tokens = b.settings, b.tokens_ST
+        gmax = None if s.band_fraction is None else torch.from_numpy(st.read_maxima(store))  # [L, M], all blocks
         t0 = time.perf_counter()
         tables = scan_sequences(b.lm.bridge, tokens, block["start"], list(s.layers), s.k,
                                 getattr(torch, s.embedding_dtype), batch_size, b.lm.device,
