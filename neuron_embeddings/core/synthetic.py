@@ -64,6 +64,16 @@ weights + config + a fast tokenizer), so the project's loading path
     orthogonal (cosine distance ~1) and those of one feature nearly parallel (distance ~0):
     average-linkage clustering at threshold 0.5 recovers exactly the neuron's features.
 
+    With ``gated=True`` the model is a Llama instead (gated, bias-free MLP, RMSNorm, no position
+    embeddings; attention and MLP outputs are 0 as above, and each ``post_attention_layernorm`` gain
+    is random and compensated in ``gate_proj``/``up_proj``, so the folded weights are exact). A
+    planted neuron reads its features ``sum_f u_f`` (scaled as above) through the gate
+    (``W_gate``), the linear path (``W_in``) or both, in a seeded cycle over the planted neurons
+    (``PlantedTruth.neuron_paths``); a path that reads no feature reads ``v`` with the same norm, so
+    it passes every token alike (an open gate, or a plain positive scale). Activations of other
+    tokens are 0 (no biases). The neuron embedding ``[x * W_gate ; x * W_in]`` then has one half
+    that tells the features apart and, for single-path neurons, one half shared by all examples.
+
 ``write_planted_corpus`` writes a matching text corpus (documents of random vocabulary
 words separated by blank lines), and ``PlantedTruth`` (saved as ``planted.json`` next to
 the model) records which tokens carry which feature and which neurons read which features.
@@ -262,7 +272,9 @@ class PlantedTruth:
     j reads (the same in every layer); ``[]`` for unused neurons. ``words[i]``: the word of
     token id i. ``strengths[i]``: the strength c_t of token i in its feature direction
     (0 for fillers and ``<|endoftext|>``). ``n_layer``: layers carrying the planting.
-    ``params``: the ``build_planted_model`` arguments that shaped the model.
+    ``params``: the ``build_planted_model`` arguments that shaped the model. ``neuron_paths[j]``
+    (gated models only): the path through which neuron j reads its features, ``"gate"``,
+    ``"linear"`` or ``"both"`` (``""`` for unused neurons).
     """
 
     features: list[list[int]]
@@ -271,6 +283,7 @@ class PlantedTruth:
     strengths: list[float] = field(default_factory=list)
     n_layer: int = 1
     params: dict[str, float] = field(default_factory=dict)
+    neuron_paths: list[str] = field(default_factory=list)
 
     def token_feature(self) -> np.ndarray:
         """[vocab] int64: the feature index of each token id, -1 for none."""
@@ -323,12 +336,16 @@ def build_planted_model(
     n_head: int = 4,
     n_positions: int = 256,
     feature_scales: list[float] | None = None,
+    gated: bool = False,
 ) -> PlantedTruth:
     """Save a GPT-2 with planted (poly)semantic MLP neurons to ``out_dir``; see the module doc.
 
     Writes the model, a word-level tokenizer and ``planted.json``; returns the truth.
     Deterministic for a given seed. ``feature_scales`` (one positive factor per feature, default
     all 1) multiplies the strengths c_t of each feature's tokens: unequal feature strengths.
+    ``gated``: a Llama (gated, bias-free MLP, RMSNorm, no position embeddings) instead of a GPT-2,
+    whose planted neurons read their features through the gate, the linear path or both (see the
+    module doc).
     """
     _check_planted_args(n_features, tokens_per_feature, d_model, d_mlp, n_head, shared_directions,
                         position_jitter)
@@ -345,9 +362,15 @@ def build_planted_model(
     wpe = _position_embeddings(n_positions, v, position_jitter, rng)  # [n_positions, d]
     neuron_features = _assign_neuron_features(n_features, d_mlp, rng)
     w_in, b_in = _planted_mlp_in(neuron_features, dirs, rng)  # [d, d_mlp], [d_mlp]
-
-    model = _planted_gpt2(len(words), d_model, d_mlp, n_layer, n_head, n_positions)
-    _write_planted_weights(model, wte, wpe, w_in, b_in, torch.Generator().manual_seed(seed + 1))
+    neuron_paths: list[str] = []
+    if gated:
+        neuron_paths = _assign_paths(neuron_features, rng)
+        w_gate, w_in = _gated_mlp_in(w_in, neuron_paths, v)  # [d, d_mlp] each
+        model = _planted_llama(len(words), d_model, d_mlp, n_layer, n_head, n_positions)
+        _write_planted_gated_weights(model, wte, w_gate, w_in, torch.Generator().manual_seed(seed + 1))
+    else:
+        model = _planted_gpt2(len(words), d_model, d_mlp, n_layer, n_head, n_positions)
+        _write_planted_weights(model, wte, wpe, w_in, b_in, torch.Generator().manual_seed(seed + 1))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _no_progress_bars():
@@ -359,8 +382,11 @@ def build_planted_model(
                   shared_directions=shared_directions, position_jitter=position_jitter)
     if feature_scales is not None:
         params["feature_scales"] = [float(s) for s in feature_scales]
+    if gated:
+        params["gated"] = True
     truth = PlantedTruth(features=features, neuron_features=neuron_features, words=words,
-                         strengths=[float(s) for s in strengths], n_layer=n_layer, params=params)
+                         strengths=[float(s) for s in strengths], n_layer=n_layer, params=params,
+                         neuron_paths=neuron_paths)
     truth.to_json(out / PLANTED_JSON)
     return truth
 
@@ -544,6 +570,59 @@ def _write_planted_weights(model, wte: np.ndarray, wpe: np.ndarray, w_in: np.nda
         w_hf = w_true / gain[:, None]  # folded: gain[:, None] * w_hf == w_true
         block.mlp.c_fc.weight.copy_(w_hf.float())
         block.mlp.c_fc.bias.copy_((b_true - bias @ w_hf).float())  # folded: b_hf + bias @ w_hf == b_true
+
+
+GATED_PATHS = ("gate", "linear", "both")
+
+
+def _assign_paths(neuron_features: list[list[int]], rng: np.random.Generator) -> list[str]:
+    """Per neuron, the path its features go through: gate, linear, both, cycling in a seeded order
+    over the planted neurons ("" for unused ones)."""
+    planted = [j for j, fs in enumerate(neuron_features) if fs]
+    out = [""] * len(neuron_features)
+    for i, j in enumerate(rng.permutation(planted)):
+        out[int(j)] = GATED_PATHS[i % len(GATED_PATHS)]
+    return out
+
+
+def _gated_mlp_in(w_feat: np.ndarray, paths: list[str], v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The RMSNorm-folded W_gate and W_in [d, d_mlp] of a gated planted model. A neuron reads its
+    features (``w_feat``'s column) through the gate, the linear path or both; a path that reads no
+    feature reads the constant direction ``v`` with the same norm (it passes every token alike:
+    an open gate, or a linear factor that only scales)."""
+    w_const = v[:, None] * np.linalg.norm(w_feat, axis=0, keepdims=True)  # [d, d_mlp]
+    reads = np.array([p in ("gate", "both") for p in paths]), np.array([p in ("linear", "both") for p in paths])
+    w_gate = np.where(reads[0][None, :], w_feat, w_const)
+    w_in = np.where(reads[1][None, :], w_feat, w_const)
+    unused = np.array([not p for p in paths])
+    w_gate[:, unused], w_in[:, unused] = w_feat[:, unused], w_feat[:, unused]  # small random: never fire much
+    return w_gate, w_in
+
+
+def _planted_llama(vocab: int, d_model: int, d_mlp: int, n_layer: int, n_head: int, n_positions: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layer,
+                         num_attention_heads=n_head, num_key_value_heads=n_head, max_position_embeddings=n_positions,
+                         bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def _write_planted_gated_weights(model, wte: np.ndarray, w_gate: np.ndarray, w_in: np.ndarray,
+                                 gen: torch.Generator) -> None:
+    """Install embeddings, zero attention/MLP outputs and gain-compensated gate/up projections."""
+    model.model.embed_tokens.weight.copy_(torch.as_tensor(wte, dtype=torch.float32))
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        gain = _uniform((w_in.shape[0],), _LN_GAIN_RANGE, gen).double()  # [d]
+        layer.post_attention_layernorm.weight.copy_(gain.float())
+        for proj, w_true in ((layer.mlp.gate_proj, w_gate), (layer.mlp.up_proj, w_in)):
+            w_hf = torch.as_tensor(w_true, dtype=torch.float64) / gain[:, None]  # folded: gain * w_hf == w_true
+            proj.weight.copy_(w_hf.T.float())
 
 
 def _word_level_tokenizer(words: list[str]):

@@ -19,6 +19,7 @@ import numpy as np
 
 from neuron_embeddings.groundtruth.measures import (
     NeuronExamples,
+    by_path,
     evaluate,
     spearman_table,
     summarise,
@@ -63,6 +64,7 @@ def _planted_variants(d_mlp: int, n_docs: int) -> list[PlantedVariant]:
         PlantedVariant("unequal", {**base, "feature_scales": unequal_scales(6)}, n_docs=n_docs),
         PlantedVariant("noise-2", {**base, "noise": 2.0}, n_docs=n_docs),
         PlantedVariant("noise-4", {**base, "noise": 4.0}, n_docs=n_docs),
+        PlantedVariant("gated", {**base, "gated": True}, n_docs=n_docs),
     ]
 
 
@@ -81,7 +83,7 @@ def full_config() -> BenchConfig:
 
 
 def quick_config() -> BenchConfig:
-    planted = [v for v in _planted_variants(48, 500) if v.name in ("clean", "shared-0.3")]
+    planted = [v for v in _planted_variants(48, 500) if v.name in ("clean", "shared-0.3", "gated")]
     return BenchConfig("quick", planted, [0], {"base": {"steps": 1500}}, [0], toy_eval=10000,
                        thresholds=(0.2, 0.5, 0.8), linkages=("average", "complete"),
                        sae=dict(steps=300, seeds=[0], ln_coefs=(0.0, 1e-2), toy={"steps": 1500}))
@@ -124,6 +126,8 @@ def dataset_result(generator: str, variant: str, selection: str, ex: NeuronExamp
            "default": summarise(res), "spearman": spearman_table(res),
            "per_neuron": {key: res[key] for key in PER_NEURON_KEYS},
            "sweep": sweep(ex, cfg.linkages, cfg.thresholds)}
+    if "paths" in ex.info:  # gated: the whole embedding against each half, per path, at every threshold
+        out["by_path"] = {str(t): by_path(evaluate(ex, DEFAULT_LINKAGE, t), ex.info["paths"]) for t in cfg.thresholds}
     if "stored_labels" in ex.info:  # planted: the pipeline's own clustering must equal ours
         out["pipeline_clusters_match"] = bool(np.array_equal(ex.info["stored_labels"], res["labels_NK"]))
     return out
@@ -180,6 +184,8 @@ def _planted_datasets(cfg: BenchConfig, work: Path, bar) -> list[dict]:
                 bar.update(1)
             ex = NeuronExamples.concat(variant.name, parts)
             ex.info["stored_labels"] = np.concatenate([p.info["stored_labels"] for p in parts])
+            if "paths" in parts[0].info:  # gated: the path each planted neuron reads its features through
+                ex.info["paths"] = np.concatenate([p.info["paths"] for p in parts])
             out.append(dataset_result("planted", variant.name, selection, ex, cfg))
             bar.update(1)
     return out

@@ -95,7 +95,8 @@ def store_examples(store: str, truth: PlantedTruth, name: str, layer: int = 0):
                           truth.n_clusters()[planted],
                           dict(kind="planted", neurons=planted.tolist(), store=str(store),
                                stored_labels=g[schema.LABELS.path][layer][planted],
-                               stored_n_clusters=g[schema.METRIC_ARRAYS["n_clusters"].path][layer][planted]))
+                               stored_n_clusters=g[schema.METRIC_ARRAYS["n_clusters"].path][layer][planted],
+                               **({"paths": np.array(truth.neuron_paths)[planted]} if truth.neuron_paths else {})))
 
 
 def planted_examples(workdir: str | Path, variant: PlantedVariant, seed: int, selection: str = "top",

@@ -112,6 +112,21 @@ def spearman_tables(datasets: list[dict]) -> list[str]:
     return lines
 
 
+def gated_tables(datasets: list[dict]) -> list[str]:
+    """Gated planted models: ARI of the concatenated embedding and of each half, per path and threshold."""
+    lines = []
+    for d in datasets:
+        if "by_path" not in d:
+            continue
+        rows = [[t, path, str(r["n_multi"]), _f(r["ari_embedding"]), _f(r["ari_gate_half"]), _f(r["ari_linear_half"])]
+                for t, paths in d["by_path"].items() for path, r in paths.items()]
+        lines += [f"\n*{_label(d)}, selection `{d['selection']}`: mean ARI over multi-feature neurons (average "
+                  "linkage), by the path their features go through*\n"]
+        lines += _table(["threshold", "path", "neurons", "**[x⊙w_gate ; x⊙w_in]** (the tool)", "x⊙w_gate alone",
+                         "x⊙w_in alone"], rows)
+    return lines
+
+
 def sae_section(sae: dict | None) -> list[str]:
     if not sae:
         return ["Not run in this configuration."]
@@ -287,7 +302,9 @@ def write_report(results: dict, out: Path) -> Path:
         "corpus of random feature and filler words; an example's true feature is the feature of the token it "
         "peaks on. Variants: `clean`; `shared-s` (every pair of feature directions has cosine s); `unequal` "
         "(feature strengths scaled by 0.35-1); `noise-2` (token embeddings get a noise vector of norm 2 "
-        "orthogonal to every feature direction) and `noise-4` (norm 4).",
+        "orthogonal to every feature direction) and `noise-4` (norm 4); `gated`: a Llama-architecture model "
+        "(gated, bias-free MLP, RMSNorm) whose neurons read their features through the gate, the linear path or "
+        "both, the other path reading the direction every token shares (an open gate, or a plain scale).",
         f"- **toy**: a toy model of superposition (Elhage et al. 2022), trained: 80 sparse features -> x (20 "
         f"dims) -> 40 ReLU neurons -> 80 outputs, importance-weighted MSE (seeds {cfg['toy_seeds']}; "
         f"{cfg['toy_eval']} evaluation inputs). An example's true feature for neuron j is the active feature "
@@ -320,6 +337,13 @@ def write_report(results: dict, out: Path) -> Path:
     lines += best_table(datasets)
     lines += sweep_tables(datasets, linkages, thresholds)
     lines += [""] + [f"![{g} sweep](sweep_{g}.png)" for g in generators]
+    gated = gated_tables(datasets)
+    if gated:
+        lines += ["", "## Gated neurons: the concatenated embedding against its halves", "",
+                  "A gated neuron's embedding is `[x⊙w_gate ; x⊙w_in]`. Each half alone sees only one path; the "
+                  "concatenation sees both, but the path that reads no feature adds a component every example "
+                  "shares, which pulls different features closer together (lower thresholds separate them).", ""]
+        lines += gated
     lines += ["", "## Number of clusters vs true number of features", "", "![clusters vs truth](clusters_vs_truth.png)",
               "", "## Do the polysemanticity metrics rank neurons by their true number of features?", "",
               "Spearman's rho over the evaluated neurons, at the defaults (`mean_intra` and `mean_inter` are "

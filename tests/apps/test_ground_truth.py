@@ -186,6 +186,21 @@ def test_quick_planted_neurons_split_into_exactly_their_features(quick, selectio
     assert d["spearman"]["n_clusters~n_drivers"]["rho"] > 0.95
 
 
+def test_quick_gated_planted_neurons_recovered_by_the_concatenation_only(quick) -> None:
+    """A gated planted model (Llama, bias-free, RMSNorm): at a threshold below the distance the
+    shared path leaves between features, [x*w_gate ; x*w_in] splits every multi-feature neuron into
+    exactly its features, whichever path reads them; each half alone misses the other path."""
+    _, _, results = quick
+    d = _dataset(results, "planted", "gated", "top")
+    assert d["pipeline_clusters_match"]
+    low, default = d["by_path"]["0.2"], d["by_path"]["0.5"]
+    assert set(low) == {"gate", "linear", "both"} and all(r["n_multi"] >= 1 for r in low.values())
+    assert all(r["ari_embedding"] == 1.0 for r in low.values())
+    assert low["linear"]["ari_gate_half"] < 0.5 and low["gate"]["ari_linear_half"] < 0.5
+    assert low["gate"]["ari_gate_half"] == 1.0 and low["linear"]["ari_linear_half"] == 1.0
+    assert default["both"]["ari_embedding"] == 1.0
+
+
 def test_quick_planted_examples_are_the_stores(quick) -> None:
     """The examples scored are the store's: x from the scan times W_in is the stored embedding, and the
     true feature of each example is that of the token at its (sequence, position)."""
