@@ -147,15 +147,30 @@ def _boot(name: str, device: str) -> LoadedModel:
         raise UserError(
             f"--model {name}: cannot load it ({reason[:200]}); give a Hugging Face model name "
             "(needs network) or a local model directory") from e
-    raw_w_in = bridge.W_in.detach().clone()
+    raw_w_in = _mlp_in_or_error(bridge, name)
     bridge.enable_compatibility_mode()
     bridge.eval()
     folded = not torch.equal(raw_w_in, bridge.W_in.detach())
     cfg = bridge.cfg
     return LoadedModel(
         bridge=bridge, tokenizer=_load_tokenizer(src), device=device, n_layers=int(cfg.n_layers),
-        d_model=int(cfg.d_model), d_mlp=int(cfg.d_mlp), n_ctx=int(cfg.n_ctx),
+        d_model=int(cfg.d_model), d_mlp=int(raw_w_in.shape[-1]), n_ctx=int(cfg.n_ctx),
         weights="folded-ln" if folded else "raw")
+
+
+def _mlp_in_or_error(bridge, name: str) -> torch.Tensor:
+    """The stacked MLP input weights [n_layers, d_model, d_mlp], or a one-line error naming the
+    architecture when its MLP is neither a plain nor a gated one (e.g. a mixture of experts)."""
+    arch = getattr(bridge.cfg, "original_architecture", None) or type(getattr(bridge, "original_model", bridge)).__name__
+    try:
+        w_in = bridge.W_in.detach().clone()
+    except (AttributeError, KeyError, RuntimeError) as e:
+        raise UserError(f"--model {name}: architecture {arch} has an MLP that is neither a plain nor a gated MLP "
+                        "(e.g. a mixture of experts); this tool reads only those") from e
+    if w_in.ndim != 3 or w_in.shape[1] != int(bridge.cfg.d_model):
+        raise UserError(f"--model {name}: architecture {arch}: MLP input weights of shape {tuple(w_in.shape)} do not "
+                        f"read the residual stream (d_model {bridge.cfg.d_model}); this tool cannot read this MLP")
+    return w_in
 
 
 def load_model(name: str, device: str = "auto") -> LoadedModel:

@@ -149,7 +149,7 @@ def build_random_gpt2(
     return out
 
 
-ARCHITECTURES = ("llama", "qwen2", "gemma", "gpt_neox")
+ARCHITECTURES = ("llama", "qwen2", "gemma", "gpt_neox", "opt")
 
 
 def build_random_model(out_dir: str | Path, architecture: str, *, n_layer: int = 2, d_model: int = 64,
@@ -157,7 +157,8 @@ def build_random_model(out_dir: str | Path, architecture: str, *, n_layer: int =
                        seed: int = 0) -> Path:
     """Save a small randomly initialised model of a Hugging Face architecture users bring (Llama:
     grouped-query attention, no biases; Qwen2: biases on q/k/v; Gemma: GeGLU, RMSNorm scaled by
-    1 + weight, scaled embeddings; GPT-NeoX: parallel attention and MLP) with a trained BPE
+    1 + weight, scaled embeddings; GPT-NeoX: parallel attention and MLP; OPT: ReLU MLP whose width
+    TransformerLens' config misreports) with a trained BPE
     tokenizer. Norm gains are randomised so that folding them into W_in matters. Returns the directory."""
     import transformers
 
@@ -179,6 +180,8 @@ def build_random_model(out_dir: str | Path, architecture: str, *, n_layer: int =
                           transformers.GemmaForCausalLM),
         "gpt_neox": lambda: (transformers.GPTNeoXConfig(**common, use_parallel_residual=True, rotary_pct=0.25),
                              transformers.GPTNeoXForCausalLM),
+        "opt": lambda: (transformers.OPTConfig(**common, ffn_dim=d_mlp, word_embed_proj_dim=d_model),
+                        transformers.OPTForCausalLM),
     }[architecture]()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

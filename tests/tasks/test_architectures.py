@@ -1,5 +1,6 @@
 """Real architectures users bring, each a small random-weight model built here: Llama, Qwen2 and
-Gemma (gated, bias-free or partly biased MLPs with RMSNorm), GPT-NeoX (parallel attention and MLP).
+Gemma (gated, bias-free or partly biased MLPs with RMSNorm), GPT-NeoX (parallel attention and MLP),
+OPT (whose MLP width TransformerLens' config misreports).
 Each runs through every stage, and its embeddings satisfy the identities: for gated neurons
 e = [x*w_gate ; x*w_in], whose first half sums (+ b_gate) to hook_pre and second (+ b_in) to
 hook_pre_linear; for plain ones sum(e) + b_in == hook_pre. The top-k equals a brute-force one."""
@@ -13,7 +14,7 @@ from neuron_embeddings.core.models import load_model
 from neuron_embeddings.core.synthetic import build_random_model
 from tests.helpers import assert_same_arrays, at_examples, contract_arrays, options, run_stages
 
-GATED = {"llama": True, "qwen2": True, "gemma": True, "gpt_neox": False}
+GATED = {"llama": True, "qwen2": True, "gemma": True, "gpt_neox": False, "opt": False}
 
 
 @pytest.fixture(scope="module", params=sorted(GATED))
@@ -143,3 +144,26 @@ def test_same_store_for_any_shard_batch_or_block_size(tmp_path):
                                                     scan_blocks=blocks))
         stores.append(contract_arrays(out))
     assert_same_arrays(*stores)
+
+
+def test_a_mixture_of_experts_gets_one_line_naming_the_architecture(tmp_path, capsys):
+    """An MLP that is neither plain nor gated (Mixtral's experts): one `error:` line naming the
+    architecture, exit 2, and no store."""
+    import transformers
+
+    from neuron_embeddings.cli import main
+    from neuron_embeddings.core.synthetic import _wrap_tokenizer, train_bpe_tokenizer
+
+    tok = _wrap_tokenizer(train_bpe_tokenizer(300), 64)
+    cfg = transformers.MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                     num_local_experts=2)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    out = tmp_path / "s.zarr"
+    rc = main(["run", "--model", str(tmp_path / "moe"), "--dataset", "builtin:python-docs", "--n-sequences", "4",
+               "--ctx-len", "8", "--k", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not out.exists()
+    assert err[-1].startswith("error:") and "MixtralForCausalLM" in err[-1] and "neither a plain nor a gated" in err[-1]
+    assert not any("Traceback" in line for line in err)
