@@ -223,7 +223,15 @@ def batch_candidates(post_BTM: torch.Tensor, excluded_BT: torch.Tensor | None = 
     `excluded_BT` is True never count (-inf where a sequence has no other position)."""
     if excluded_BT is None:
         return post_BTM.float().amax(dim=1)
-    return post_BTM.float().masked_fill(excluded_BT[:, :, None], -torch.inf).amax(dim=1)
+    lead = int(excluded_BT.all(dim=0).int().cumprod(0).sum())  # leading columns excluded in every row (BOS)
+    if lead == excluded_BT.shape[1]:
+        return torch.full(post_BTM[:, 0].shape, -torch.inf, dtype=torch.float32, device=post_BTM.device)
+    rest_BT = excluded_BT[:, lead:]
+    val_BM = post_BTM[:, lead:].float().amax(dim=1)  # a view: no copy of the activations
+    rows = torch.nonzero(rest_BT.any(dim=1)).flatten()  # rows with excluded tokens further on: mask those only
+    if len(rows):
+        val_BM[rows] = post_BTM[rows, lead:].float().masked_fill(rest_BT[rows, :, None], -torch.inf).amax(dim=1)
+    return val_BM
 
 
 def band_keys(act_BM: torch.Tensor, gmax_M: torch.Tensor, fraction: float, seed: int, layer: int,

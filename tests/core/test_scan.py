@@ -175,3 +175,26 @@ def test_embedding_is_elementwise_product():
     e = neuron_embeddings(x, w, "float32")
     for s in range(3):
         np.testing.assert_allclose(e[s], x[s] * w[:, s][None, :], rtol=1e-6)
+
+
+@pytest.mark.parametrize("pattern", ["bos", "bos+others", "middle-column", "whole-row", "everything", "nothing"])
+def test_batch_candidates_equal_the_masked_max(pattern) -> None:
+    """The per-sequence max over non-excluded positions equals a plain masked max, whatever the
+    excluded positions (the fast path skips a BOS column by a view and masks only other rows)."""
+    from neuron_embeddings.core.scan import batch_candidates
+
+    gen = torch.Generator().manual_seed(0)
+    post_BTM = torch.randn(6, 9, 5, generator=gen)
+    ex_BT = torch.zeros(6, 9, dtype=torch.bool)
+    if pattern.startswith("bos"):
+        ex_BT[:, 0] = True
+    if pattern == "bos+others":
+        ex_BT[2, 4] = ex_BT[5, 8] = True
+    if pattern == "middle-column":
+        ex_BT[:, 3] = True
+    if pattern == "whole-row":
+        ex_BT[1] = True
+    if pattern == "everything":
+        ex_BT[:] = True
+    want_BM = post_BTM.masked_fill(ex_BT[:, :, None], -torch.inf).amax(dim=1)
+    torch.testing.assert_close(batch_candidates(post_BTM, ex_BT), want_BM, rtol=0, atol=0)
