@@ -86,6 +86,7 @@ def neuron_embeddings_run(
     similar: bool = default("similar"),
     prepend_bos: bool | None = default("prepend_bos"),
     exclude_special_tokens: bool = default("exclude_special_tokens"),
+    dtype: str | None = default("dtype"),
 ) -> dict:
     """Neuron embeddings, clusters and polysemanticity metrics for every MLP neuron of `model`.
 
@@ -97,7 +98,8 @@ def neuron_embeddings_run(
     `similar=False` leaves out the all-pairs search for similar clusters (the explorer then shows
     no similar-cluster links); it costs O(clusters² × d_model), more than the rest on big models.
     `prepend_bos` (None: on for causal models with a BOS token) starts each row with BOS;
-    `exclude_special_tokens` keeps special tokens from being an example's max token."""
+    `exclude_special_tokens` keeps special tokens from being an example's max token. `dtype` is the
+    model forward's (None: the store's when resuming, else float32 on CPU and bfloat16 on GPU)."""
     ExecSettings(batch_size=batch_size, device=device, workers=workers, dask_address=dask_address,
                  task_retries=task_retries)  # validated before the store is touched
     out = _expand_out(out)
@@ -105,7 +107,7 @@ def neuron_embeddings_run(
                    k=k, selection=selection, shard_size=shard_size, linkage=linkage, threshold=threshold,
                    seed=seed, embedding_dtype=embedding_dtype, scan_blocks=scan_blocks, device=device,
                    workers=workers, sae=sae, similar=similar, prepend_bos=prepend_bos,
-                   exclude_special_tokens=exclude_special_tokens)
+                   exclude_special_tokens=exclude_special_tokens, dtype=dtype)
     with writer_lock(out, run_name=_run_name()), _workers_report_here(workers, dask_address):
         shards = shard_flow.with_options(task_runner=task_runner(workers, dask_address))
         return shards(out, options, batch_size, device, task_retries, _count_workers(workers, dask_address))

@@ -37,6 +37,9 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help=f"cosine-distance cut (default {default('threshold')})")
     p.add_argument("--seed", type=int, default=default("seed"))
     p.add_argument("--embedding-dtype", default=default("embedding_dtype"), help="float16 (default) or float32")
+    p.add_argument("--dtype", default=default("dtype"),
+                   help="the model's forward: float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU; "
+                        "a resumed run keeps the store's)")
     p.add_argument("--scan-blocks", type=int, default=None,
                    help="data-parallel blocks of sequences for the scan (default: --workers); fixed per store")
     p.add_argument("--batch-size", type=int, default=default("batch_size"), help="sequences per forward pass")
@@ -161,7 +164,8 @@ def _options(a: argparse.Namespace) -> dict:
                 k=a.k, selection=a.selection, shard_size=a.shard_size, linkage=a.linkage, threshold=a.threshold,
                 seed=a.seed, embedding_dtype=a.embedding_dtype, scan_blocks=a.scan_blocks, device=a.device,
                 workers=a.workers, sae=getattr(a, "sae", None),
-                similar=a.similar, prepend_bos=a.prepend_bos, exclude_special_tokens=a.exclude_special_tokens)
+                similar=a.similar, prepend_bos=a.prepend_bos, exclude_special_tokens=a.exclude_special_tokens,
+                dtype=a.dtype)
 
 
 def _quiet_prefect(verbose: bool) -> None:

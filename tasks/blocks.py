@@ -28,7 +28,7 @@ def block_inputs(store: st.Store, block: dict, stage: str, device: str) -> Block
     """The store's settings, the model (loaded once per process), its unit source, the block's
     tokens and a progress writer for `stage`."""
     s = store.settings()
-    lm = load_model(s.model, device)
+    lm = load_model(s.model, device, s.dtype)
     tokens = st.read_tokens(store, block["start"], block["stop"])
     report = progress_writer(store, stage, block_id(block["index"]), len(tokens))
     return BlockInputs(s, lm, unit_source(lm, s.model, s.sae), tokens, report)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.settings import MODEL_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ HOOK_INPUT = "blocks.{layer}.mlp.hook_in"
 HOOK_PRE = "blocks.{layer}.mlp.hook_pre"
 HOOK_ACTIVATION = "blocks.{layer}.mlp.hook_post"
 
-_CACHE: dict[tuple[str, str], "LoadedModel"] = {}
+_CACHE: dict[tuple[str, str, str], "LoadedModel"] = {}
 _LOCK = threading.Lock()
 
 
@@ -39,6 +40,7 @@ class LoadedModel:
     d_mlp: int
     n_ctx: int
     weights: str  # "folded-ln" or "raw"
+    dtype: str = "float32"  # the forward's dtype
 
 
 def resolve_device(device: str) -> str:
@@ -47,6 +49,12 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to torch here; use --device cpu")
     return device
+
+
+def default_dtype(device: str) -> str:
+    """The forward's dtype when none is asked: float32 on the CPU (bfloat16 there is faster but
+    changes results: docs/performance.md), bfloat16 on a GPU."""
+    return "bfloat16" if resolve_device(device) == "cuda" else "float32"
 
 
 def _load_tokenizer(name: str):
@@ -127,7 +135,7 @@ def _convert_gguf(pkg: Path, gguf_file: str, out: Path) -> None:
         os.mkdir(tmp)  # for TemporaryDirectory's own clean-up
 
 
-def _boot(name: str, device: str) -> LoadedModel:
+def _boot(name: str, device: str, dtype: str = "float32") -> LoadedModel:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers.utils import logging as hf_logging
 
@@ -139,7 +147,8 @@ def _boot(name: str, device: str) -> LoadedModel:
     src = str(local) if local.exists() else name
     try:
         tok_for_bridge = _load_tokenizer(src)
-        bridge = TransformerBridge.boot_transformers(src, device=device, tokenizer=tok_for_bridge)
+        bridge = TransformerBridge.boot_transformers(src, device=device, tokenizer=tok_for_bridge,
+                                                     dtype=getattr(torch, dtype))
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - HF raises many kinds; all mean "cannot load this model"
@@ -155,7 +164,7 @@ def _boot(name: str, device: str) -> LoadedModel:
     return LoadedModel(
         bridge=bridge, tokenizer=_load_tokenizer(src), device=device, n_layers=int(cfg.n_layers),
         d_model=int(cfg.d_model), d_mlp=int(raw_w_in.shape[-1]), n_ctx=int(cfg.n_ctx),
-        weights="folded-ln" if folded else "raw")
+        weights="folded-ln" if folded else "raw", dtype=dtype)
 
 
 def _mlp_in_or_error(bridge, name: str) -> torch.Tensor:
@@ -173,17 +182,20 @@ def _mlp_in_or_error(bridge, name: str) -> torch.Tensor:
     return w_in
 
 
-def load_model(name: str, device: str = "auto") -> LoadedModel:
-    """The model, loaded at most once per process (worker) for each (name, device)."""
+def load_model(name: str, device: str = "auto", dtype: str = "float32") -> LoadedModel:
+    """The model, loaded at most once per process (worker) for each (name, device, dtype); `dtype`
+    (one of MODEL_DTYPES) is its forward's."""
+    if dtype not in MODEL_DTYPES:
+        raise UserError(f"--dtype {dtype!r}: use one of {', '.join(MODEL_DTYPES)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if os.environ.get("NE_TORCH_THREADS"):  # set per worker process by flows.runners
         torch.set_num_threads(int(os.environ["NE_TORCH_THREADS"]))
     dev = resolve_device(device)
-    key = (name, dev)
+    key = (name, dev, dtype)
     with _LOCK:
         if key not in _CACHE:
-            log.info("loading model %s on %s", name, dev)
-            _CACHE[key] = _boot(name, dev)
+            log.info("loading model %s on %s in %s", name, dev, dtype)
+            _CACHE[key] = _boot(name, dev, dtype)
         return _CACHE[key]
 
 

@@ -16,6 +16,7 @@ from neuron_embeddings.core.errors import UserError
 
 LINKAGES = ("average", "single", "complete", "weighted")
 EMBEDDING_DTYPES = ("float16", "float32")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")  # the forward's (core.models loads in these)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -71,6 +72,7 @@ class RunSettings:
     similar: bool = True  # the `similar` stage: each cluster's nearest clusters of other units
     prepend_bos: bool = False  # each row is BOS + the next ctx_len - 1 tokens of the stream (resolved: bool)
     excluded_token_ids: tuple[int, ...] = ()  # tokens never chosen as an example's max token
+    dtype: str = "float32"  # the model's forward (resolved: float32 on CPU, bfloat16 on GPU by default)
 
     def __post_init__(self) -> None:
         if self.k < 2:
@@ -85,6 +87,8 @@ class RunSettings:
             raise UserError(f"--linkage {self.linkage!r} is unknown; use one of {', '.join(LINKAGES)}")
         if not 0 < self.threshold <= 2:
             raise UserError(f"--threshold {self.threshold}: cosine distances lie in [0, 2]; use a value in (0, 2], e.g. 0.5")
+        if self.dtype not in MODEL_DTYPES:
+            raise UserError(f"--dtype {self.dtype!r}: use one of {', '.join(MODEL_DTYPES)}")
         if self.embedding_dtype not in EMBEDDING_DTYPES:
             raise UserError(f"--embedding-dtype {self.embedding_dtype!r}: use float16 or float32")
         if not 1 <= self.scan_blocks <= self.n_sequences:
@@ -154,6 +158,7 @@ OPTION_DEFAULTS = {
     "dataset": DEFAULT_DATASET,
     "prepend_bos": None,  # None: on for causal models whose tokenizer has a BOS token, else off
     "exclude_special_tokens": True,  # the tokenizer's special tokens are never an example's max token
+    "dtype": None,  # None: the store's when resuming, else float32 on CPU and bfloat16 on GPU
 }
 
 

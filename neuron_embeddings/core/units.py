@@ -182,10 +182,10 @@ class SAEFeatures(UnitSource):
 
     def read(self, captured, layer, need_x=True):
         t = captured[self.sae.hook_name]
-        h = t.reshape(-1, t.shape[-1])
+        h = t.reshape(-1, t.shape[-1]).float()  # the SAE's weights are float32, whatever the forward's dtype
         weights = sae_on_device(self.sae, t.device)
         post = weights.encode(h).reshape(*t.shape[:-1], -1)
-        return post, weights.encoder_input(h).reshape(t.shape) if need_x else None
+        return post, weights.encoder_input(h).reshape(t.shape[:-1] + h.shape[-1:]) if need_x else None
 
     def weights(self, layers):
         w, b = sae_weights_for_store(self.sae)

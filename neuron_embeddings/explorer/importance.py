@@ -43,7 +43,7 @@ class ImportanceModel:
     """A model (and for an SAE store, its SAE) that computes unit activations at one position."""
 
     def __init__(self, model: str, attrs: dict, device: str = "auto"):
-        self.lm = load_model(model, device)
+        self.lm = load_model(model, device, attrs.get("dtype", "float32"))
         self.attrs = attrs
         self.sae = None
         if attrs.get("unit") == "sae-feature":

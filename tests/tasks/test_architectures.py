@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from neuron_embeddings.core.errors import UserError
 from neuron_embeddings.core.models import load_model
+from neuron_embeddings.tasks.resolve import resolve_run
 from neuron_embeddings.core.synthetic import build_random_model
 from tests.helpers import assert_same_arrays, at_examples, contract_arrays, options, run_stages
 
@@ -28,7 +30,7 @@ def arch_store(request, tmp_path_factory):
 def _at_examples(model: str, g, names: list[str]) -> dict[str, np.ndarray]:
     """Each hook's values at every stored example of every row, from an independent full forward:
     name -> [rows, M, k] (NaN where none)."""
-    lm = load_model(model, "cpu")
+    lm = load_model(model, "cpu", g.attrs.get("dtype", "float32"))
     tokens = torch.from_numpy(g["tokens"][...].astype(np.int64))
     wanted = {n.format(layer=layer) for n in names for layer in g.attrs["layers"]}
     with torch.inference_mode():
@@ -37,7 +39,7 @@ def _at_examples(model: str, g, names: list[str]) -> dict[str, np.ndarray]:
     for n in names:
         rows = []
         for row, layer in enumerate(g.attrs["layers"]):
-            rows.append(at_examples(cache[n.format(layer=layer)].numpy(), g["topk/seq"][row], g["topk/pos"][row]))
+            rows.append(at_examples(cache[n.format(layer=layer)].float().numpy(), g["topk/seq"][row], g["topk/pos"][row]))
         out[n] = np.stack(rows)
     return out
 
@@ -144,6 +146,28 @@ def test_same_store_for_any_shard_batch_or_block_size(tmp_path):
                                                     scan_blocks=blocks))
         stores.append(contract_arrays(out))
     assert_same_arrays(*stores)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_forward_keeps_the_identities(tmp_path, dtype):
+    """--dtype bfloat16/float16: the forward runs in that dtype (recorded in the store, kept on
+    resume), and both gated identities hold within its precision against a forward in that dtype."""
+    model = str(build_random_model(tmp_path / "m", "llama", seed=4))
+    out = str(tmp_path / "s.zarr")
+    g = run_stages(out, **options(model, n_sequences=12, ctx_len=16, k=4, shard_size=64, dtype=dtype))
+    assert g.attrs["dtype"] == dtype
+    d_model = g.attrs["d_model"]
+    hooks = ["blocks.{layer}.mlp.hook_pre", "blocks.{layer}.mlp.hook_pre_linear"]
+    at = _at_examples(model, g, hooks)
+    e = g["embeddings"][...]
+    _check_sum(e[..., :d_model], g["weights/b_gate"][...], at[hooks[0]], rtol=2e-2)
+    _check_sum(e[..., d_model:], g["weights/b_in"][...], at[hooks[1]], rtol=2e-2)
+    with pytest.raises(AssertionError):  # the tolerance is not so loose that anything passes
+        _check_sum(e[..., :d_model], g["weights/b_gate"][...], at[hooks[1]], rtol=2e-2)
+    settings, _ = resolve_run(out, **options(model, n_sequences=12, ctx_len=16, k=4, shard_size=64))
+    assert settings.dtype == dtype  # resuming without --dtype keeps the store's
+    with pytest.raises(UserError, match="dtype"):
+        resolve_run(out, **options(model, n_sequences=12, ctx_len=16, k=4, shard_size=64, dtype="float32"))
 
 
 def test_a_mixture_of_experts_gets_one_line_naming_the_architecture(tmp_path, capsys):
