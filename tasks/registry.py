@@ -126,7 +126,7 @@ def repair_store(url: str, log=None) -> list[str]:
     if damaged:
         stale = dependents(set(damaged), store.settings(), int(store.attrs["d_mlp"]))
         lines += [f"{stage}/{unit}: {msg}" for (stage, unit), msg in sorted(damaged.items())]
-        lines.append(f"recomputing {len(damaged)} damaged units and {len(stale) - len(damaged)} that depend on them")
+        lines.append(f"recomputing {len(damaged)} damaged unit(s) and the {len(stale) - len(damaged)} that depend on them")
         for stage, unit in sorted(stale):
             store.clear_marker(stage, unit)
     for line in lines:

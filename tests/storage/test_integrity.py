@@ -14,7 +14,7 @@ import pytest
 import zarr
 
 from neuron_embeddings.cli import main
-from neuron_embeddings.storage.store import Store, schema_metadata
+from neuron_embeddings.storage.store import Store
 from neuron_embeddings.storage import schema
 from neuron_embeddings.tasks.registry import run_status
 from tests.helpers import copy_store, marker_root, options, run_stages, state_dir
@@ -111,6 +111,8 @@ def test_markers_record_every_chunk_their_shard_wrote(reference):
 
 
 def test_recreated_metadata_is_what_the_store_was_made_with(reference):
+    from neuron_embeddings.storage.store import schema_metadata
+
     ref, _ = reference
     attrs = Store(ref).attrs
     for spec in schema.ARRAYS:
