@@ -180,14 +180,16 @@ class Store:
     def mark_complete(self, stage: str, unit: str, record: dict) -> None:
         """Mark a unit complete; its record gets the chunks written through this Store object."""
         record = {**record, "completed": time.time(), "chunks": self.written_chunks()}
-        self._state_ok(write=True)
+        if not self._state_ok(write=True):
+            raise RuntimeError(f"{self.url}: cannot mark {stage} {unit} complete: the store's attributes cannot be read")
         self._write_atomic(self._marker(stage, unit, "done"), json.dumps(record).encode())
         for p in self._marker_places(stage, unit, "failed"):
             if self.fs.exists(p):
                 self.fs.rm(p)
 
     def mark_failed(self, stage: str, unit: str, message: str) -> None:
-        self._state_ok(write=True)
+        if not self._state_ok(write=True):  # no store yet (its creation failed): nothing to mark
+            return
         self._write_atomic(self._marker(stage, unit, "failed"), message.encode())
 
     def clear_marker(self, stage: str, unit: str) -> None:
@@ -264,7 +266,8 @@ class Store:
     # the run's plan (written by the run at its start; read by the explorer to say how far it is)
     def write_plan(self, units: dict[str, list[str]]) -> None:
         """Every stage's unit ids (an empty list for a stage that does not run)."""
-        self._state_ok(write=True)
+        if not self._state_ok(write=True):
+            return
         self._write_atomic(f"{self.state}/plan.json", json.dumps(units).encode())
 
     def read_plan(self) -> dict[str, list[str]] | None:
@@ -288,7 +291,8 @@ class Store:
 
     def write_explorer_cache(self, name: str, data: bytes) -> None:
         """Replace the explorer's cache file `name` atomically (OSError on a read-only store)."""
-        self._state_ok(write=True)
+        if not self._state_ok(write=True):
+            raise OSError(f"{self.url}: no store to keep a cache for")
         self._write_atomic(f"{self.state}/explorer/{name}", data)
 
     def open_read_only(self, zarr_store=None) -> zarr.Group:
@@ -299,7 +303,8 @@ class Store:
     # progress (a side channel for progress bars and UI artifacts; not a source of truth)
     def write_progress(self, stage: str, unit: str, done: int, total: int) -> None:
         rec = {"done": done, "total": total, "time": time.time()}
-        self._state_ok(write=True)
+        if not self._state_ok(write=True):
+            return
         self._write_atomic(f"{self.state}/progress/{stage}/{unit}.json", json.dumps(rec).encode(), durable=False)
 
     def read_progress(self, stage: str) -> dict[str, dict]:

@@ -196,6 +196,8 @@ class ExplorerData:
         self._stamp, self._checked = None, -1e9
         self.progress: RunProgress | None = None
         self._counts: tuple[int, int, int] | None = None
+        self._states: dict[str, dict[str, str]] = {}
+        self._records: dict[tuple[str, str], dict] = {}
         self.damaged: dict[tuple[str, str], str] = {}
         self.refresh()
 
@@ -215,12 +217,26 @@ class ExplorerData:
                 for name in ("metrics", "vocab", "wordpiece", "_tokens", "top_tokens", "_cluster_sizes"):
                     self.__dict__.pop(name, None)
                 type(self).neuron.cache_clear()
+                self._states = {stage: self.store.marker_states(stage) for stage in self.store.marker_stages()}
+                self._records = {}
                 self._counts = self._count_units()
-                self.damaged = integrity.damaged_units(self.store) if stamp else {}
                 self._stamp = stamp
                 self.version += 1
             self.progress = self._progress()
+            if changed:  # the whole store's chunks: once the run is over (a live run's shards are checked per page)
+                live = self.progress is not None and self.progress.live
+                self.damaged = integrity.damaged_units(self.store) if stamp and not live else {}
             return changed
+
+    def _record(self, stage: str, unit: str) -> dict:
+        """A complete unit's marker record (kept until the markers change)."""
+        if (stage, unit) not in self._records:
+            try:
+                rec = json.loads(self.store.marker_record(stage, unit))
+            except (OSError, ValueError):
+                rec = {}
+            self._records[(stage, unit)] = rec if isinstance(rec, dict) else {}
+        return self._records[(stage, unit)]
 
     def _count_units(self) -> tuple[int, int, int] | None:
         """(complete, failed, total) units of the run's plan; None without a plan (older versions)."""
@@ -229,7 +245,7 @@ class ExplorerData:
             return None
         complete = failed = 0
         for stage, units in plan.items():
-            states = self.store.marker_states(stage)
+            states = self._states.get(stage, {})
             complete += sum(1 for u in units if states.get(u) == "complete")
             failed += sum(1 for u in units if states.get(u) == "failed")
         return complete, failed, sum(len(u) for u in plan.values())
@@ -270,7 +286,7 @@ class ExplorerData:
         size = self.store.settings().shard_size
         start = neuron // size * size
         unit = NeuronShard(row, self.layers[row], start, min(start + size, self.d_mlp)).id
-        states = {stage: self.store.marker_states(stage) for stage in self.store.marker_stages()}
+        states = self._states
         if not any(states.values()):
             return  # no markers at all (a store copied without its state): nothing to check against
         if states.get("cluster", {}).get(unit) != "complete":
@@ -281,10 +297,10 @@ class ExplorerData:
         for stage, st in states.items():
             for u in (unit, "all"):
                 if st.get(u) == "complete":
-                    rec = json.loads(self.store.marker_record(stage, u))
+                    rec = self._record(stage, u)
                     if u == "all":  # a stage run once (prepare): only the arrays a page reads
-                        rec["chunks"] = {k: v for k, v in (rec.get("chunks") or {}).items()
-                                         if k.split("/c/")[0] in PAGE_PREPARED}
+                        rec = {**rec, "chunks": {k: v for k, v in (rec.get("chunks") or {}).items()
+                                                 if k.split("/c/")[0] in PAGE_PREPARED}}
                     records[(stage, u)] = rec
         damaged, _ = integrity.check_records(self.store, records)
         if damaged:

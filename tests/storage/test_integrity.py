@@ -64,7 +64,12 @@ def _lose_metadata(out):
     return "array topk/act", "zarr.json is missing"
 
 
-@pytest.mark.parametrize("damage", [_delete, _truncate, _lose_metadata])
+def _garble_metadata(out):
+    Path(out, "clusters/linkage/zarr.json").write_text('{"zarr_format": 3, "node_')
+    return "array clusters/linkage", "zarr.json is unreadable"
+
+
+@pytest.mark.parametrize("damage", [_delete, _truncate, _lose_metadata, _garble_metadata])
 def test_damage_is_found_by_verify_and_repaired_by_a_rerun(capsys, tiny_gpt2, tmp_path, reference, damage):
     ref, want = reference
     out = str(tmp_path / "s.zarr")
@@ -154,6 +159,7 @@ def _as_old_layout(out: str) -> None:
     g.attrs.update(attrs)
 
 
+@pytest.mark.filterwarnings("ignore:Object at _:UserWarning")  # the old layout: what the move fixes
 def test_a_store_with_markers_in_the_old_place_resumes(tiny_gpt2, tmp_path, reference):
     out = str(tmp_path / "old.zarr")
     opts = options(tiny_gpt2, **SMALL)
