@@ -26,11 +26,16 @@ sys.path.insert(0, str(ROOT))
 from neuron_embeddings.core.plan import neuron_shards  # noqa: E402 - after the path
 from neuron_embeddings.storage import schema  # noqa: E402
 from neuron_embeddings.storage.schema import METRICS  # noqa: E402
+from neuron_embeddings.storage.store import Store  # noqa: E402
+
+
+def marker_dir(store: Path, stage: str) -> Path:
+    return Path(Store(str(store)).state) / "markers" / stage
 
 
 def markers(store: Path, stage: str) -> list[tuple[float, dict]]:
     out = []
-    for p in (store / "_markers" / stage).glob("*.done"):
+    for p in marker_dir(store, stage).glob("*.done"):
         out.append((p.stat().st_mtime, json.loads(p.read_text())))
     return sorted(out, key=lambda t: t[0])
 
@@ -103,7 +108,7 @@ def clear(store: Path, stage: str, outputs: list[str] = ()) -> None:
     ext4 0.3-2 ms here, a new file ~0.1 ms: `scripts/diagnostics/diag_orchestration.py`)."""
     import shutil
 
-    for p in (store / "_markers" / stage).glob("*.done"):
+    for p in marker_dir(store, stage).glob("*.done"):
         p.unlink()
     for name in outputs:
         shutil.rmtree(store / name / "c", ignore_errors=True)

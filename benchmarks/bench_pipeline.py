@@ -20,7 +20,7 @@ the same run, on the same machine state:
    median per-batch ratio, and how much of the scan's time is in its hook work
    (batch_candidates / update_slots, timed by wrapping the module functions).
 2. The whole run, via the real CLI in a subprocess (fresh PREFECT_HOME, analytics off, offline).
-   Stage times come from the store's markers (``_markers/<stage>/<unit>.done``: JSON ``seconds``,
+   Stage times come from the store's markers (``<stage>/<unit>.done`` in its state directory: JSON ``seconds``,
    file mtime = end of the unit). Peak RSS of the CLI process tree from ``os.wait4`` (plus RSS
    sampled with psutil per phase). The machine may be shared, so the report adds two checks on
    the ratio to the item-1 bare forward: the bare forward re-measured right after the CLI run
@@ -372,7 +372,9 @@ class RssSampler:
 
 def _markers(store: Path, stage: str) -> list[tuple[float, float, dict]]:
     """(end time, seconds, record) of each .done marker of a stage."""
-    d = store / "_markers" / stage
+    from neuron_embeddings.storage.store import Store
+
+    d = Path(Store(str(store)).state) / "markers" / stage
     out = []
     for p in sorted(d.glob("*.done")) if d.exists() else []:
         rec = json.loads(p.read_text())

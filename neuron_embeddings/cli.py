@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(demo, demo=True)
     status = sub.add_parser("status", help="shard states of a store")
     status.add_argument("store")
+    status.add_argument("--verify", action="store_true",
+                        help="also check every complete shard's chunks (existence, size, checksum) and the arrays' "
+                             "metadata; exit 1 if any is damaged")
     explore = sub.add_parser("explore", help="browse a store's neurons, clusters and examples in a web browser")
     explore.add_argument("store")
     explore.add_argument("--port", type=int, default=8501)
@@ -327,7 +330,14 @@ def cmd_status(a: argparse.Namespace) -> int:
     from neuron_embeddings.tasks.registry import run_status
 
     print(format_status(run_status(a.store)))
-    return 0
+    if not a.verify:
+        return 0
+    from neuron_embeddings.storage.integrity import format_verification, verify
+    from neuron_embeddings.storage.store import Store
+
+    v = verify(Store(a.store))
+    print("\n".join(format_verification(v)))
+    return 0 if v.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

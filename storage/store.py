@@ -6,8 +6,13 @@ markers and the schema version; everything else reads and writes through the fun
 - The arrays are created once, by `create_store`, before any task runs; chunks are aligned to the
   work units (a neuron shard = one layer row x a range of neurons; a scan block), so a task writes
   whole chunks and nothing else, and two tasks never write the same chunk.
-- A shard is complete when its marker `_markers/<stage>/<shard>.done` exists; the marker is written
-  only after the shard's data is written. A failed shard has `<shard>.failed` (the error text).
+- A shard is complete when its marker `<stage>/<shard>.done` exists; the marker is written only after
+  the shard's data is written, and records every chunk the shard wrote (key, size, crc32c: see
+  `storage.integrity`). A failed shard has `<shard>.failed` (the error text).
+- Markers, progress files and the explorer's caches are not Zarr data: they live in the store's
+  state directory, a hidden sibling `.<name>.state/` (Zarr lists every entry of a group's folder
+  and warns on those that are not nodes). Stores of older versions kept them in the store
+  (`_markers/`, `_progress/`, `_explorer/`): those are still read; new ones are written beside.
 - Root attributes remember the settings; `check_settings` refuses a run with other settings.
 """
 from __future__ import annotations
@@ -21,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import google_crc32c  # a dependency of zarr 3 (its crc32c codec)
 import numpy as np
 import zarr
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from neuron_embeddings.core.errors import UserError
 from neuron_embeddings.core.plan import NeuronShard
@@ -39,14 +46,42 @@ zarr.config.set({"array.write_empty_chunks": True})
 
 # --- opening ----------------------------------------------------------------------------------
 
+def crc32c(data) -> int:
+    """CRC-32C (Castagnoli) of a bytes-like object (hardware-accelerated where the CPU has it)."""
+    return int(google_crc32c.value(data))
+
+
+class _RecordingStore(WrapperStore):
+    """A Zarr store that remembers every chunk written through it: key -> [bytes, crc32c]."""
+
+    def __init__(self, store, written: dict | None = None):
+        super().__init__(store)
+        self.written = {} if written is None else written
+
+    def _with_store(self, store):
+        return type(self)(store, self.written)
+
+    async def set(self, key: str, value) -> None:
+        await self._store.set(key, value)
+        if not key.endswith("zarr.json"):
+            data = value.as_numpy_array()
+            self.written[key] = [int(data.nbytes), crc32c(data)]
+
+
 class Store:
     """A store at a local path or fsspec URL."""
 
     def __init__(self, url: str):
         self.url = str(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.root = self.root.rstrip("/")
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self._group = None
+        self._writer = None  # the recording Zarr store writes go through (one per Store)
+        parent, _, name = self.root.rpartition("/")
+        self.state = f"{parent}/.{name}.state"  # markers, progress, explorer caches (not Zarr data)
+        self._identity: str | None = None
+        self._state_valid: bool | None = None
 
     # zarr
     def _zarr_target(self):
@@ -56,9 +91,18 @@ class Store:
         return self.fs.exists(f"{self.root}/zarr.json")
 
     def group(self, mode: str = "r+") -> zarr.Group:
-        if self._group is None or mode == "r+":
+        if mode == "r+":  # writes go through the recorder, so markers can list what a unit wrote
+            if self._writer is None:
+                base = LocalStore(self.root) if self.local else FsspecStore.from_url(self.url)
+                self._writer = _RecordingStore(base)
+            self._group = zarr.open_group(self._writer, mode="r+")
+        elif self._group is None:
             self._group = zarr.open_group(self._zarr_target(), mode=mode)
         return self._group
+
+    def written_chunks(self) -> dict[str, list[int]]:
+        """Every chunk written through this Store object: key (relative to the store) -> [bytes, crc32c]."""
+        return dict(self._writer.written) if self._writer is not None else {}
 
     @property
     def attrs(self) -> dict:
@@ -79,50 +123,119 @@ class Store:
     def array(self, name: str | schema.ArraySpec) -> zarr.Array:
         return self.group("r")[_path(name)]
 
+    # the state directory: tied to the store by its identity, so that the state of a deleted store
+    # is never taken for a new store's at the same path
+    def identity(self) -> str | None:
+        """The store's `store_id` attribute (stores of older versions: their creation time); None
+        while there is no store."""
+        if self._identity is None:
+            try:
+                attrs = self.attrs if self.exists() else {}
+            except (OSError, ValueError, KeyError):
+                attrs = {}
+            ident = attrs.get("store_id") or (f"created {attrs['created']}" if "created" in attrs else None)
+            self._identity = ident
+        return self._identity
+
+    def _state_ok(self, write: bool = False) -> bool:
+        """Whether the state directory belongs to this store. With `write`, make it so: claim a
+        missing one, and remove one left by a deleted store at this path."""
+        if self._state_valid:
+            return True
+        ident = self.identity()
+        if ident is None:
+            return False
+        path = f"{self.state}/store.json"
+        try:
+            found = json.loads(self.fs.cat_file(path)).get("store_id")
+        except FileNotFoundError:
+            found = None
+        except (OSError, ValueError, AttributeError):
+            found = ""
+        if found != ident and write:
+            if found is not None:  # another store's (deleted) state
+                self.fs.rm(self.state, recursive=True)
+            self._write_atomic(path, json.dumps({"store_id": ident, "store": self.root}).encode())
+            found = ident
+        self._state_valid = found == ident
+        return self._state_valid
+
+    def _claim_state(self) -> None:
+        self._state_valid = None
+        self._state_ok(write=True)
+
     # markers
-    def _marker(self, stage: str, unit: str, kind: str) -> str:
-        return f"{self.root}/_markers/{stage}/{unit}.{kind}"
+    def _marker(self, stage: str, unit: str, kind: str, old: bool = False) -> str:
+        return (f"{self.root}/_markers" if old else f"{self.state}/markers") + f"/{stage}/{unit}.{kind}"
+
+    def _marker_places(self, stage: str, unit: str, kind: str) -> list[str]:
+        """Where a marker may be: the state directory (when it is this store's), then inside the
+        store (older versions)."""
+        places = [self._marker(stage, unit, kind)] if self._state_ok() else []
+        return places + [self._marker(stage, unit, kind, old=True)]
 
     def is_complete(self, stage: str, unit: str) -> bool:
-        return self.fs.exists(self._marker(stage, unit, "done"))
+        return any(self.fs.exists(p) for p in self._marker_places(stage, unit, "done"))
 
     def mark_complete(self, stage: str, unit: str, record: dict) -> None:
+        """Mark a unit complete; its record gets the chunks written through this Store object."""
+        record = {**record, "completed": time.time(), "chunks": self.written_chunks()}
+        if not self._state_ok(write=True):
+            raise RuntimeError(f"{self.url}: cannot mark {stage} {unit} complete: the store's attributes cannot be read")
         self._write_atomic(self._marker(stage, unit, "done"), json.dumps(record).encode())
-        failed = self._marker(stage, unit, "failed")
-        if self.fs.exists(failed):
-            self.fs.rm(failed)
+        for p in self._marker_places(stage, unit, "failed"):
+            if self.fs.exists(p):
+                self.fs.rm(p)
 
     def mark_failed(self, stage: str, unit: str, message: str) -> None:
+        if not self._state_ok(write=True):  # no store yet (its creation failed): nothing to mark
+            return
         self._write_atomic(self._marker(stage, unit, "failed"), message.encode())
 
     def clear_marker(self, stage: str, unit: str) -> None:
         for kind in ("done", "failed"):
-            p = self._marker(stage, unit, kind)
-            if self.fs.exists(p):
-                self.fs.rm(p)
+            for p in self._marker_places(stage, unit, kind):
+                if self.fs.exists(p):
+                    self.fs.rm(p)
+
+    def marker_stages(self) -> list[str]:
+        """The stages that have a marker directory (either place)."""
+        out = set()
+        for d in ([f"{self.state}/markers"] if self._state_ok() else []) + [f"{self.root}/_markers"]:
+            if self.fs.exists(d):
+                out.update(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(d, detail=False))
+        return sorted(out)
 
     def marker_states(self, stage: str) -> dict[str, str]:
-        """unit -> 'complete' | 'failed' for the units that have a marker."""
-        d = f"{self.root}/_markers/{stage}"
-        if not self.fs.exists(d):
-            return {}
+        """unit -> 'complete' | 'failed' for the units that have a marker (either place)."""
         out: dict[str, str] = {}
-        for p in self.fs.ls(d, detail=False):
-            name = p.rstrip("/").rsplit("/", 1)[-1]
-            unit, _, kind = name.rpartition(".")
-            if kind == "done":
-                out[unit] = "complete"
-            elif kind == "failed":
-                out.setdefault(unit, "failed")
+        dirs = [f"{self.root}/_markers/{stage}"] + ([f"{self.state}/markers/{stage}"] if self._state_ok() else [])
+        for d in dirs:
+            if not self.fs.exists(d):
+                continue
+            for p in self.fs.ls(d, detail=False):
+                name = p.rstrip("/").rsplit("/", 1)[-1]
+                unit, _, kind = name.rpartition(".")
+                if kind == "done":
+                    out[unit] = "complete"
+                elif kind == "failed":
+                    out.setdefault(unit, "failed")
         return out
 
     def marker_record(self, stage: str, unit: str) -> bytes:
         """The bytes of a unit's `.done` marker (its record; changes whenever the unit is redone)."""
-        return self.fs.cat_file(self._marker(stage, unit, "done"))
+        for p in self._marker_places(stage, unit, "done"):
+            try:
+                return self.fs.cat_file(p)
+            except FileNotFoundError:
+                continue
+        raise FileNotFoundError(self._marker(stage, unit, "done"))
 
     def failure_message(self, stage: str, unit: str) -> str:
-        p = self._marker(stage, unit, "failed")
-        return self.fs.cat_file(p).decode() if self.fs.exists(p) else ""
+        for p in self._marker_places(stage, unit, "failed"):
+            if self.fs.exists(p):
+                return self.fs.cat_file(p).decode()
+        return ""
 
     def _write_atomic(self, path: str, data: bytes, durable: bool = True) -> None:
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -137,17 +250,50 @@ class Store:
         else:  # one PUT on object storage is atomic
             self.fs.pipe_file(path, data)
 
+    def marker_stamp(self) -> tuple:
+        """A summary of every marker file (name, size, modification time where the filesystem
+        gives one) that changes whenever a unit is marked, cleared or redone."""
+        out = []
+        for d in ([f"{self.state}/markers"] if self._state_ok() else []) + [f"{self.root}/_markers"]:
+            try:
+                found = self.fs.find(d, detail=True) if self.fs.exists(d) else {}
+            except OSError:
+                found = {}
+            out += sorted((p, info.get("size"), str(info.get("mtime", info.get("LastModified", ""))))
+                          for p, info in found.items())
+        return tuple(out)
+
+    # the run's plan (written by the run at its start; read by the explorer to say how far it is)
+    def write_plan(self, units: dict[str, list[str]]) -> None:
+        """Every stage's unit ids (an empty list for a stage that does not run)."""
+        if not self._state_ok(write=True):
+            return
+        self._write_atomic(f"{self.state}/plan.json", json.dumps(units).encode())
+
+    def read_plan(self) -> dict[str, list[str]] | None:
+        if not self._state_ok():
+            return None
+        try:
+            return json.loads(self.fs.cat_file(f"{self.state}/plan.json"))
+        except (OSError, ValueError):
+            return None
+
     # the explorer's own caches (derived data, never a source of truth)
     def read_explorer_cache(self, name: str) -> bytes | None:
         """The bytes of the explorer's cache file `name` (e.g. "top_tokens.npz"), or None."""
-        try:
-            return self.fs.cat_file(f"{self.root}/_explorer/{name}")
-        except (OSError, FileNotFoundError):
-            return None
+        places = ([f"{self.state}/explorer/{name}"] if self._state_ok() else []) + [f"{self.root}/_explorer/{name}"]
+        for p in places:
+            try:
+                return self.fs.cat_file(p)
+            except (OSError, FileNotFoundError):
+                continue
+        return None
 
     def write_explorer_cache(self, name: str, data: bytes) -> None:
         """Replace the explorer's cache file `name` atomically (OSError on a read-only store)."""
-        self._write_atomic(f"{self.root}/_explorer/{name}", data)
+        if not self._state_ok(write=True):
+            raise OSError(f"{self.url}: no store to keep a cache for")
+        self._write_atomic(f"{self.state}/explorer/{name}", data)
 
     def open_read_only(self, zarr_store=None) -> zarr.Group:
         """The store's Zarr group, read-only (through `zarr_store` instead, when given: tests count
@@ -157,16 +303,18 @@ class Store:
     # progress (a side channel for progress bars and UI artifacts; not a source of truth)
     def write_progress(self, stage: str, unit: str, done: int, total: int) -> None:
         rec = {"done": done, "total": total, "time": time.time()}
-        self._write_atomic(f"{self.root}/_progress/{stage}/{unit}.json", json.dumps(rec).encode(), durable=False)
+        if not self._state_ok(write=True):
+            return
+        self._write_atomic(f"{self.state}/progress/{stage}/{unit}.json", json.dumps(rec).encode(), durable=False)
 
     def read_progress(self, stage: str) -> dict[str, dict]:
-        d = f"{self.root}/_progress/{stage}"
         out = {}
+        dirs = [f"{self.root}/_progress/{stage}"] + ([f"{self.state}/progress/{stage}"] if self._state_ok() else [])
         try:
-            paths = self.fs.ls(d, detail=False) if self.fs.exists(d) else []
-            for p in paths:
-                if p.endswith(".json"):
-                    out[p.rsplit("/", 1)[-1][:-5]] = json.loads(self.fs.cat_file(p))
+            for d in dirs:
+                for p in self.fs.ls(d, detail=False) if self.fs.exists(d) else []:
+                    if p.endswith(".json"):
+                        out[p.rsplit("/", 1)[-1][:-5]] = json.loads(self.fs.cat_file(p))
         except (OSError, ValueError):  # a progress file mid-replace; the next poll sees it
             pass
         return out
@@ -217,30 +365,57 @@ def check_settings(store: Store, settings: RunSettings) -> None:
 def create_store(url: str, settings: RunSettings, model_info: dict, d_vocab: int) -> Store:
     """Write the store's template: root attributes first, then every array of the schema that is
     not there yet. Idempotent: a creation cut short is completed by calling it again; existing
-    arrays must have the planned shape and are left as they are."""
+    arrays must have the planned shape and are left as they are. Claims the state directory
+    (removing one a deleted store at this path left behind)."""
     store = Store(url)
-    dim_sizes = schema.sizes(len(settings.layers), model_info["d_mlp"], model_info["d_model"],
-                             model_info.get("d_embed", model_info["d_model"]), settings.k, settings.n_sequences,
-                             settings.ctx_len, d_vocab, settings.scan_blocks)
     g = zarr.open_group(store._zarr_target(), mode="a", zarr_format=3)
     if "schema_version" not in g.attrs:
         g.attrs.update(_root_attrs(settings, model_info, d_vocab))
-    for spec in schema.ARRAYS:
-        if spec.gated_only and not model_info.get("gated", False):
-            continue
-        shape = schema.shape(spec, dim_sizes)
+    store._claim_state()
+    attrs = dict(g.attrs)
+    for spec in array_specs(attrs):
+        shape = schema.shape(spec, dim_sizes(attrs))
         if spec.path in g:
             assert tuple(g[spec.path].shape) == shape, f"{spec.path} exists with shape {g[spec.path].shape}"
             continue
-        dtype = settings.embedding_dtype if spec.dtype == "embedding" else (str if spec.dtype == "str" else spec.dtype)
-        kw = {} if spec.compress is True else (
-            {"compressors": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")}
-            if spec.compress == "fast" else {"compressors": None})
-        if dtype is not str:
-            kw["fill_value"] = spec.fill
-        g.create_array(spec.path, shape=shape, dtype=dtype, chunks=schema.chunks(spec, dim_sizes, settings.shard_size),
-                       **kw)
+        _create_array(g, spec, attrs)
     return store
+
+
+def array_specs(attrs: dict) -> list[schema.ArraySpec]:
+    """The schema's arrays that a store with these root attributes has."""
+    return [spec for spec in schema.ARRAYS if not spec.gated_only or attrs.get("gated", False)]
+
+
+def dim_sizes(attrs: dict) -> dict[str, int]:
+    """The size of every dimension of a store, from its root attributes."""
+    return schema.sizes(int(attrs["n_layers"]), int(attrs["d_mlp"]), int(attrs["d_model"]),
+                        int(attrs.get("d_embed", attrs["d_model"])), int(attrs["k"]), int(attrs["n_sequences"]),
+                        int(attrs["ctx_len"]), int(attrs["d_vocab"]), int(attrs["scan_blocks"]))
+
+
+def _create_array(g: zarr.Group, spec: schema.ArraySpec, attrs: dict, overwrite: bool = False) -> zarr.Array:
+    """Create one array of the schema in group `g` (its metadata only), sized by the store's attributes."""
+    sizes = dim_sizes(attrs)
+    dtype = attrs["embedding_dtype"] if spec.dtype == "embedding" else (str if spec.dtype == "str" else spec.dtype)
+    kw = {} if spec.compress is True else (
+        {"compressors": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")}
+        if spec.compress == "fast" else {"compressors": None})
+    if dtype is not str:
+        kw["fill_value"] = spec.fill
+    return g.create_array(spec.path, shape=schema.shape(spec, sizes), dtype=dtype,
+                          chunks=schema.chunks(spec, sizes, int(attrs["shard_size"])), overwrite=overwrite, **kw)
+
+
+def schema_metadata(attrs: dict, spec: schema.ArraySpec) -> bytes:
+    """The `zarr.json` an array of the schema gets in a store with these root attributes (made in
+    memory by the code that creates stores)."""
+    mem = zarr.storage.MemoryStore()
+    _create_array(zarr.open_group(mem, mode="w", zarr_format=3), spec, attrs)
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    return sync(mem.get(f"{spec.path}/zarr.json", prototype=default_buffer_prototype())).to_bytes()
 
 
 def window(store: Store) -> tuple[int, int]:
@@ -261,6 +436,7 @@ def _root_attrs(settings: RunSettings, model_info: dict, d_vocab: int) -> dict:
         "window_before": WINDOW[0],
         "window_after": WINDOW[1],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "store_id": uuid.uuid4().hex,  # ties the state directory (markers) to this store
         **{k: v for k, v in model_info.items() if k not in ("d_mlp", "d_model")},
     }
 

@@ -24,9 +24,15 @@ def plan_record(settings: RunSettings, n_units: int) -> dict:
 
 
 def prepare_store(out: str, settings: RunSettings, lm: LoadedModel) -> dict:
-    """Tokenize, create the store and fill the prepare-stage arrays; idempotent through its marker."""
+    """Tokenize, create the store and fill the prepare-stage arrays; idempotent through its marker.
+    On an existing store, first clear the markers of damaged units and their dependents (the
+    registry's `repair_store`), so the run recomputes them."""
+    from neuron_embeddings.tasks.registry import plan_units, repair_store  # the registry imports this module
+
     units = unit_source(lm, settings.model, settings.sae)
+    repair_store(out, task_logger())
     if st.Store(out).is_complete("prepare", "all"):
+        st.Store(out).write_plan(plan_units(settings, units.n_units))
         return plan_record(settings, units.n_units)
     # a UserError from the dataset is raised here, before anything is written
     tokens = pack_tokens(iter_documents(settings.dataset), lm.tokenizer, settings.n_sequences,
@@ -43,6 +49,7 @@ def prepare_store(out: str, settings: RunSettings, lm: LoadedModel) -> dict:
         return {"tokens": int(tokens.size)}
 
     run_unit(out, "prepare", "all", work)
+    st.Store(out).write_plan(plan_units(settings, units.n_units))
     return plan_record(settings, units.n_units)
 
 

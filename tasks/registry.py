@@ -12,12 +12,15 @@ several shards per Prefect task (tasks.shards), else one task per unit.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from neuron_embeddings.core.plan import neuron_shards, scan_blocks
 from neuron_embeddings.core.settings import RunSettings
+from neuron_embeddings.storage import integrity
 from neuron_embeddings.storage.status import StoreStatus, store_status
+from neuron_embeddings.storage.store import Store
 from neuron_embeddings.tasks.centroids import centroid_shard
 from neuron_embeddings.tasks.cluster import cluster_store_shard
 from neuron_embeddings.tasks.embed import embed_shard
@@ -90,6 +93,45 @@ def phases(settings: RunSettings) -> list[list[Stage]]:
         else:
             out[-1].append(stage)
     return out
+
+
+def dependents(units: set[tuple[str, str]], settings: RunSettings, d_mlp: int) -> set[tuple[str, str]]:
+    """The given (stage, unit)s and every unit that depends on them, through the stages' `needs`:
+    a stage without a barrier over the same units needs the same unit; any other needs them all."""
+    plan = plan_units(settings, d_mlp)
+    out, todo = set(units), list(units)
+    while todo:
+        stage, unit = todo.pop()
+        for s in STAGES:
+            if stage not in s.needs:
+                continue
+            same = not s.barrier and s.over == BY_NAME[stage].over
+            for u in ([unit] if same else plan[s.name]):
+                if (s.name, u) not in out:
+                    out.add((s.name, u))
+                    todo.append((s.name, u))
+    return out
+
+
+def repair_store(url: str, log=None) -> list[str]:
+    """Before a resume: recreate missing array metadata from the schema, find the complete units
+    whose recorded chunks are missing or of another size (storage.integrity), and clear their
+    markers and those of every unit that depends on them, so the run recomputes them. Returns
+    one line per finding."""
+    store = Store(url)
+    if not store.exists():
+        return []
+    lines = integrity.repair_metadata(store)
+    damaged = integrity.damaged_units(store)
+    if damaged:
+        stale = dependents(set(damaged), store.settings(), int(store.attrs["d_mlp"]))
+        lines += [f"{stage}/{unit}: {msg}" for (stage, unit), msg in sorted(damaged.items())]
+        lines.append(f"recomputing {len(damaged)} damaged unit(s) and the {len(stale) - len(damaged)} that depend on them")
+        for stage, unit in sorted(stale):
+            store.clear_marker(stage, unit)
+    for line in lines:
+        (log or logging.getLogger("neuron_embeddings")).warning("store %s: %s", url, line)
+    return lines
 
 
 def run_status(url: str) -> StoreStatus:

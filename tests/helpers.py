@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +29,17 @@ def options(model: str, **over) -> dict:
     return base
 
 
-def run_stages(out: str, batch_size: int = 8, **opts) -> zarr.Group:
-    """Every stage of the registry in plan order, by calling the task functions directly (no Prefect)."""
+def run_stages(out: str, batch_size: int = 8, stages: tuple[str, ...] | None = None, **opts) -> zarr.Group:
+    """Every stage of the registry in plan order (only `stages` after `prepare`, when given: a
+    half-done store), by calling the task functions directly (no Prefect)."""
     settings, lm = resolve_run(out, **opts)
     plan = prepare_store(out, settings, lm)
     for phase in phases(Store(out).settings()):
         units = plan["blocks"] if phase[0].over == "blocks" else plan["shards"]
         for unit in units:
             for stage in phase:
-                stage.task.fn(out, unit, "cpu", batch_size)
+                if stages is None or stage.name in stages:
+                    stage.task.fn(out, unit, "cpu", batch_size)
     return zarr.open_group(out, mode="r")
 
 
@@ -52,6 +55,23 @@ def assert_same_arrays(a: dict, b: dict) -> None:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # NaN == NaN here
         else:
             assert np.array_equal(a[name], b[name]), name
+
+
+def state_dir(out) -> Path:
+    """The store's state directory (markers, progress, the explorer's caches): a hidden sibling."""
+    return Path(Store(str(out)).state)
+
+
+def marker_root(out) -> Path:
+    """Where the store's markers are: `<stage>/<unit>.done` (or `.failed`) under it."""
+    return state_dir(out) / "markers"
+
+
+def copy_store(src, dst) -> None:
+    """Copy a store with its state directory."""
+    shutil.copytree(src, dst)
+    if state_dir(src).exists():
+        shutil.copytree(state_dir(src), state_dir(dst))
 
 
 def tree_digest(path: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from neuron_embeddings.core.summary import layer_table
-from neuron_embeddings.explorer.data import Example, ExplorerData
+from neuron_embeddings.explorer.data import Example, ExplorerData, Unavailable
 from neuron_embeddings.explorer.plots import cluster_colour, dendrogram_svg, histogram_svg
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -82,18 +82,20 @@ class Explorer:
             from neuron_embeddings.explorer.importance import ImportanceCache
 
             self.cache = ImportanceCache(data.store)
-        self._overview: str | None = None
+        self._overview: tuple[tuple, str] | None = None  # ((data version, banner), page)
 
     def page(self, name: str, **ctx) -> str:
         d = self.data
         base = dict(layers=d.layers, unit_word=d.unit_word, unit_title=d.unit_word.capitalize(),
-                    store_name=Path(d.url.rstrip("/")).name, nav_layer=None, nav_neuron=None, query=None)
+                    store_name=Path(d.url.rstrip("/")).name, nav_layer=None, nav_neuron=None, query=None,
+                    banner=d.banner())
         return self.env.get_template(name).render(**{**base, **ctx})
 
     def overview(self) -> str:
-        if self._overview is None:
-            self._overview = self._render_overview()
-        return self._overview
+        key = (self.data.version, tuple(self.data.banner()))
+        if self._overview is None or self._overview[0] != key:
+            self._overview = (key, self._render_overview())
+        return self._overview[1]
 
     def _render_overview(self) -> str:
         d, m = self.data, self.data.metrics
@@ -123,6 +125,7 @@ class Explorer:
 
     def neuron(self, layer: int, neuron: int) -> str:
         d = self.data
+        d.check_neuron(layer, neuron)
         v = d.neuron(layer, neuron)
         link = (lambda e: f"/importance/{layer}/{neuron}/{e.slot}") if self.model is not None else (lambda e: None)
         return self.page("neuron.html", v=v, k=d.k, nav_layer=layer, nav_neuron=neuron, shown=SHOWN,
@@ -132,6 +135,7 @@ class Explorer:
 
     def importance(self, layer: int, neuron: int, slot: int) -> str:
         d = self.data
+        d.check_neuron(layer, neuron)
         v = d.neuron(layer, neuron)
         e = next((x for c in v.clusters for x in c.examples if x.slot == slot),
                  next((x for x in v.unclustered if x.slot == slot), None))
@@ -172,6 +176,15 @@ def create_app(data: ExplorerData, model=None) -> FastAPI:
 
     def not_found(e: Exception) -> HTMLResponse:
         return HTMLResponse(ex.error(str(e).strip("'\"")), status_code=404)
+
+    @app.middleware("http")
+    async def follow_the_store(request: Request, call_next):
+        data.refresh()  # a live store: drop what was cached when its markers changed
+        return await call_next(request)
+
+    @app.exception_handler(Unavailable)
+    def unavailable(request: Request, e: Unavailable) -> HTMLResponse:
+        return HTMLResponse(ex.error(str(e)), status_code=e.status)
 
     @app.get("/", response_class=HTMLResponse)
     def overview() -> str:

@@ -4,7 +4,12 @@ A neuron page reads one neuron's row of `topk/*`, `clusters/*`, `embeddings`, `t
 `similar/*` (each a read of the one chunk holding it), the tokens of its examples' sequences, and
 nothing else. The overview reads the `metrics/*` arrays ([layers, neurons]; read once, cached).
 Search uses each cluster's top token (`similar/top_token`, written by the `centroids` stage; for a
-store without it, computed here once and cached under `STORE/_explorer/`).
+store without it, computed here once and cached in the store's state directory).
+
+A live store (a run still writing it) is followed: whenever its markers change, everything cached
+is dropped and read again (`refresh`), and pages say how far the run is. Data that cannot be read
+(a chunk that does not decode) or that the markers say was written but is gone or resized raises
+`Unavailable`, which the app shows as a message: never an error page, never fill values shown as data.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import io
 import json
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
@@ -20,7 +26,8 @@ import numpy as np
 from neuron_embeddings.core.errors import UserError
 from neuron_embeddings.core.plan import NeuronShard, neuron_shards
 from neuron_embeddings.core.summary import rank_neurons
-from neuron_embeddings.storage import schema
+from neuron_embeddings.storage import integrity, schema
+from neuron_embeddings.storage.lock import is_stale, read_lock
 from neuron_embeddings.storage.schema import METRICS, READABLE_VERSIONS
 from neuron_embeddings.storage.store import Store, window
 
@@ -31,6 +38,39 @@ NEURON_ARRAYS = (schema.TOPK_ACT, schema.TOPK_SEQ, schema.TOPK_POS, schema.LABEL
 TOP_TOKENS_CACHE = "top_tokens.npz"  # the explorer's token index, for a store without similar/top_token
 
 TOKENS_IN_MEMORY = 256 * 2**20  # read the whole tokens array once when it is at most this big
+REFRESH_S = 2.0  # look at the store's markers at most this often
+# the arrays a neuron page reads that the stage run once (prepare) wrote
+PAGE_PREPARED = (schema.TOKENS.path, schema.VOCAB.path)
+REPAIR_HINT = "rerun the run's command to repair the store (`neuron-embeddings status --verify` lists the damage)"
+
+
+class Unavailable(Exception):
+    """Data a page needs cannot be shown (damaged, or not computed yet); the message says why. The
+    app answers with a page that shows it (status 200: the page is the right answer)."""
+
+    def __init__(self, message: str, status: int = 200):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class RunProgress:
+    """How far the run that writes a store is, from its plan and markers."""
+    complete: int
+    total: int
+    failed: int
+    live: bool  # a run holds the store's writer lock
+
+    @property
+    def done(self) -> bool:
+        return self.complete >= self.total
+
+    def message(self) -> str:
+        n = f"{self.complete} of {self.total} shards complete"
+        if self.live:
+            return f"A run is writing this store: {n}. Pages update as shards complete."
+        failed = f", {self.failed} failed" if self.failed else ""
+        return f"This store is incomplete: {n}{failed}. Rerun the run's command to finish it."
 
 
 # --- pure helpers -----------------------------------------------------------------------------
@@ -151,6 +191,122 @@ class ExplorerData:
         self.has_window = self._has(schema.TOPK_WINDOW)
         self.has_similar = self._has(schema.NEIGHBOURS)
         self._lock = threading.Lock()
+        self.refresh_s = REFRESH_S
+        self.version = 0  # counts refreshes: the app's own caches key on it
+        self._stamp, self._checked = None, -1e9
+        self.progress: RunProgress | None = None
+        self._counts: tuple[int, int, int] | None = None
+        self._states: dict[str, dict[str, str]] = {}
+        self._records: dict[tuple[str, str], dict] = {}
+        self.damaged: dict[tuple[str, str], str] = {}
+        self.refresh()
+
+    # --- following a live store ---
+
+    def refresh(self, force: bool = False) -> bool:
+        """Drop every cached value when the store's markers changed since the last look (at most
+        every `refresh_s` seconds unless `force`); True when they had."""
+        now = time.monotonic()
+        if not force and now - self._checked < self.refresh_s:
+            return False
+        with self._lock:
+            self._checked = now
+            stamp = self.store.marker_stamp()
+            changed = stamp != self._stamp
+            if changed:
+                for name in ("metrics", "vocab", "wordpiece", "_tokens", "top_tokens", "_cluster_sizes"):
+                    self.__dict__.pop(name, None)
+                type(self).neuron.cache_clear()
+                self._states = {stage: self.store.marker_states(stage) for stage in self.store.marker_stages()}
+                self._records = {}
+                self._counts = self._count_units()
+                self._stamp = stamp
+                self.version += 1
+            self.progress = self._progress()
+            if changed:  # the whole store's chunks: once the run is over (a live run's shards are checked per page)
+                live = self.progress is not None and self.progress.live
+                self.damaged = integrity.damaged_units(self.store) if stamp and not live else {}
+            return changed
+
+    def _record(self, stage: str, unit: str) -> dict:
+        """A complete unit's marker record (kept until the markers change)."""
+        if (stage, unit) not in self._records:
+            try:
+                rec = json.loads(self.store.marker_record(stage, unit))
+            except (OSError, ValueError):
+                rec = {}
+            self._records[(stage, unit)] = rec if isinstance(rec, dict) else {}
+        return self._records[(stage, unit)]
+
+    def _count_units(self) -> tuple[int, int, int] | None:
+        """(complete, failed, total) units of the run's plan; None without a plan (older versions)."""
+        plan = self.store.read_plan()
+        if not plan:
+            return None
+        complete = failed = 0
+        for stage, units in plan.items():
+            states = self._states.get(stage, {})
+            complete += sum(1 for u in units if states.get(u) == "complete")
+            failed += sum(1 for u in units if states.get(u) == "failed")
+        return complete, failed, sum(len(u) for u in plan.values())
+
+    def _progress(self) -> RunProgress | None:
+        """The run's progress; None when the store is complete or has no plan."""
+        if self._counts is None or self._counts[0] >= self._counts[2]:
+            return None
+        lock = read_lock(self.url)
+        complete, failed, total = self._counts
+        return RunProgress(complete, total, failed, live=lock is not None and not is_stale(lock))
+
+    def banner(self) -> list[str]:
+        """Lines every page shows above its content: the run's progress, damage found."""
+        out = [self.progress.message()] if self.progress is not None else []
+        if self.damaged:
+            (stage, unit), msg = next(iter(sorted(self.damaged.items())))
+            more = f" (and {len(self.damaged) - 1} more shards)" if len(self.damaged) > 1 else ""
+            out.append(f"This store is damaged: {stage} shard {unit}: {msg}{more}. Figures over the whole "
+                       f"store leave that data out; {REPAIR_HINT}.")
+        return out
+
+    def _read(self, path: str, sel=Ellipsis) -> np.ndarray:
+        """A selection of an array; Unavailable when its chunks cannot be read."""
+        try:
+            a = self.group[path]
+            return a[sel] if not isinstance(sel, tuple) or not sel or not isinstance(sel[0], np.ndarray) \
+                else a.get_orthogonal_selection(sel)
+        except Exception as e:  # noqa: BLE001 - any failure to read or decode a chunk
+            raise Unavailable(f"The store's array {path} cannot be read ({type(e).__name__}: {e}); "
+                              f"{REPAIR_HINT}.") from e
+
+    def check_neuron(self, layer: int, neuron: int) -> None:
+        """Unavailable unless the neuron's shard is clustered and the chunks the markers of its
+        shard (and of the prepare stage's tokens) record are all there at their written size.
+        Stores without markers are taken as they are."""
+        row = self.check(layer, neuron)
+        size = self.store.settings().shard_size
+        start = neuron // size * size
+        unit = NeuronShard(row, self.layers[row], start, min(start + size, self.d_mlp)).id
+        states = self._states
+        if not any(states.values()):
+            return  # no markers at all (a store copied without its state): nothing to check against
+        if states.get("cluster", {}).get(unit) != "complete":
+            where = f" {self.progress.message()}" if self.progress is not None else ""
+            raise Unavailable(f"Layer {layer} {self.unit_word} {neuron} is not computed yet: its shard {unit} "
+                              f"is not clustered.{where}")
+        records = {}
+        for stage, st in states.items():
+            for u in (unit, "all"):
+                if st.get(u) == "complete":
+                    rec = self._record(stage, u)
+                    if u == "all":  # a stage run once (prepare): only the arrays a page reads
+                        rec = {**rec, "chunks": {k: v for k, v in (rec.get("chunks") or {}).items()
+                                                 if k.split("/c/")[0] in PAGE_PREPARED}}
+                    records[(stage, u)] = rec
+        damaged, _ = integrity.check_records(self.store, records)
+        if damaged:
+            (stage, u), msg = next(iter(sorted(damaged.items())))
+            raise Unavailable(f"Layer {layer} {self.unit_word} {neuron} cannot be shown: the store is damaged "
+                              f"({stage} shard {u}: {msg}); {REPAIR_HINT}.")
 
     def _has(self, spec: schema.ArraySpec) -> bool:
         """Whether the store has the array (older stores lack `topk/window` and `similar/*`)."""
@@ -164,11 +320,11 @@ class ExplorerData:
     @cached_property
     def metrics(self) -> dict[str, np.ndarray]:
         """Every metrics/* array, [n_rows, d_mlp]."""
-        return {m: self.group[schema.METRIC_ARRAYS[m].path][...] for m in METRICS}
+        return {m: self._read(schema.METRIC_ARRAYS[m].path) for m in METRICS}
 
     @cached_property
     def vocab(self) -> np.ndarray:
-        return self.group[schema.VOCAB.path][...]
+        return self._read(schema.VOCAB.path)
 
     @cached_property
     def wordpiece(self) -> bool:
@@ -177,13 +333,13 @@ class ExplorerData:
     @cached_property
     def _tokens(self):
         a = self.group[schema.TOKENS.path]
-        return a[...] if a.nbytes <= TOKENS_IN_MEMORY else a
+        return self._read(schema.TOKENS.path) if a.nbytes <= TOKENS_IN_MEMORY else a
 
     def _rows(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(sorted distinct sequence indices >= 0, their token rows [R, ctx_len])."""
         rows = np.unique(np.asarray(seqs)[np.asarray(seqs) >= 0])
         t = self._tokens
-        got = t[rows] if isinstance(t, np.ndarray) else t.get_orthogonal_selection((rows, slice(None)))
+        got = t[rows] if isinstance(t, np.ndarray) else self._read(schema.TOKENS.path, (rows, slice(None)))
         return rows, got
 
     def token_rows(self, seqs: np.ndarray) -> dict[int, np.ndarray]:
@@ -237,7 +393,7 @@ class ExplorerData:
             specs.append(schema.TOPK_WINDOW)
         if self.has_similar:
             specs += [schema.NEIGHBOURS, schema.COSINE]
-        return {spec: self.group[spec.path][row, j] for spec in specs}
+        return {spec: self._read(spec.path, (row, j)) for spec in specs}
 
     def similar_state(self, row: int, j: int) -> str:
         if not self.has_similar:
@@ -328,7 +484,7 @@ class ExplorerData:
         """(token, count) int32 [n_rows, d_mlp, k]: each cluster's most frequent peak token and how
         many of its examples peak on it; -1 / 0 where no such cluster."""
         if self.has_similar and self._all_complete("centroids"):
-            return self.group[schema.TOP_TOKEN.path][...], self.group[schema.TOP_COUNT.path][...]
+            return self._read(schema.TOP_TOKEN.path), self._read(schema.TOP_COUNT.path)
         return self._cached_top_tokens()
 
     def _all_complete(self, stage: str) -> bool:
@@ -339,7 +495,7 @@ class ExplorerData:
 
     def _cached_top_tokens(self) -> tuple[np.ndarray, np.ndarray]:
         """Computed from the whole store once; kept in the explorer's cache `top_tokens.npz`
-        (`STORE/_explorer/`), valid while the set of complete cluster shards is unchanged."""
+        (in the store's state directory), valid while the set of complete cluster shards is unchanged."""
         from neuron_embeddings.core.similar import cluster_top_tokens  # imports torch: only when needed
 
         done = sorted(u for u, v in self.store.marker_states("cluster").items() if v == "complete")
@@ -352,8 +508,7 @@ class ExplorerData:
                     return z["token"], z["count"]
             except (OSError, KeyError, ValueError):
                 pass
-        g = self.group
-        labels, seq, pos = g[schema.LABELS.path][...], g[schema.TOPK_SEQ.path][...], g[schema.TOPK_POS.path][...]
+        labels, seq, pos = (self._read(spec.path) for spec in (schema.LABELS, schema.TOPK_SEQ, schema.TOPK_POS))
         L, M, K = labels.shape
         peak = self.peak_tokens(seq, pos)
         tok, cnt = cluster_top_tokens(labels.reshape(L * M, K), peak.reshape(L * M, K))
@@ -369,7 +524,7 @@ class ExplorerData:
     @cached_property
     def _cluster_sizes(self) -> np.ndarray:
         """int32 [n_rows, d_mlp, k]: examples in each cluster."""
-        labels = self.group[schema.LABELS.path][...]
+        labels = self._read(schema.LABELS.path)
         L, M, K = labels.shape
         flat = labels.reshape(L * M, K)
         s_N, slot_N = np.nonzero(flat >= 0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 import shutil
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from neuron_embeddings.cli import main
 from neuron_embeddings.explorer.app import create_app
 from neuron_embeddings.explorer.data import ExplorerData, central_first, centrality, display_texts
 from neuron_embeddings.explorer.plots import dendrogram_svg, histogram_svg, node_labels
-from tests.helpers import options, run_stages
+from tests.helpers import copy_store, marker_root, options, run_stages, state_dir
 
 
 @pytest.fixture(scope="module")
@@ -162,22 +161,22 @@ def test_search_lists_the_clusters_that_peak_on_the_token(data, store):
 
 def test_token_index_without_the_similar_stage_is_computed_and_cached(store, data, tmp_path):
     copy = tmp_path / "copy.zarr"
-    shutil.copytree(store, copy)
-    shutil.rmtree(copy / "_markers" / "centroids")  # as if the centroids stage had not run
+    copy_store(store, copy)
+    shutil.rmtree(marker_root(copy) / "centroids")  # as if the centroids stage had not run
     d = ExplorerData(str(copy))
     tok, cnt = d.top_tokens
     want_tok, want_cnt = data.top_tokens
     np.testing.assert_array_equal(tok, want_tok)
     np.testing.assert_array_equal(cnt, want_cnt)
-    assert (copy / "_explorer" / "top_tokens.npz").exists()
+    assert (state_dir(copy) / "explorer" / "top_tokens.npz").exists()
     again = ExplorerData(str(copy)).top_tokens  # read back from the cache
     np.testing.assert_array_equal(again[0], want_tok)
 
 
 def test_similar_state_of_a_run_without_the_similar_stage(store, tmp_path):
     copy = tmp_path / "nosim.zarr"
-    shutil.copytree(store, copy)
-    shutil.rmtree(copy / "_markers" / "similar")
+    copy_store(store, copy)
+    shutil.rmtree(marker_root(copy) / "similar")
     assert ExplorerData(str(copy)).neuron(0, 3).similar_state == "pending"  # not computed yet
     zarr.open_group(str(copy), mode="r+").attrs["similar"] = False  # as made with --no-similar
     v = ExplorerData(str(copy)).neuron(0, 3)
@@ -251,7 +250,7 @@ def test_token_importance(store, data, tiny_gpt2):
         _, cache = model.lm.bridge.run_with_cache(torch.from_numpy(one), names_filter=[HOOK_ACTIVATION.format(layer=1)])
     alone = float(cache[HOOK_ACTIVATION.format(layer=1)][0, p0, j])
     assert drops[earlier[0]] == pytest.approx(r["original"] - alone, abs=1e-4)
-    assert Path(store, "_explorer", "importance.json").exists()  # cached on disk
+    assert (state_dir(store) / "explorer" / "importance.json").exists()  # cached on disk
 
 
 # --- an SAE store -------------------------------------------------------------------------------

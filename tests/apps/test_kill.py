@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from neuron_embeddings.tasks.registry import run_status
-from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
+from tests.helpers import assert_same_arrays, contract_arrays, marker_root, options, run_stages, state_dir
 
 N_SEQ, CTX, K, SHARD = 160, 32, 6, 64
 
@@ -25,8 +25,8 @@ def _cli(tiny_gpt2: str, out: str) -> list[str]:
 
 def _reached(out: Path, point: str) -> bool:
     if point == "scan":
-        return any((out / "_progress" / "scan").glob("*.json")) if (out / "_progress" / "scan").exists() else False
-    return len(list((out / "_markers" / "embed").glob("*.done"))) >= 1 if (out / "_markers" / "embed").exists() else False
+        return any((state_dir(out) / "progress" / "scan").glob("*.json"))
+    return len(list((marker_root(out) / "embed").glob("*.done"))) >= 1
 
 
 @pytest.mark.parametrize("point", ["scan", "embed"])

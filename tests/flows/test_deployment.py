@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from neuron_embeddings.tasks.registry import run_status
-from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
+from tests.helpers import assert_same_arrays, contract_arrays, marker_root, options, run_stages
 
 REPO = Path(__file__).resolve().parents[2]
 POOL = "neuron-embeddings"
@@ -129,4 +129,4 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tiny_
 
 
 def _marker_mtimes(out: Path) -> dict:
-    return {str(p.relative_to(out / "_markers")): p.stat().st_mtime_ns for p in (out / "_markers").rglob("*.done")}
+    return {str(p.relative_to(marker_root(out))): p.stat().st_mtime_ns for p in marker_root(out).rglob("*.done")}

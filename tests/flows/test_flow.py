@@ -5,16 +5,14 @@ import pytest
 
 from neuron_embeddings.flows.run import ShardsFailed, neuron_embeddings_run
 from neuron_embeddings.tasks.registry import run_status
-from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
+from tests.helpers import assert_same_arrays, contract_arrays, marker_root, options, run_stages
 
 FLOW_OPTS = dict(n_sequences=24, ctx_len=32, k=6, shard_size=64, embedding_dtype="float32", device="cpu",
                  batch_size=8)
 
 
 def _marker_mtimes(out: str) -> dict:
-    from pathlib import Path
-
-    return {str(p.relative_to(Path(out, "_markers"))): p.stat().st_mtime_ns for p in Path(out, "_markers").rglob("*.done")}
+    return {str(p.relative_to(marker_root(out))): p.stat().st_mtime_ns for p in marker_root(out).rglob("*.done")}
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +147,8 @@ def test_two_dask_worker_processes_give_the_same_store(prefect_server, tiny_gpt2
 
 def _marker_records(out: str, stage: str) -> list[dict]:
     import json
-    from pathlib import Path
 
-    return [json.loads(p.read_text()) for p in (Path(out) / "_markers" / stage).glob("*.done")]
+    return [json.loads(p.read_text()) for p in (marker_root(out) / stage).glob("*.done")]
 
 
 def test_task_retries_absorb_a_transient_fault(prefect_server, tiny_gpt2, tmp_path, reference, monkeypatch):
