@@ -52,6 +52,11 @@ def complete_records(store: Store, stages: list[str] | None = None) -> tuple[dic
                 records[(stage, unit)] = rec if isinstance(rec, dict) else {}
             except (OSError, ValueError):
                 bad[(stage, unit)] = "its marker is unreadable"
+    released = {key for (stage, _), rec in records.items() if stage == "embed" for key in rec.get("releases", ())}
+    if released:  # scratch deleted on purpose once its shard was embedded (listed in its marker): not damage
+        for rec in records.values():
+            if rec.get("chunks"):
+                rec["chunks"] = {k: v for k, v in rec["chunks"].items() if k not in released}
     return records, bad
 
 

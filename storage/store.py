@@ -539,6 +539,37 @@ def read_block_tables(store: Store, region: tuple) -> dict[str, np.ndarray]:
     return {name: read(store, schema.SCAN[name], (slice(None), *region)) for name in schema.SCAN_FIELDS}
 
 
+def scratch_keys(store: Store, region: tuple) -> list[str]:
+    """Chunk keys (relative to the store) of the scan's partial tables of every block for one
+    shard's region (row, neuron slice): what the embed stage reads and nothing else does."""
+    g = store.group("r")
+    row, neurons = region
+    keys = []
+    for spec in schema.SCAN.values():
+        a = g[spec.path]
+        rest = (0,) * (a.ndim - 3)  # example (and d_model / window): whole
+        for b in range(a.shape[0]):
+            keys.append(f"{spec.path}/{a.metadata.encode_chunk_key((b, row, neurons.start // a.chunks[2], *rest))}")
+    return keys
+
+
+def release_scratch(store: Store, keys: list[str], midway=None) -> int:
+    """Delete the scan's partial tables `keys` of a shard whose embeddings are durable: only after
+    its embed marker, which lists them (`releases`), is written; again on every later run (a kill
+    midway leaves the rest). `midway()` is called halfway (tests inject a fault there). Returns
+    how many chunks were deleted."""
+    n = 0
+    for i, key in enumerate(keys):
+        if midway is not None and i == len(keys) // 2:
+            midway()
+        try:
+            store.fs.rm_file(f"{store.root}/{key}")
+            n += 1
+        except FileNotFoundError:
+            continue
+    return n
+
+
 def read_weights(store: Store, region: tuple) -> np.ndarray:
     """float32 [d_embed, S]: the input weights of a shard region's units, in the embedding's layout
     ([W_gate ; W_in] for gated MLP neurons, else W_in)."""

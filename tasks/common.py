@@ -38,7 +38,7 @@ def task_logger() -> logging.Logger | logging.LoggerAdapter:
     return logging.getLogger("neuron_embeddings")
 
 
-def _maybe_fault(stage: str, unit: str) -> None:
+def maybe_fault(stage: str, unit: str) -> None:
     """The test-only fault switch, read from the environment (never a flow or deployment
     parameter): `NE_TEST_FAULT=SHARD` or `STAGE/SHARD` fails every attempt of that unit; with the
     suffix `:once` only the first attempt fails (a transient fault), remembered by a flag file in
@@ -69,7 +69,7 @@ def run_unit(store_url: str, stage: str, unit: str, work: Callable[[Store], dict
         return {"stage": stage, "unit": unit, "skipped": True}
     t0 = time.perf_counter()
     try:
-        _maybe_fault(stage, unit)
+        maybe_fault(stage, unit)
         record = work(store)
     except BaseException as e:
         store.mark_failed(stage, unit, f"{type(e).__name__}: {e}")

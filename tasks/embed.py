@@ -1,5 +1,6 @@
 """The `embed` stage: per neuron shard, the exact top-k of the scan blocks' partial tables, and the
-neuron embedding e = x ⊙ W_in[:, j] of every selected example (core.scan)."""
+neuron embedding e = x ⊙ W_in[:, j] of every selected example (core.scan). Once the shard is
+marked complete its partial tables are scratch: they are deleted (storage.store.release_scratch)."""
 from __future__ import annotations
 
 from prefect import task
@@ -7,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from neuron_embeddings.core.scan import merge_blocks, neuron_embeddings
 from neuron_embeddings.storage import store as st
-from neuron_embeddings.tasks.common import hand_over, run_unit
+from neuron_embeddings.tasks.common import hand_over, maybe_fault, run_unit
 
 
 @task(name="embed-shard", task_run_name="embed-{shard[id]}", cache_policy=NO_CACHE)
@@ -22,6 +23,11 @@ def embed_shard(out: str, shard: dict, device: str = "auto", batch_size: int = 1
         emb = neuron_embeddings(top.x, st.read_weights(store, region), s.embedding_dtype)
         st.write_topk(store, region, top.act, top.seq, top.pos, top.win, emb)
         hand_over(out, shard["id"], embeddings=emb, act=top.act, seq=top.seq, pos=top.pos)
-        return {"neurons": shard["stop"] - shard["start"], "examples": int((top.seq >= 0).sum())}
+        return {"neurons": shard["stop"] - shard["start"], "examples": int((top.seq >= 0).sum()),
+                "releases": st.scratch_keys(store, region)}  # deleted once this marker is written
 
-    return run_unit(out, "embed", shard["id"], work)
+    record = run_unit(out, "embed", shard["id"], work)
+    store = st.Store(out)  # also after a skip: a kill may have left some, a rescan may have rewritten them
+    st.release_scratch(store, st.scratch_keys(store, (shard["row"], slice(shard["start"], shard["stop"]))),
+                       midway=lambda: maybe_fault("release", shard["id"]))
+    return {k: v for k, v in record.items() if k != "releases"}

@@ -123,10 +123,15 @@ def repair_store(url: str, log=None) -> list[str]:
         return []
     lines = integrity.repair_metadata(store)
     damaged = integrity.damaged_units(store)
+    settings, d_mlp = store.settings(), int(store.attrs["d_mlp"])
     if damaged:
-        stale = dependents(set(damaged), store.settings(), int(store.attrs["d_mlp"]))
+        stale = dependents(set(damaged), settings, d_mlp)
         lines += [f"{stage}/{unit}: {msg}" for (stage, unit), msg in sorted(damaged.items())]
         lines.append(f"recomputing {len(damaged)} damaged unit(s) and the {len(stale) - len(damaged)} that depend on them")
+        records, _ = integrity.complete_records(store, ["embed"])
+        if any(records.get(unit, {}).get("releases") for unit in stale):
+            stale |= {("scan", b) for b in stage_units("scan", settings, d_mlp)}  # their input was deleted
+            lines.append("the scan's partial tables they need were deleted after use: rescanning")
         for stage, unit in sorted(stale):
             store.clear_marker(stage, unit)
     for line in lines:

@@ -43,10 +43,12 @@ def unequal_scales(n_features: int, low: float = 0.35, seed: int = 0) -> list[fl
     return [float(s) for s in rng.permutation(np.geomspace(low, 1.0, n_features))]
 
 
-def run_pipeline(out: str, model_dir: str, corpus: str, batch_size: int = BATCH_SIZE, **opts) -> None:
+def run_pipeline(out: str, model_dir: str, corpus: str, batch_size: int = BATCH_SIZE, after_phase=None,
+                 **opts) -> None:
     """Every stage of the pipeline in plan order, in this process, without Prefect (one block): the
     registry's stages, phase by phase, each stage's plain task function over the plan's blocks or
-    shards (within a phase, unit by unit: each shard goes through the phase's stages back to back)."""
+    shards (within a phase, unit by unit: each shard goes through the phase's stages back to back).
+    `after_phase(stage names)` is called after each phase."""
     from neuron_embeddings.tasks.prepare import prepare_store
     from neuron_embeddings.tasks.registry import phases
     from neuron_embeddings.tasks.resolve import resolve_run
@@ -62,30 +64,48 @@ def run_pipeline(out: str, model_dir: str, corpus: str, batch_size: int = BATCH_
         for unit in units:
             for stage in phase:
                 stage.task.fn(out, unit, "cpu", batch_size)
+        if after_phase is not None:
+            after_phase([stage.name for stage in phase])
 
 
-def merged_x(g, layer: int, k: int) -> np.ndarray:
-    """[d_mlp, k, D] float32 MLP inputs of each neuron's stored examples, merged from the scan's
-    block tables by the embed stage's own ``merge_blocks`` (so slot i is topk slot i). ``g``: the
-    store's Zarr group."""
+def keep_merged_x(store: str, layer: int, path: Path) -> None:
+    """Save ``path`` (.npz): the sequences [d_mlp, k] and float32 MLP inputs [d_mlp, k, D] of each
+    neuron's examples, merged from the scan's block tables by the embed stage's own
+    ``merge_blocks`` (so slot i is topk slot i). Call it after the scan, before the embed stage
+    deletes those tables."""
     from neuron_embeddings.core.scan import merge_blocks
 
+    g = Store(store).open_read_only()
     parts = {n: g[schema.SCAN[n].path][:, layer] for n in ("key", "act", "seq", "pos", "x")}
-    top = merge_blocks(parts["key"], parts["act"], parts["seq"], parts["pos"], parts["x"].astype(np.float32), k)
-    if not np.array_equal(top.seq, g[schema.TOPK_SEQ.path][layer]):
-        raise AssertionError(f"merged scan tables disagree with {schema.TOPK_SEQ.path}")
-    return top.x
+    top = merge_blocks(parts["key"], parts["act"], parts["seq"], parts["pos"], parts["x"].astype(np.float32),
+                       int(g.attrs["k"]))
+    np.savez(path, seq=top.seq, x=top.x)
+
+
+def merged_x(g, layer: int, path: Path) -> np.ndarray:
+    """[d_mlp, k, D] float32 MLP inputs of each neuron's stored examples, as ``keep_merged_x`` saved
+    them to ``path``, checked against the store's top-k (``g``: its Zarr group)."""
+    saved = np.load(path)
+    if not np.array_equal(saved["seq"], g[schema.TOPK_SEQ.path][layer]):
+        raise AssertionError(f"{path}: the merged scan tables disagree with {schema.TOPK_SEQ.path}")
+    return saved["x"]
+
+
+def x_path(store: str | Path) -> Path:
+    """Where ``planted_examples`` keeps a store's merged MLP inputs (beside the store)."""
+    return Path(str(store).removesuffix(".zarr") + ".x.npz")
 
 
 def store_examples(store: str, truth: PlantedTruth, name: str, layer: int = 0):
-    """The ``NeuronExamples`` of the planted neurons of ``layer`` in a finished store."""
+    """The ``NeuronExamples`` of the planted neurons of ``layer`` in a finished store (with its
+    merged MLP inputs at ``x_path(store)``)."""
     from neuron_embeddings.groundtruth.measures import NeuronExamples
 
     g = Store(store).open_read_only()
     k = int(g.attrs["k"])
     act, seq, pos = (g[spec.path][layer] for spec in (schema.TOPK_ACT, schema.TOPK_SEQ, schema.TOPK_POS))  # [M, k]
     emb = g[schema.EMBEDDINGS.path][layer].astype(np.float32)  # [M, k, D]
-    x = merged_x(g, layer, k)
+    x = merged_x(g, layer, x_path(store))
     tokens = g[schema.TOKENS.path][...]
     have = seq >= 0
     tok = np.where(have, tokens[np.where(have, seq, 0), np.where(have, pos, 0)], -1)  # [M, k]
@@ -112,8 +132,12 @@ def planted_examples(workdir: str | Path, variant: PlantedVariant, seed: int, se
         write_planted_corpus(corpus, truth, n_docs=variant.n_docs, doc_len=variant.doc_len, seed=seed)
     store = root / f"store-{selection.replace(':', '')}-k{k}.zarr"
     n_tokens = variant.n_docs * (variant.doc_len + 1)
+    def keep_x(stages: list[str]) -> None:
+        if "scan" in stages and not x_path(store).exists():
+            keep_merged_x(str(store), 0, x_path(store))
+
     run_pipeline(str(store), str(model_dir), str(corpus), n_sequences=n_tokens // variant.ctx_len,
-                 ctx_len=variant.ctx_len, k=k, selection=selection, seed=seed)
+                 ctx_len=variant.ctx_len, k=k, selection=selection, seed=seed, after_phase=keep_x)
     ex = store_examples(str(store), truth, f"{variant.name}")
     ex.info.update(variant=asdict(variant), seed=seed, selection=selection)
     return ex

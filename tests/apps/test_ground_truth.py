@@ -12,7 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 from neuron_embeddings.cli import main
 from neuron_embeddings.groundtruth.ari import adjusted_rand_index, contingency_table
 from neuron_embeddings.groundtruth.measures import n_present
-from neuron_embeddings.groundtruth.planted import merged_x, store_examples
+from neuron_embeddings.groundtruth.planted import merged_x, store_examples, x_path
 from neuron_embeddings.groundtruth.sae_bench import mmcs
 from neuron_embeddings.groundtruth.toy import (
     ToyConfig,
@@ -209,7 +209,7 @@ def test_quick_planted_examples_are_the_stores(quick) -> None:
     store = next(work.glob("clean-s0/store-top-*.zarr"))
     truth = PlantedTruth.from_json(model_dir)
     g = zarr.open_group(str(store), mode="r")
-    x = merged_x(g, 0, int(g.attrs["k"]))
+    x = merged_x(g, 0, x_path(store))
     np.testing.assert_allclose(x * g["weights/W_in"][0].T[:, None, :], g["embeddings"][0], rtol=1e-6, atol=1e-7)
     ex = store_examples(str(store), truth, "clean")
     for row, j in enumerate(ex.info["neurons"]):

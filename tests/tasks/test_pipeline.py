@@ -148,3 +148,52 @@ def test_planted_polysemantic_neurons_split_into_their_features(planted, tmp_pat
         assert _same_partition(labels, true), f"neuron {j}: clusters do not match its features"
         by_arity[len(feats)] += 1
     assert all(v >= 2 for v in by_arity.values()), by_arity
+
+
+def _scratch_chunks(store) -> list:
+    """Chunk files of the scan's partial tables (scan/max, the band maxima, is not scratch)."""
+    return [p for p in (store / "scan").rglob("*")
+            if p.is_file() and p.name != "zarr.json" and p.relative_to(store / "scan").parts[0] != "max"]
+
+
+def test_scratch_is_released_and_a_fault_during_the_release_resumes_to_the_same_store(tiny_gpt2, tmp_path,
+                                                                                       monkeypatch):
+    """Once a shard is embedded, the scan's partial tables of that shard are deleted (only their
+    metadata stays); a fault halfway through a release (after the embed marker) resumes to the
+    store of an uninterrupted run, with no scratch left and nothing reported damaged."""
+    from neuron_embeddings.storage import integrity
+    from neuron_embeddings.storage.store import Store
+    from tests.helpers import assert_same_arrays, contract_arrays
+
+    opts = options(tiny_gpt2, n_sequences=24, ctx_len=16, k=4, shard_size=32, scan_blocks=2)
+    ref = str(tmp_path / "ref.zarr")
+    run_stages(ref, **opts)
+    assert _scratch_chunks(tmp_path / "ref.zarr") == []
+    assert integrity.verify(Store(ref)).ok
+    out = str(tmp_path / "cut.zarr")
+    monkeypatch.setenv("NE_TEST_FAULT", "release/L01-N00032")
+    with pytest.raises(Exception, match="fault injected"):
+        run_stages(out, **opts)
+    assert Store(out).is_complete("embed", "L01-N00032")  # the marker came first
+    assert _scratch_chunks(tmp_path / "cut.zarr")  # part of the scratch is still there
+    monkeypatch.delenv("NE_TEST_FAULT")
+    run_stages(out, **opts)
+    assert _scratch_chunks(tmp_path / "cut.zarr") == []
+    assert integrity.verify(Store(out)).ok
+    assert_same_arrays(contract_arrays(ref), contract_arrays(out))
+
+
+def test_a_damaged_embedding_after_the_release_rescans(tiny_gpt2, tmp_path):
+    """The scratch an embed shard needs is gone once it is complete: when that shard is damaged, the
+    rerun recomputes the scan too, and ends with the identical store."""
+    from tests.helpers import assert_same_arrays, contract_arrays
+
+    opts = options(tiny_gpt2, n_sequences=24, ctx_len=16, k=4, shard_size=32)
+    ref, out = str(tmp_path / "ref.zarr"), str(tmp_path / "out.zarr")
+    run_stages(ref, **opts)
+    run_stages(out, **opts)
+    victim = next(p for p in sorted((tmp_path / "out.zarr" / "embeddings").rglob("*"))
+                  if p.is_file() and p.name != "zarr.json")
+    victim.unlink()
+    run_stages(out, **opts)
+    assert_same_arrays(contract_arrays(ref), contract_arrays(out))
