@@ -20,7 +20,6 @@ Re-entrant within one process: the CLI and the flow it starts share the lock.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -34,6 +33,11 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from neuron_embeddings.core.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the best-effort protocol everywhere
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +119,7 @@ class _Holder:
         self.owner = uuid.uuid4().hex
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.path = f"{self.root}/{LOCK_NAME}"
-        self.posix = isinstance(self.fs, LocalFileSystem)
+        self.posix = isinstance(self.fs, LocalFileSystem) and fcntl is not None
         self.fd: int | None = None
         self.started = time.time()
         self.stop = threading.Event()
