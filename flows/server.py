@@ -78,9 +78,10 @@ def temporary_server():
     """Run the block against a temporary Prefect server that dies with this process; nothing to do
     when PREFECT_API_URL names a server (or a test harness's)."""
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
 
-    if PREFECT_API_URL.value() or SubprocessASGIServer._instances.get(None) is not None:
+    if (PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value()
+            or SubprocessASGIServer._instances.get(None) is not None):
         yield
         return
     server = _server_class()()  # registered as Prefect's default temporary server: it starts no other
