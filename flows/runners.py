@@ -40,6 +40,15 @@ def local_cluster_kwargs(workers: int) -> dict:
                      "distributed.worker.profile.enabled": False})
     # each worker imports the shard stages (SciPy's clustering, ...) as it starts, not when
     # its first batch arrives: otherwise the second worker begins the shard phase ~0.2 s late
-    preload = list(PRELOAD)
+    preload = [*PRELOAD, __name__]  # and this module's dask_setup
     return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
             "env": env, "preload": preload}
+
+
+def dask_setup(worker) -> None:
+    """In each local worker process, as it starts (a Dask preload): ignore SIGINT. A terminal's
+    Ctrl-C reaches the whole process group; the run itself then stops its workers, without each
+    worker printing a KeyboardInterrupt traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

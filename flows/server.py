@@ -55,8 +55,10 @@ def _server_class():
                     "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
             env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                    "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
+            # its own session: a terminal's Ctrl-C reaches the run, which stops the server after its last report
             return subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(os.getpid()), *args], env=env,
-                                    stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT)
+                                    stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
 
     return _Server
 
