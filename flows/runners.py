@@ -46,9 +46,14 @@ def local_cluster_kwargs(workers: int) -> dict:
 
 
 def dask_setup(worker) -> None:
-    """In each local worker process, as it starts (a Dask preload): ignore SIGINT. A terminal's
-    Ctrl-C reaches the whole process group; the run itself then stops its workers, without each
-    worker printing a KeyboardInterrupt traceback."""
+    """In each local worker process, as it starts (a Dask preload): ignore SIGINT (a terminal's
+    Ctrl-C reaches the whole process group; the run itself then stops its workers), and keep a
+    worker still busy with a task when the run stops from printing the traceback of its failed
+    heartbeat (the scheduler of a local cluster lives in the run's process: it is gone only when
+    the run ends)."""
+    import logging
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker").addFilter(
+        lambda record: not record.getMessage().startswith("Failed to communicate with scheduler during heartbeat"))
