@@ -40,6 +40,20 @@ def local_cluster_kwargs(workers: int) -> dict:
                      "distributed.worker.profile.enabled": False})
     # each worker imports the shard stages (SciPy's clustering, ...) as it starts, not when
     # its first batch arrives: otherwise the second worker begins the shard phase ~0.2 s late
-    preload = list(PRELOAD)
+    preload = [*PRELOAD, __name__]  # and this module's dask_setup
     return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
             "env": env, "preload": preload}
+
+
+def dask_setup(worker) -> None:
+    """In each local worker process, as it starts (a Dask preload): ignore SIGINT (a terminal's
+    Ctrl-C reaches the whole process group; the run itself then stops its workers), and keep a
+    worker still busy with a task when the run stops from printing the traceback of its failed
+    heartbeat (the scheduler of a local cluster lives in the run's process: it is gone only when
+    the run ends)."""
+    import logging
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker").addFilter(
+        lambda record: not record.getMessage().startswith("Failed to communicate with scheduler during heartbeat"))

@@ -9,6 +9,8 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
+import signal
 import sys
 import threading
 import time
@@ -185,6 +187,25 @@ def _quiet_prefect(verbose: bool) -> None:
     warnings.filterwarnings("ignore")
 
 
+class _NoSignalCrashNotice(logging.Filter):
+    """Drops Prefect's "Crash detected! Execution was aborted by an interrupt / a termination signal"
+    from the terminal: the command's own line says so (the Prefect UI still gets it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("Crash detected" in msg and "signal" in msg)
+
+
+def _quiet_crash_notices() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in (logging.getLogger(), *(logging.getLogger(n) for n in ("prefect", "prefect.flow_runs"))):
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not any(
+                    isinstance(f, _NoSignalCrashNotice) for f in handler.filters):
+                handler.addFilter(_NoSignalCrashNotice())
+
+
 class ProgressMonitor(threading.Thread):
     """Progress bars from the store's progress files and markers (works for any executor)."""
 
@@ -261,11 +282,16 @@ def run_pipeline(out: str, options: dict, a: argparse.Namespace) -> dict:
         prepare_store(out, settings, lm)
         from neuron_embeddings.flows.run import neuron_embeddings_run
 
+        from neuron_embeddings.flows.server import temporary_server
+
+        if not a.verbose:
+            _quiet_crash_notices()
         monitor = ProgressMonitor(out)
         monitor.start()
         try:
-            return neuron_embeddings_run(out=out, batch_size=a.batch_size, task_retries=a.task_retries,
-                                         dask_address=a.dask_address, **options)
+            with temporary_server():  # dies with this process, however it ends
+                return neuron_embeddings_run(out=out, batch_size=a.batch_size, task_retries=a.task_retries,
+                                             dask_address=a.dask_address, **options)
         finally:
             monitor.stop.set()
             monitor.join()
@@ -340,9 +366,41 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0 if v.ok else 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that it unwinds the
+    same way (the flow marked crashed, the lock released, the temporary server stopped)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    if not getattr(_on_sigterm, "fired", False):  # once: a second SIGTERM does not cut the cleanup short
+        _on_sigterm.fired = True
+        raise Terminated()
+
+
+def _sigterm_as_interrupt():
+    """Handle SIGTERM like SIGINT (main thread only); returns what restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    _on_sigterm.fired = False
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(a: argparse.Namespace, argv: list[str] | None, e: KeyboardInterrupt) -> int:
+    """One line: which signal, and the command that resumes; 143 after SIGTERM, 130 after SIGINT."""
+    name, rc = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
+    if a.command in ("explore", "status"):
+        print(f"stopped by {name}", file=sys.stderr)
+    else:
+        command = shlex.join(["neuron-embeddings", *(sys.argv[1:] if argv is None else argv)])
+        print(f"interrupted by {name}; to resume, rerun: {command}", file=sys.stderr)
+    return rc
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     _quiet_prefect(getattr(a, "verbose", False))
+    restore_sigterm = _sigterm_as_interrupt()
     try:
         if a.command == "run":
             return cmd_run(a, _options(a))
@@ -366,9 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(a, argv, e)
+    finally:
+        restore_sigterm()
     return 2
 
 

@@ -39,6 +39,7 @@ def test_two_workers_report_to_the_runs_own_server(tiny_gpt2, tmp_path):
         time.sleep(0.1)
     err = p.stderr.read()
     assert p.wait(timeout=30) == 0, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]  # none at shutdown either (the server's output goes to a file)
     st = run_status(str(out))
     assert st.failed == 0 and st.pending == 0
     assert len(servers) == 1, f"{len(servers)} Prefect servers ran"
