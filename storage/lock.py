@@ -91,6 +91,25 @@ def read_lock(url: str) -> dict | None:
     return rec if rec is not None else {"unreadable": why}
 
 
+def is_live(url: str) -> bool:
+    """Whether a run looks alive on the store, for display only (it takes no lock): its lock file
+    was touched within three heartbeats, and its process is alive when it runs on this host."""
+    fs, root = fsspec.core.url_to_fs(str(url))
+    try:
+        info = fs.info(f"{root}/{LOCK_NAME}")
+    except (FileNotFoundError, OSError):
+        return False
+    rec = read_lock(url)
+    if rec and "pid" in rec and rec.get("host") == socket.gethostname() and not _pid_alive(rec["pid"]):
+        return False
+    mtime = info.get("mtime") or info.get("LastModified")
+    try:
+        age = time.time() - (mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime))
+    except (TypeError, ValueError):
+        return True  # no modification time: trust the file
+    return age <= 3 * HEARTBEAT_S
+
+
 def _holder_text(rec: dict | None, why: str) -> str:
     if rec is None:
         return f"its {LOCK_NAME} is not a lock this program wrote ({why})"

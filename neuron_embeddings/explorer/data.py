@@ -27,7 +27,7 @@ from neuron_embeddings.core.errors import UserError
 from neuron_embeddings.core.plan import NeuronShard, neuron_shards
 from neuron_embeddings.core.summary import rank_neurons
 from neuron_embeddings.storage import integrity, schema
-from neuron_embeddings.storage.lock import is_stale, read_lock
+from neuron_embeddings.storage.lock import is_live
 from neuron_embeddings.storage.schema import METRICS, READABLE_VERSIONS
 from neuron_embeddings.storage.store import Store, window
 
@@ -254,9 +254,8 @@ class ExplorerData:
         """The run's progress; None when the store is complete or has no plan."""
         if self._counts is None or self._counts[0] >= self._counts[2]:
             return None
-        lock = read_lock(self.url)
         complete, failed, total = self._counts
-        return RunProgress(complete, total, failed, live=lock is not None and not is_stale(lock))
+        return RunProgress(complete, total, failed, live=is_live(self.url))
 
     def banner(self) -> list[str]:
         """Lines every page shows above its content: the run's progress, damage found."""
