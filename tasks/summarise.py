@@ -39,5 +39,5 @@ def summarise_task(out: str, n_show: int = 10) -> dict:
     summary = summarise_store(out, n_show=n_show)
     create_table_artifact(summary["layers"], key="layer-summary", description=f"per-layer summary of {out}")
     create_markdown_artifact(report_markdown(summary, out), key="polysemanticity-report",
-                             description=f"most polysemantic neurons of {out}")
+                             description=f"the most and least polysemantic neurons of {out}")
     return summary
