@@ -239,8 +239,22 @@ def create_store(url: str, settings: RunSettings, model_info: dict, d_vocab: int
         if dtype is not str:
             kw["fill_value"] = spec.fill
         g.create_array(spec.path, shape=shape, dtype=dtype, chunks=schema.chunks(spec, dim_sizes, settings.shard_size),
-                       **kw)
+                       dimension_names=spec.dims, **kw)
+    g[schema.LAYER.path][...] = np.asarray(settings.layers, dtype=np.int32)
+    g[schema.OFFSET.path][...] = np.arange(-WINDOW[0], WINDOW[1] + 1, dtype=np.int32)
     return store
+
+
+def consolidate(store: Store) -> None:
+    """Write every array's metadata into the root `zarr.json` (Zarr's consolidated metadata), so
+    that a reader opens the store in a few reads instead of one per array (docs/store.md). Called
+    when a run has completed every shard; safe to repeat, and to resume from: no array or attribute
+    is created or changed after `create_store`, and a rerun writes it again."""
+    import warnings
+
+    with warnings.catch_warnings():  # "not part of the Zarr v3 specification": readers that do not
+        warnings.filterwarnings("ignore", message="Consolidated metadata")  # know it walk the tree
+        zarr.consolidate_metadata(store._zarr_target(), zarr_format=3)
 
 
 def window(store: Store) -> tuple[int, int]:

@@ -33,11 +33,18 @@ def test_flow_run_then_resume(prefect_server, tiny_gpt2, tmp_path, reference):
     assert [r["layer"] for r in summary["layers"]] == [0, 1]
     assert_same_arrays(reference, contract_arrays(out))  # the flow writes what the stages compute
     _check_artifacts(summary, state.state_details.flow_run_id)
+    assert _consolidated(out)  # a complete run consolidates the store's metadata
     _check_shard_logs(out)
     before = _marker_mtimes(out)
     neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)  # resume: nothing left to do
     assert _marker_mtimes(out) == before
     assert_same_arrays(reference, contract_arrays(out))
+
+
+def _consolidated(out: str) -> bool:
+    import zarr
+
+    return zarr.open_group(out, mode="r").metadata.consolidated_metadata is not None
 
 
 def _latest_artifact(key: str):
@@ -142,13 +149,14 @@ def test_failed_shard_is_named_and_only_it_is_rerun(prefect_server, tiny_gpt2, t
     assert st.units["cluster"]["L01-N00064"] == "pending"
     assert st.units["centroids"]["L01-N00064"] == "pending"
     assert st.failed == 1 and st.pending == 2 + 8  # every other shard completed; similar needs them all
+    assert not _consolidated(out)  # consolidated only once complete
     before = _marker_mtimes(out)
     neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)
     after = _marker_mtimes(out)
     changed = {k for k in after if before.get(k) != after[k]}
     assert changed == {"embed/L01-N00064.done", "cluster/L01-N00064.done", "centroids/L01-N00064.done"} | {
         f"similar/{u}.done" for u in st.units["similar"]}
-    assert run_status(out).failed == 0
+    assert run_status(out).failed == 0 and _consolidated(out)
     assert_same_arrays(reference, contract_arrays(out))
 
 
