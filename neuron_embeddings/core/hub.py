@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from neuron_embeddings.core.errors import UserError
 
-PROBE_S = 1.5
+PROBE_S = 2.0  # a TCP handshake slower than this: treated as no network
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 LOCAL_MODELS = ("a local model directory, builtin:all-MiniLM-L6-v2 or builtin:smollm2-135m (offline), or a "
                 "random-weight GPT-2 saved by neuron_embeddings.core.synthetic.build_random_gpt2(DIR)")
