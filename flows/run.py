@@ -7,7 +7,9 @@ deployment run, or Prefect's Retry) finishes a failed run without redoing comple
 from __future__ import annotations
 
 from prefect import flow, unmapped
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import ProgressArtifact, update_progress_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -24,17 +26,32 @@ class ShardsFailed(RuntimeError):
     """Some shards failed; the message names them. Rerun to compute only those."""
 
 
-def _follow(out: str, stages: tuple[str, ...], total: int, futures: list, poll_s: float = 2.0) -> list[str]:
-    """Wait for tasks, keeping a progress artifact per stage (`<stage>-progress`, units complete out
-    of `total`) up to date from the store's markers, so the UI moves shard by shard even when a
-    task runs a batch of shards; return a message per failed shard."""
+def _progress_card(key: str, report_to: str | None):
+    """A progress artifact `key` on the flow run `report_to` (None: the current run), and a callable
+    (percent, description) that updates it. A retry of that run finds and updates its card."""
+    artifact_id = None
+    if report_to is not None:
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[report_to]), key=ArtifactFilterKey(any_=[key])), limit=1)
+        artifact_id = found[0].id if found else None
+    if artifact_id is None:
+        artifact_id = ProgressArtifact(key=key, progress=0.0, flow_run_id=report_to).create(_sync=True).id
+    return lambda percent, description: update_progress_artifact(artifact_id, percent, description=description)
+
+
+def _follow(out: str, stages: tuple[str, ...], total: int, futures: list, report_to: str | None = None,
+            poll_s: float = 2.0) -> list[str]:
+    """Wait for tasks, keeping a progress artifact per stage (`<stage>-progress`: "N of M shards
+    complete", or blocks and sequences for the scan) up to date from the store's markers and block
+    progress, so the UI moves shard by shard even when a task runs a batch of shards; the cards go
+    on the flow run `report_to` (the run the user started). Return a message per failed shard."""
     if not futures:
         return []
     store = Store(out)
-    artifacts = {stage: create_progress_artifact(0.0, key=f"{stage}-progress",
-                                                 description=f"{stage}: units complete out of {total}")
-                 for stage in stages}
-    shown = dict.fromkeys(stages, -1)
+    n_sequences = store.settings().n_sequences
+    cards = {stage: _progress_card(f"{stage}-progress", report_to) for stage in stages}
+    shown: dict[str, str] = {}
     failed: list[str] = []
     pending = list(futures)
     while True:
@@ -46,13 +63,23 @@ def _follow(out: str, stages: tuple[str, ...], total: int, futures: list, poll_s
                 msgs = [str(m) for m in e.args] if isinstance(e, ShardBatchFailed) else [str(e)]
                 failed += [m if "shard" in m else f"{stages[0]}: {type(e).__name__}: {m}" for m in msgs]
         for stage in stages:
-            n = sum(1 for v in store.marker_states(stage).values() if v == "complete")
-            if n != shown[stage] or not not_done:
-                shown[stage] = n
-                update_progress_artifact(artifacts[stage], 100.0 * min(n, total) / total)
+            percent, text = _stage_progress(store, stage, total, n_sequences)
+            if text != shown.get(stage) or not not_done:
+                shown[stage] = text
+                cards[stage](percent, text)
         if not not_done:
             return failed
         pending = list(not_done)
+
+
+def _stage_progress(store: Store, stage: str, total: int, n_sequences: int) -> tuple[float, str]:
+    """(percent, card text) of a stage from its markers; a block stage (scan) counts the sequences
+    its blocks have done (their progress files), so its card moves during a long block."""
+    n = min(total, sum(1 for v in store.marker_states(stage).values() if v == "complete"))
+    if BY_NAME[stage].over != "blocks":
+        return 100.0 * n / total, f"{stage}: {n} of {total} shards complete"
+    done = n_sequences if n == total else min(n_sequences, sum(p["done"] for p in store.read_progress(stage).values()))
+    return 100.0 * done / n_sequences, f"{stage}: {n} of {total} blocks complete, {done} of {n_sequences} sequences"
 
 
 def _raise_if(failed: list[str]) -> None:
@@ -108,9 +135,15 @@ def neuron_embeddings_run(
                    seed=seed, embedding_dtype=embedding_dtype, scan_blocks=scan_blocks, device=device,
                    workers=workers, sae=sae, similar=similar, prepend_bos=prepend_bos,
                    exclude_special_tokens=exclude_special_tokens, dtype=dtype)
+    from prefect.runtime import flow_run
+
     with writer_lock(out, run_name=_run_name()), _workers_report_here(workers, dask_address):
         shards = shard_flow.with_options(task_runner=task_runner(workers, dask_address))
-        return shards(out, options, batch_size, device, task_retries, _count_workers(workers, dask_address))
+        # the progress cards and the summary go on this run, the one the user started (CLI,
+        # deployment, retry or schedule), not on the subflow
+        shards(out, options, batch_size, device, task_retries, _count_workers(workers, dask_address),
+               report_to=str(flow_run.id))
+        return summarise_task(out)
 
 
 def _workers_report_here(workers: int, dask_address: str | None):
@@ -161,8 +194,10 @@ def _run_name() -> str:
 
 
 @flow(name="neuron-embeddings-shards", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def shard_flow(out: str, options: dict, batch_size: int, device: str, task_retries: int, n_workers: int = 1) -> dict:
-    """The registry's stages, phase by phase, on the task runner the parent flow chose."""
+def shard_flow(out: str, options: dict, batch_size: int, device: str, task_retries: int, n_workers: int = 1,
+               report_to: str | None = None) -> None:
+    """The registry's stages, phase by phase, on the task runner the parent flow chose; each
+    stage's progress card goes on the flow run `report_to` (default: this one)."""
     plan = BY_NAME["prepare"].task.submit(out, options).result()
     settings = Store(out).settings()
     retry = dict(retries=task_retries, retry_delay_seconds=[2, 10, 30][:max(task_retries, 1)])
@@ -175,5 +210,4 @@ def shard_flow(out: str, options: dict, batch_size: int, device: str, task_retri
                                                           unmapped(device), unmapped(batch_size))
         else:
             futs = first.task.with_options(**retry).map(unmapped(out), units, unmapped(device), unmapped(batch_size))
-        _raise_if(_follow(out, names, len(units), list(futs)))
-    return summarise_task.submit(out).result()
+        _raise_if(_follow(out, names, len(units), list(futs), report_to))

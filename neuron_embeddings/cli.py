@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sae_default(name: str):
     """The default of an SAE training option: the field's default in SAETrainSettings."""
-    from neuron_embeddings.core.sae import SAETrainSettings
+    from neuron_embeddings.core.settings import SAETrainSettings
 
     return next(f.default for f in dataclasses.fields(SAETrainSettings) if f.name == name)
 
@@ -207,24 +207,35 @@ def _quiet_crash_notices() -> None:
 
 
 class ProgressMonitor(threading.Thread):
-    """Progress bars from the store's progress files and markers (works for any executor)."""
+    """Progress bars from the store's progress files and markers (works for any executor). A
+    phase's bars open when the phases before it are complete, and each bar closes as soon as its
+    stage is complete, keeping the stage's final rate (units done in this run over its time)."""
 
     def __init__(self, out: str, interval: float = 1.0):
         super().__init__(daemon=True)
         self.out, self.interval, self.stop = out, interval, threading.Event()
         self.bars: dict = {}
+        self.baseline: dict[str, int] | None = None  # units complete before this run (a resumed store)
 
-    def _bar(self, stage: str, total: int, unit: str):
+    def _show(self, stage: str, total: int, unit: str, done: int, complete: bool) -> None:
         from tqdm import tqdm
 
-        if stage not in self.bars:
-            self.bars[stage] = tqdm(total=total, desc=f"{stage:8s}", unit=unit, dynamic_ncols=True, file=sys.stderr,
-                                    position=len(self.bars), leave=True, mininterval=0.5)
-        return self.bars[stage]
+        if stage not in self.bars:  # the rate counts only what this run does
+            self.bars[stage] = tqdm(total=total, initial=min(total, self.baseline.get(stage, 0)), desc=f"{stage:8s}",
+                                    unit=unit, dynamic_ncols=True, file=sys.stderr, position=len(self.bars),
+                                    leave=True, mininterval=0.5)
+        bar = self.bars[stage]
+        if bar.disable:  # closed
+            return
+        bar.n = total if complete else min(total, done)
+        if complete:
+            bar.close()  # its line keeps the stage's final rate
+        else:
+            bar.refresh()
 
     def _poll(self) -> None:
         from neuron_embeddings.storage.store import Store
-        from neuron_embeddings.tasks.registry import STAGES, stage_units
+        from neuron_embeddings.tasks.registry import BY_NAME, phases, stage_units
 
         store = Store(self.out)
         if not store.exists():
@@ -233,23 +244,24 @@ class ProgressMonitor(threading.Thread):
             s, d_mlp = store.settings(), int(store.attrs["d_mlp"])
         except (UserError, KeyError):
             return
-        for stage in STAGES:
-            if stage.over == "once":
-                continue
-            if stage.unit == "seq":  # sequences done, from the blocks' progress files
-                prog = store.read_progress(stage.name)
-                if prog:
-                    total = sum(p["total"] for p in prog.values())
-                    full = s.n_sequences if len(prog) < s.scan_blocks else total
-                    bar = self._bar(stage.name, full, "seq")
-                    bar.n = min(full, sum(p["done"] for p in prog.values()))
-                    bar.refresh()
-                continue
-            done = sum(1 for v in store.marker_states(stage.name).values() if v == "complete")
-            if done or stage.name in self.bars:
-                bar = self._bar(stage.name, len(stage_units(stage, s, d_mlp)), "shard")
-                bar.n = done
-                bar.refresh()
+        # (phase, stage, done, total, begun, complete), counted in the bar's unit
+        bars: list[tuple[int, str, int, int, bool, bool]] = []
+        for i, phase in enumerate(phases(s)):
+            for stage in phase:
+                states, units = store.marker_states(stage.name), stage_units(stage, s, d_mlp)
+                n = sum(1 for u in units if states.get(u) == "complete")
+                if stage.unit == "seq":  # sequences done, from the blocks' progress files
+                    prog = store.read_progress(stage.name)
+                    seqs = s.n_sequences if n == len(units) else sum(p["done"] for p in prog.values())
+                    bars.append((i, stage.name, seqs, s.n_sequences, bool(prog), n == len(units)))
+                else:
+                    bars.append((i, stage.name, n, len(units), n > 0, n == len(units)))
+        if self.baseline is None:
+            self.baseline = {b[1]: b[2] for b in bars}
+        for i, name, n, total, begun, complete in bars:
+            started = all(b[5] for b in bars if b[0] < i)  # the phases before it are complete
+            if (started and (i > 0 or begun)) or complete or name in self.bars:
+                self._show(name, total, "seq" if BY_NAME[name].unit == "seq" else "shard", n, complete)
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -274,8 +286,6 @@ def run_pipeline(out: str, options: dict, a: argparse.Namespace) -> dict:
 
     from neuron_embeddings.storage import lock
 
-    ExecSettings(batch_size=a.batch_size, device=a.device, workers=a.workers, dask_address=a.dask_address,
-                 task_retries=a.task_retries)  # the checks that need nothing else, before anything is loaded
     print(f"loading {options['model']} ...")
     settings, lm = resolve_run(out, **options)
     with lock.writer_lock(out, run_name="neuron-embeddings run"):  # the flow re-enters it
@@ -314,6 +324,11 @@ def print_summary(summary: dict, out: str) -> None:
 
 
 def cmd_run(a: argparse.Namespace, options: dict) -> int:
+    from neuron_embeddings.core.hub import check_sources
+
+    ExecSettings(batch_size=a.batch_size, device=a.device, workers=a.workers, dask_address=a.dask_address,
+                 task_retries=a.task_retries)  # the checks that need nothing else, before anything is loaded
+    check_sources(options["model"], options["dataset"])  # before torch and Prefect: a Hub name offline fails now
     from neuron_embeddings.flows.run import ShardsFailed
 
     try:
@@ -341,14 +356,19 @@ def cmd_demo(a: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.time()
     rc = cmd_run(a, _options(a))
-    print(f"\ndemo finished in {time.time() - t0:.0f} s. Next:\n"
-          f"  neuron-embeddings explore {a.out}   # browse every neuron's clusters in a web browser\n"
-          f"  neuron-embeddings status {a.out}\n"
-          f"  python -c \"import zarr; g = zarr.open_group('{a.out}'); print(g['metrics/n_clusters'][:].mean(axis=1))\"\n"
-          f"  neuron-embeddings run --model gpt2 --dataset <corpus> --out run.zarr   # GPT-2 small, every neuron\n"
-          f"  neuron-embeddings run --model builtin:smollm2-135m --dataset builtin:python-docs --out smol.zarr"
-          f"   # a real causal LM, offline")
+    print(f"\ndemo finished in {time.time() - t0:.0f} s. {demo_next_steps(a.out)}")
     return rc
+
+
+def demo_next_steps(out: str) -> str:
+    """What the demo suggests next, the explorer first."""
+    return (f"Next:\n"
+            f"  neuron-embeddings explore {out}   # browse every neuron's clusters in a web browser\n"
+            f"  neuron-embeddings status {out}\n"
+            f"  python -c \"import zarr; g = zarr.open_group('{out}'); print(g['metrics/n_clusters'][:].mean(axis=1))\"\n"
+            f"  neuron-embeddings run --model gpt2 --dataset <corpus> --out run.zarr   # GPT-2 small, every neuron\n"
+            f"  neuron-embeddings run --model builtin:smollm2-135m --dataset builtin:python-docs --out smol.zarr"
+            f"   # a real causal LM, offline")
 
 
 def cmd_status(a: argparse.Namespace) -> int:

@@ -113,9 +113,10 @@ class CacheWriter:
         g.attrs.update({"kind": KIND, "key": key, "complete": False, "d_in": d_in, "ctx_len": ctx_len,
                         "n_sequences": n_sequences, "rows_per_chunk": chunk, "dtype": dtype})
         self.acts = g.create_array("acts", shape=(n_rows, d_in), chunks=(chunk, d_in), dtype=self.dtype,
-                                   compressors=None, fill_value=0)
+                                   compressors=None, fill_value=0, dimension_names=("row", "d_in"))
         self.tokens = g.create_array("tokens", shape=(n_sequences, ctx_len), dtype=np.int32,
-                                     chunks=(max(1, min(n_sequences, 65536 // ctx_len)), ctx_len))
+                                     chunks=(max(1, min(n_sequences, 65536 // ctx_len)), ctx_len),
+                                     dimension_names=("sequence", "position"))
         self.group, self.chunk, self.n_rows = g, chunk, n_rows
         self._buf: list[np.ndarray] = []
         self._buffered = 0

@@ -2,7 +2,8 @@
 chunking). `storage.store` creates, reads and writes arrays from these declarations; no other
 module names an array path.
 
-Dimensions come from one vocabulary (`DIMS`); their sizes from the run (`sizes`). Chunks are
+Dimensions come from one vocabulary (`DIMS`); their sizes from the run (`sizes`). Every array
+records its dimensions' names (Zarr v3 `dimension_names`), so xarray opens the store. Chunks are
 aligned to the work units: one store row (`layer`) x one neuron shard (`neuron`) x the rest whole,
 and one scan block (`block`), so a task writes whole chunks and nothing else.
 """
@@ -20,13 +21,17 @@ WINDOW = (24, 8)  # activation window recorded around each example's max token: 
 # the dimension vocabulary: name -> what it counts
 DIMS = {
     "sequence": "packed rows of the dataset", "position": "token position in a row",
-    "token": "vocabulary entry", "layer": "store row (root attribute `layers` gives the model's layer)",
+    "token": "vocabulary entry", "layer": "store row (the coordinate array `layer` and the root attribute `layers` give the model's layer)",
     "neuron": "unit of the row (MLP neuron or SAE feature)", "example": "selected example, best first",
+    "cluster": "cluster of a neuron (0 = largest; slots past n_clusters are empty)",
     "link": "merge step of the hierarchy", "link_field": "SciPy linkage column",
     "d_model": "component of x, the vector the units' input weights multiply",
-    "d_embed": "embedding component (d_model, or 2 x d_model for gated MLPs: x*W_gate then x*W_in)", "window": "token around the example's max token",
+    "d_embed": "embedding component (d_model, or 2 x d_model for gated MLPs: x*W_gate then x*W_in)",
+    "offset": "token position relative to the example's max token (coordinate array `offset`)",
     "block": "data-parallel scan block", "neighbour": "similar cluster, nearest first",
     "neighbour_field": "(row, neuron, cluster) of a neighbour",
+    # the SAE activation cache (storage.activations)
+    "row": "cached token (sequence x position, flattened)", "d_in": "component of the hook's activation",
 }
 
 
@@ -46,13 +51,18 @@ def _a(path, dtype, dims, fill=None, **kw) -> ArraySpec:
     return ArraySpec(path, dtype, tuple(dims.split()), fill, **kw)
 
 
+# coordinates: the model's layer index of each store row, and each window column's offset from the
+# max token; xarray reads them as the coordinates of `layer` and `offset` (optional, no schema
+# bump: stores made before them lack them, and no reader of ours needs them)
+LAYER = _a("layer", "int32", "layer", -1, chunking="whole")
+OFFSET = _a("offset", "int32", "offset", 0, chunking="whole")  # -before .. after: the columns of topk/window
 TOKENS = _a("tokens", "int32", "sequence position", 0, chunking="rows", contract=True)
 VOCAB = _a("vocab", "str", "token", chunking="whole", contract=True)
 TOPK_ACT = _a("topk/act", "float32", "layer neuron example", np.nan, contract=True)
 TOPK_SEQ = _a("topk/seq", "int32", "layer neuron example", -1, contract=True)
 TOPK_POS = _a("topk/pos", "int32", "layer neuron example", -1, contract=True)
 EMBEDDINGS = _a("embeddings", "embedding", "layer neuron example d_embed", 0, compress=False, contract=True)
-TOPK_WINDOW = _a("topk/window", "float32", "layer neuron example window", np.nan, compress="fast")  # for the explorer
+TOPK_WINDOW = _a("topk/window", "float32", "layer neuron example offset", np.nan, compress="fast")  # for the explorer
 LABELS = _a("clusters/labels", "int32", "layer neuron example", -1, contract=True)
 LINKAGE = _a("clusters/linkage", "float32", "layer neuron link link_field", np.nan, contract=True)
 METRICS = ("n_examples", "n_clusters", "max_distance", "mean_distance", "mean_intra", "mean_inter")
@@ -71,18 +81,18 @@ SCAN = {
     "seq": _a("scan/seq", "int32", "block layer neuron example", -1),
     "pos": _a("scan/pos", "int32", "block layer neuron example", -1),
     "x": _a("scan/x", "embedding", "block layer neuron example d_model", 0, compress=False),
-    "win": _a("scan/win", "float32", "block layer neuron example window", np.nan, compress="fast"),
+    "win": _a("scan/win", "float32", "block layer neuron example offset", np.nan, compress="fast"),
 }
 SCAN_MAX = _a("scan/max", "float32", "block layer neuron", -np.inf, chunking="whole")
 # not in the contract: similar clusters (tasks/similar.py); slots c >= n_clusters stay empty
-CENTROIDS = _a("similar/centroids", "embedding", "layer neuron example d_embed", 0, compress="fast")
-TOP_TOKEN = _a("similar/top_token", "int32", "layer neuron example", -1)
-TOP_COUNT = _a("similar/top_count", "int32", "layer neuron example", 0)
-NEIGHBOURS = _a("similar/neighbours", "int32", "layer neuron example neighbour neighbour_field", -1)
-COSINE = _a("similar/cosine", "float32", "layer neuron example neighbour", np.nan)
+CENTROIDS = _a("similar/centroids", "embedding", "layer neuron cluster d_embed", 0, compress="fast")
+TOP_TOKEN = _a("similar/top_token", "int32", "layer neuron cluster", -1)
+TOP_COUNT = _a("similar/top_count", "int32", "layer neuron cluster", 0)
+NEIGHBOURS = _a("similar/neighbours", "int32", "layer neuron cluster neighbour neighbour_field", -1)
+COSINE = _a("similar/cosine", "float32", "layer neuron cluster neighbour", np.nan)
 
 ARRAYS: tuple[ArraySpec, ...] = (
-    TOKENS, VOCAB, TOPK_ACT, TOPK_SEQ, TOPK_POS, EMBEDDINGS, TOPK_WINDOW, LABELS, LINKAGE,
+    LAYER, OFFSET, TOKENS, VOCAB, TOPK_ACT, TOPK_SEQ, TOPK_POS, EMBEDDINGS, TOPK_WINDOW, LABELS, LINKAGE,
     *METRIC_ARRAYS.values(), W_IN, B_IN, W_GATE, B_GATE, *SCAN.values(), SCAN_MAX,
     CENTROIDS, TOP_TOKEN, TOP_COUNT, NEIGHBOURS, COSINE)
 BY_PATH = {a.path: a for a in ARRAYS}
@@ -93,8 +103,8 @@ def sizes(n_layers: int, d_mlp: int, d_model: int, d_embed: int, k: int, n_seque
           d_vocab: int, n_blocks: int) -> dict[str, int]:
     """The size of every dimension for a run."""
     return {"sequence": n_sequences, "position": ctx_len, "token": d_vocab, "layer": n_layers, "neuron": d_mlp,
-            "example": k, "link": k - 1, "link_field": 4, "d_model": d_model, "d_embed": d_embed,
-            "window": sum(WINDOW) + 1,
+            "example": k, "cluster": k, "link": k - 1, "link_field": 4, "d_model": d_model, "d_embed": d_embed,
+            "offset": sum(WINDOW) + 1,
             "block": n_blocks, "neighbour": N_SIMILAR, "neighbour_field": 3}
 
 

@@ -39,7 +39,7 @@ def progress_writer(store, stage: str, unit: str, total: int, every_s: float = 1
     (for the CLI's bars, at most every `every_s` seconds) and a Prefect progress artifact (for the
     UI; an API call, at most every `artifact_every_s` seconds), both at the end."""
     state = {"done": 0, "last": 0.0, "last_artifact": time.monotonic()}
-    artifact = progress_artifact(f"{stage}-{unit.lower()}", f"{stage} block {unit}: sequences done of {total}")
+    artifact = progress_artifact(f"{stage}-{unit.lower()}", f"{stage} block {unit}: 0 of {total} sequences done")
 
     def report(n: int, _seconds: float) -> None:
         state["done"] += n
@@ -49,6 +49,6 @@ def progress_writer(store, stage: str, unit: str, total: int, every_s: float = 1
             store.write_progress(stage, unit, state["done"], total)
         if artifact is not None and (now - state["last_artifact"] >= artifact_every_s or end):
             state["last_artifact"] = now
-            artifact(100.0 * state["done"] / total)
+            artifact(100.0 * state["done"] / total, f"{stage} block {unit}: {state['done']} of {total} sequences done")
     store.write_progress(stage, unit, 0, total)
     return report

@@ -108,7 +108,8 @@ def handed_over(out: str, shard_id: str, name: str):
 
 
 def progress_artifact(key: str, description: str):
-    """A Prefect progress artifact inside a run (a callable taking a percentage), else None."""
+    """A Prefect progress artifact inside a task run (a callable taking a percentage and optionally
+    a new description), else None."""
     try:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
         from prefect.context import TaskRunContext
@@ -118,4 +119,4 @@ def progress_artifact(key: str, description: str):
         artifact = create_progress_artifact(0.0, key=key, description=description)
     except (ImportError, RuntimeError):
         return None
-    return lambda percent: update_progress_artifact(artifact, float(percent))
+    return lambda percent, text=None: update_progress_artifact(artifact, float(percent), description=text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.hub import check_sources
 from neuron_embeddings.core.models import (
     LoadedModel,
     default_dtype,
@@ -29,6 +30,7 @@ def resolve_run(out: str, model: str, dataset: str, layers: str | None, device: 
     # the checks that need neither model nor store come first, so they fail fast
     RunSettings(model=model, dataset=dataset, layers=(0,), scan_blocks=scan_blocks or 1, **options,
                 **({"dtype": dtype} if dtype is not None else {}))
+    check_sources(model, dataset)
     weights = load_sae_cached(sae) if sae is not None else None
     store = Store(out)
     existing = store.settings() if store.exists() else None

@@ -35,9 +35,11 @@ def summarise_store(out: str, n_show: int = 5) -> dict:
 
 @task(name="summarise", cache_policy=NO_CACHE)
 def summarise_task(out: str, n_show: int = 10) -> dict:
-    """Summarise the store and publish it to the Prefect UI: a table per layer and a markdown report."""
+    """Summarise the complete store and publish it to the Prefect UI (a table per layer and a
+    markdown report); consolidate its metadata for readers."""
     summary = summarise_store(out, n_show=n_show)
+    st.consolidate(st.Store(out))
     create_table_artifact(summary["layers"], key="layer-summary", description=f"per-layer summary of {out}")
     create_markdown_artifact(report_markdown(summary, out), key="polysemanticity-report",
-                             description=f"most polysemantic neurons of {out}")
+                             description=f"the most and least polysemantic neurons of {out}")
     return summary

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.hub import LOCAL_DATASETS, require_hub
 
 logger = logging.getLogger(__name__)
 
@@ -64,23 +65,37 @@ def describe_packing() -> str:
 def iter_documents(spec: str) -> Iterator[str]:
     """Yield the documents (strings) of the dataset ``spec``, lazily; see the module docstring.
 
-    The spec itself is checked at once (missing file, unsupported suffix, unknown builtin, Hugging Face
-    dataset that cannot be opened): those raise :class:`UserError` from this call. Problems found while
-    reading (a bad line, a missing column) raise :class:`UserError` during iteration.
+    The spec itself is checked at once (:func:`check_dataset`, and a Hugging Face dataset that cannot
+    be opened): those raise :class:`UserError` from this call. Problems found while reading (a bad
+    line, a missing column) raise :class:`UserError` during iteration.
     """
-    if spec.startswith(BUILTIN_PREFIX):
+    kind = check_dataset(spec)
+    if kind == "builtin":
         return _builtin_documents(spec)
-    path = Path(spec).expanduser()
-    if path.exists():
-        return _file_documents(path)
-    if path.suffix.lower() in FILE_SUFFIXES:
-        raise UserError(f"dataset file {spec!r} not found; check the path")
+    if kind == "file":
+        return _file_documents(Path(spec).expanduser())
     return _hub_documents(spec)
 
 
+def check_dataset(spec: str) -> str:
+    """What ``spec`` names ("builtin", "file" or "hub"), checked without reading it: an unknown
+    builtin, a missing file, or a Hugging Face dataset while the Hub cannot be reached raise
+    :class:`UserError` at once."""
+    if spec.startswith(BUILTIN_PREFIX):
+        if spec != BUILTIN_PYTHON_DOCS:
+            raise UserError(f"unknown builtin dataset {spec!r}; the only builtin is {BUILTIN_PYTHON_DOCS!r}")
+        return "builtin"
+    path = Path(spec).expanduser()
+    if path.exists():
+        return "file"
+    if path.suffix.lower() in FILE_SUFFIXES:
+        raise UserError(f"dataset file {spec!r} not found; check the path")
+    parse_hub_spec(spec)
+    require_hub(f"--dataset {spec}", LOCAL_DATASETS)
+    return "hub"
+
+
 def _builtin_documents(spec: str) -> Iterator[str]:
-    if spec != BUILTIN_PYTHON_DOCS:
-        raise UserError(f"unknown builtin dataset {spec!r}; the only builtin is {BUILTIN_PYTHON_DOCS!r}")
     from pydoc_data.topics import topics
 
     return (topics[key] for key in sorted(topics))

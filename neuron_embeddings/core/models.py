@@ -19,6 +19,7 @@ import torch
 
 from neuron_embeddings.core.errors import UserError
 from neuron_embeddings.core.settings import MODEL_DTYPES
+from neuron_embeddings.core.hub import require_model
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +137,15 @@ def _convert_gguf(pkg: Path, gguf_file: str, out: Path) -> None:
 
 
 def _boot(name: str, device: str, dtype: str = "float32") -> LoadedModel:
+    local = Path(model_source(name)).expanduser()
+    if local.exists() and not (local / "config.json").exists():
+        raise UserError(f"--model {name}: directory has no config.json; point it at a Hugging Face model directory")
+    require_model(str(local) if local.exists() else name)  # a Hub name offline: fail now, not after retries
+
     from transformer_lens.model_bridge import TransformerBridge
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
-    local = Path(model_source(name)).expanduser()
-    if local.exists() and not (local / "config.json").exists():
-        raise UserError(f"--model {name}: directory has no config.json; point it at a Hugging Face model directory")
     src = str(local) if local.exists() else name
     try:
         tok_for_bridge = _load_tokenizer(src)

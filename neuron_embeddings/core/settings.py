@@ -172,3 +172,68 @@ def default(name: str):
             if f.name == name and f.default is not dataclasses.MISSING:
                 return f.default
     raise KeyError(f"no default for run option {name!r}")
+
+
+# --- SAE training (core.sae) -------------------------------------------------------------------
+
+ARCHITECTURES = ("standard", "topk")
+LN_UPDATES = ("ema", "mean")
+
+
+@dataclass(frozen=True)
+class SAETrainSettings:
+    """What decides a trained SAE (validated here, stored in cfg.json)."""
+
+    expansion: float = 4.0
+    architecture: str = "standard"
+    topk: int | None = None
+    l1: float = 5.0
+    ln_coef: float = 0.0
+    ln_start: int = 0
+    ln_momentum: float = 0.9
+    ln_update: str = "ema"
+    steps: int = 2000
+    batch_size: int = 4096
+    lr: float = 1e-3
+    warmup: int | None = None  # default: 5% of the steps
+    resample_every: int | None = None  # default: a fifth of the steps; 0 = never
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise UserError(f"--architecture {self.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
+        if self.architecture == "topk" and (self.topk is None or self.topk < 1):
+            raise UserError("--architecture topk needs --topk K with K >= 1")
+        if self.architecture != "topk" and self.topk is not None:
+            raise UserError("--topk is only for --architecture topk")
+        if not self.expansion > 0:
+            raise UserError(f"--expansion {self.expansion}: use a positive factor, e.g. 4")
+        checks = [("--l1", self.l1 >= 0, "use a value >= 0"), ("--ln-coef", self.ln_coef >= 0, "use a value >= 0"),
+                  ("--ln-start", self.ln_start >= 0, "use a step >= 0"),
+                  ("--ln-momentum", 0 <= self.ln_momentum < 1, "use a value in [0, 1)"),
+                  ("--steps", self.steps >= 1, "need at least 1 step"),
+                  ("--batch-size", self.batch_size >= 1, "need at least 1 activation per batch"),
+                  ("--lr", self.lr > 0, "use a positive learning rate"),
+                  ("--warmup", self.warmup is None or self.warmup >= 0, "use 0 or more steps"),
+                  ("--resample-every", self.resample_every is None or self.resample_every >= 0, "use 0 (never) or more")]
+        for name, ok, hint in checks:
+            if not ok:
+                raise UserError(f"{name} {getattr(self, name[2:].replace('-', '_'))}: {hint}")
+        if self.ln_update not in LN_UPDATES:
+            raise UserError(f"--ln-update {self.ln_update!r}: use ema or mean")
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else max(1, self.steps // 20)
+
+    @property
+    def resample_steps(self) -> list[int]:
+        """Steps at which dead features are resampled: every `resample_every` steps, up to 3/4 of
+        the run (a feature resampled later has no time to learn)."""
+        every = self.resample_every if self.resample_every is not None else self.steps // 5
+        if every <= 0:
+            return []
+        return list(range(every, int(0.75 * self.steps) + 1, every))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

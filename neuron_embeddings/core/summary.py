@@ -51,16 +51,19 @@ def cluster_tokens(labels_K: np.ndarray, seq_K: np.ndarray, pos_K: np.ndarray, t
 
 
 def report_markdown(summary: dict, out: str) -> str:
-    """The run's report: settings line, per-layer table, most polysemantic neurons with their clusters."""
+    """The run's report: per-layer table, then the most and the least polysemantic neurons with
+    their clusters."""
     lines = [f"# neuron-embeddings: `{out}`", "", "| layer | neurons | with examples | mean clusters | "
              "mean distance | > 1 cluster |", "|---|---|---|---|---|---|"]
     for r in summary["layers"]:
         lines.append(f"| {r['layer']} | {r['neurons']} | {r['with_examples']} | {r['mean_clusters']} | "
                      f"{r['mean_distance']} | {100 * (r['share_multi_cluster'] or 0):.1f}% |")
-    lines += ["", "## Most polysemantic neurons", "", "| neuron | clusters | mean distance | clusters: size, top tokens |",
-              "|---|---|---|---|"]
-    for n in summary["most_polysemantic"]:
-        cl = "; ".join(f"#{c['cluster']} ({c['size']}): " + " ".join(f"`{t!r}`" for t in c["tokens"])
-                       for c in n["clusters"][:6])
-        lines.append(f"| L{n['layer']} N{n['neuron']} | {n['n_clusters']} | {n['mean_distance']} | {cl} |")
+    for title, key in (("Most polysemantic neurons", "most_polysemantic"),
+                       ("Least polysemantic neurons", "least_polysemantic")):
+        lines += ["", f"## {title}", "", "| neuron | clusters | mean distance | clusters: size, top tokens |",
+                  "|---|---|---|---|"]
+        for n in summary[key]:
+            cl = "; ".join(f"#{c['cluster']} ({c['size']}): " + " ".join(f"`{t!r}`" for t in c["tokens"])
+                           for c in n["clusters"][:6])
+            lines.append(f"| L{n['layer']} N{n['neuron']} | {n['n_clusters']} | {n['mean_distance']} | {cl} |")
     return "\n".join(lines)

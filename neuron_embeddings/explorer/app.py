@@ -63,6 +63,9 @@ def example_html(e: Example, max_act: float, link: str | None = None) -> str:
         spans.append(f'{lead}<span class="{cls}" style="{act_style(t.act, max_act)}" title="{escape(title)}">'
                      f"{escape(body)}</span>")
     badge = '<span class="badge">central</span>' if e.central else ""
+    if e.copies:  # the same window elsewhere in the corpus: shown once, counted
+        badge += (f'<span class="badge copies" title="the same window in {len(e.copies) + 1} examples '
+                  f'(slots {escape(", ".join(str(s) for s in sorted([e.slot, *e.copies])))})">×{len(e.copies) + 1}</span>')
     more = f' · <a href="{link}">importance</a>' if link else ""
     return (f'<div class="ex" data-slot="{e.slot}"><span class="meta">{badge}#{e.slot} act {num(e.act)} · '
             f"seq {e.seq}{more}</span> {''.join(spans)}</div>")

@@ -105,12 +105,49 @@ def is_wordpiece(vocab: np.ndarray) -> bool:
     return sum(str(t).startswith("##") for t in vocab[:50000]) > 0.01 * min(len(vocab), 50000)
 
 
+# How WordPiece pieces join back into text. BERT's tokenizer splits off every punctuation mark and
+# its own decode puts a space between all pieces but "##" continuations ("don ' t", "e - mail"), so
+# the explorer joins them by this rule instead: "##x" continues the word; closing marks attach to
+# the word before; opening brackets and joiners to the word after; "'" and a contraction's ending
+# ("don't", "foo's", "we'll") to both; "." and "," between digits ("3.5", "1,000") to both.
+_CLOSING = {".", ",", ";", ":", "!", "?", ")", "]", "}", "%"}
+_OPENING = {"(", "[", "{", "$", "#", "@"}
+_JOINERS = {"-", "/", "_", "\\", "~"}
+_CONTRACTIONS = {"t", "s", "d", "m", "ll", "re", "ve"}
+
+
 def display_texts(texts: list[str], wordpiece: bool) -> list[str]:
-    """Token strings as they read in running text: WordPiece tokens get a space before them unless
-    they continue a word ('##'); byte-level BPE strings already carry their spaces."""
+    """Token strings as they read in running text: byte-level BPE strings already carry their
+    spaces; WordPiece tokens get a space before them unless the rule above joins them."""
     if not wordpiece:
         return list(texts)
-    return [t[2:] if t.startswith("##") else (t if i == 0 else " " + t) for i, t in enumerate(texts)]
+    out = []
+    for i, t in enumerate(texts):
+        prev, nxt = (texts[i - 1] if i else None), (texts[i + 1] if i + 1 < len(texts) else None)
+        if t.startswith("##"):
+            out.append(t[2:])
+        elif i == 0 or _joins(prev, t, nxt, texts[i - 2] if i > 1 else None):
+            out.append(t)
+        else:
+            out.append(" " + t)
+    return out
+
+
+def _joins(prev: str, t: str, nxt: str | None, before_prev: str | None) -> bool:
+    """Whether token `t` attaches to the token before it (no space between)."""
+    if t in _CLOSING and not (t in ".," and _digit_between(prev, nxt)):
+        return True
+    if prev in _OPENING or prev in _JOINERS or t in _JOINERS:
+        return True
+    if t == "'" and nxt in _CONTRACTIONS:
+        return True
+    if prev == "'" and t in _CONTRACTIONS and before_prev is not None:
+        return True
+    return t in ".," and _digit_between(prev, nxt) or (prev in (".", ",") and _digit_between(before_prev, t))
+
+
+def _digit_between(a: str | None, b: str | None) -> bool:
+    return bool(a and b and a[-1:].isdigit() and b.lstrip("#")[:1].isdigit())
 
 
 # --- what a page gets -------------------------------------------------------------------------
@@ -131,6 +168,21 @@ class Example:
     pos: int
     tokens: list[Token]
     central: bool = False
+    copies: list[int] = field(default_factory=list)  # slots of the other examples with this same window
+
+
+def distinct_windows(examples: list[Example]) -> list[Example]:
+    """Each distinct window once, in order: an example whose window reads the same as an earlier
+    one's (the same text, the same max token; e.g. one passage in two sequences of the corpus)
+    becomes a copy of it (`copies`) instead of a line of its own."""
+    first: dict[tuple, Example] = {}
+    for e in examples:
+        key = tuple((t.text, t.is_max) for t in e.tokens)
+        if key in first:
+            first[key].copies.append(e.slot)
+        else:
+            first[key] = e
+    return list(first.values())
 
 
 @dataclass
@@ -449,9 +501,9 @@ class ExplorerData:
                 counts[t] = counts.get(t, 0) + 1
             top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
             sim = self.neighbours(a, c) if sim_state == "ready" else []
-            clusters.append(ClusterView(c, len(slots), top, exs, sim))
-        unclustered = [self.example(s, a, rows[int(seq[s])], max_act)
-                       for s in np.flatnonzero((labels < 0) & (seq >= 0))]
+            clusters.append(ClusterView(c, len(slots), top, distinct_windows(exs), sim))
+        unclustered = distinct_windows([self.example(s, a, rows[int(seq[s])], max_act)
+                                        for s in np.flatnonzero((labels < 0) & (seq >= 0))])
         leaf_slots = np.flatnonzero(labels >= 0)
         n = len(leaf_slots)
         names = [next(t.text for t in self.example(s, a, rows[int(seq[s])], max_act).tokens if t.is_max)

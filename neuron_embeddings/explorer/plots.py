@@ -5,18 +5,60 @@ their numbers in `<title>` elements that a browser shows on hover.
 """
 from __future__ import annotations
 
+import colorsys
+from functools import lru_cache
 from html import escape
 
 import numpy as np
 from scipy.cluster import hierarchy
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-           "#bcbd22", "#7f7f7f")
+           "#bcbd22")  # the first clusters' colours: matplotlib's tab10 without its grey
 ABOVE = "#b0b0b0"  # links above the threshold
 
 
 def cluster_colour(label: int) -> str:
-    return PALETTE[label % len(PALETTE)] if label >= 0 else ABOVE
+    """The colour of cluster `label` everywhere on a page (its section, its dendrogram links and
+    leaves); grey (ABOVE) for -1. Distinct for the first 1,006 labels, then repeating."""
+    if label < 0:
+        return ABOVE
+    colours = _colours()
+    return colours[label % len(colours)]
+
+
+def _lab(rgb_N3: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) of sRGB colours in [0, 1]: distances in it track perceived differences."""
+    lin = np.where(rgb_N3 <= 0.04045, rgb_N3 / 12.92, ((rgb_N3 + 0.055) / 1.055) ** 2.4)
+    xyz = lin @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    f = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(f > 216 / 24389, np.cbrt(f), (24389 / 27 * f + 16) / 116)
+    return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], axis=1)
+
+
+def _hex(rgb) -> str:
+    return "#" + "".join(f"{int(round(255 * x)):02x}" for x in rgb)
+
+
+@lru_cache(maxsize=1)
+def _colours() -> tuple[str, ...]:
+    """PALETTE, then colours chosen greedily from a grid of hues x saturations x lightnesses (no
+    pale or greyish ones), each the farthest in CIELAB from those before it, from ABOVE and from
+    the white page. Deterministic, so a label's colour never depends on how many clusters there
+    are; the first 50 lie at least 22 CIELAB units apart (tests/apps/test_explorer.py)."""
+    grid = np.array([colorsys.hls_to_rgb(h / 360, lig, sat) for h in range(0, 360, 5)
+                     for sat in (0.5, 0.7, 0.9) for lig in (0.25, 0.35, 0.45, 0.55, 0.65, 0.75)])
+    lab = _lab(grid)
+    keep = (lab[:, 0] < 80) & (np.hypot(lab[:, 1], lab[:, 2]) > 30)
+    grid, lab = grid[keep], lab[keep]
+    fixed = _lab(np.array([[int(h[i:i + 2], 16) / 255 for i in (1, 3, 5)] for h in (*PALETTE, ABOVE, "#ffffff")]))
+    dist = np.min(np.linalg.norm(lab[:, None, :] - fixed[None, :, :], axis=2), axis=1)
+    out = list(PALETTE)
+    for _ in range(len(grid)):
+        i = int(np.argmax(dist))
+        out.append(_hex(grid[i]))
+        dist = np.minimum(dist, np.linalg.norm(lab - lab[i], axis=1))
+        dist[i] = -1.0
+    return tuple(out)
 
 
 def histogram_svg(values: np.ndarray, edges: np.ndarray, title: str, fmt: str = "{:.2f}",

@@ -15,8 +15,9 @@ from zarr.storage import LocalStore, WrapperStore
 
 from neuron_embeddings.cli import main
 from neuron_embeddings.explorer.app import create_app
-from neuron_embeddings.explorer.data import ExplorerData, central_first, centrality, display_texts
-from neuron_embeddings.explorer.plots import dendrogram_svg, histogram_svg, node_labels
+from neuron_embeddings.explorer.data import (Example, ExplorerData, Token, central_first, centrality, display_texts,
+                                             distinct_windows, is_wordpiece)
+from neuron_embeddings.explorer.plots import ABOVE, cluster_colour, dendrogram_svg, histogram_svg, node_labels
 from tests.helpers import copy_store, marker_root, options, run_stages, state_dir
 
 
@@ -48,6 +49,58 @@ def test_centrality_is_mean_cosine_to_the_others():
 def test_wordpiece_texts_read_as_running_text():
     assert "".join(display_texts(["key", "##error", "is", "raised"], True)) == "keyerror is raised"
     assert display_texts([" a", "b"], False) == [" a", "b"]
+
+
+def test_wordpiece_pieces_join_as_the_text_was_written(minilm_path):
+    """The real WordPiece tokenizer's pieces (from the store's vocab strings) read back as the text
+    (BERT's own decode gives "don ' t", "e - mail")."""
+    from transformers import AutoTokenizer
+
+    from neuron_embeddings.core.datasets import vocab_strings
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    vocab = np.array(vocab_strings(tok))
+    assert is_wordpiece(vocab)
+    for text in ["don't raise a keyerror.", "it's foo's bar! we'll see", "(x, y) is a tuple; e-mail foo_bar/baz.",
+                 "3.5% of 1,000 items: [a, b] {c}", "x = y + 1"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert "".join(display_texts([str(vocab[i]) for i in ids], True)) == text
+
+
+def _rgb(colour: str) -> np.ndarray:
+    return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=float)
+
+
+def test_cluster_colours_stay_distinct_beyond_ten():
+    colours = [cluster_colour(c) for c in range(50)]  # k = 50 examples: up to 50 clusters
+    rgb = np.array([_rgb(c) for c in colours])
+    gaps = np.linalg.norm(rgb[:, None] - rgb[None], axis=2)[np.triu_indices(50, 1)]
+    assert gaps.min() >= 40  # of 441 in RGB: no two look alike (the old palette repeated after 10)
+    assert np.linalg.norm(rgb - _rgb(ABOVE), axis=1).min() >= 40  # nor like the grey above the cut
+    assert len({cluster_colour(c) for c in range(1000)}) == 1000 and cluster_colour(-1) == ABOVE
+
+
+def test_dendrogram_colours_are_the_cluster_colours_beyond_ten():
+    rng = np.random.default_rng(3)
+    centres = np.eye(16)[:15]  # 15 orthogonal directions: 15 clusters of 3 examples
+    x = np.repeat(centres, 3, axis=0) + 0.01 * rng.standard_normal((45, 16))
+    Z = hierarchy.linkage(x, "average", metric="cosine")
+    flat = hierarchy.fcluster(Z, 0.5, criterion="distance") - 1
+    svg = dendrogram_svg(Z, flat, 0.5, [f"t{i}" for i in range(45)])
+    leaves = re.findall(r'<rect [^>]*fill="(#[0-9a-f]{6})"><title>[^<]*: cluster (\d+)</title>', svg)
+    assert len(leaves) == 45 and len({c for _, c in leaves}) == 15
+    assert all(fill == cluster_colour(int(c)) for fill, c in leaves)
+    links = set(re.findall(r'<polyline [^>]*stroke="(#[0-9a-f]{6})"', svg))
+    assert links == {cluster_colour(c) for c in range(15)} | {ABOVE}  # each cluster's links in its colour
+
+
+def test_identical_windows_are_shown_once_with_their_count():
+    def ex(slot: int, words: list[str], at: int) -> Example:
+        return Example(slot, 1.0, slot, at, [Token(w, 0.5, i == at) for i, w in enumerate(words)])
+
+    a, b = ["the", " key", " error"], ["a", " key", " error"]
+    got = distinct_windows([ex(0, a, 1), ex(1, b, 1), ex(2, a, 1), ex(3, a, 2), ex(4, a, 1)])
+    assert [(e.slot, e.copies) for e in got] == [(0, [2, 4]), (1, []), (3, [])]  # same text, other max: distinct
 
 
 def test_node_labels_agree_with_fcluster():
@@ -112,7 +165,7 @@ def test_neuron_view_matches_the_store(data, store):
         assert [c.size for c in v.clusters] == sorted((c.size for c in v.clusters), reverse=True)
         for c in v.clusters:
             slots = np.flatnonzero(labels == c.label)
-            assert sorted(e.slot for e in c.examples) == slots.tolist()
+            assert sorted(s for e in c.examples for s in [e.slot, *e.copies]) == slots.tolist()
             u = emb[slots] / np.linalg.norm(emb[slots], axis=1, keepdims=True)
             mean_cos = [(u[i] @ u.sum(0) - 1) / max(len(slots) - 1, 1) for i in range(len(slots))]
             first = int(np.flatnonzero(slots == c.examples[0].slot)[0])
@@ -216,6 +269,30 @@ def test_pages(client, data):
     assert client.get(f"/neuron/0/{data.d_mlp}").status_code == 404
     assert client.get("/search", params={"token": "no-such-token-xyz"}).status_code == 200
     assert client.get("/importance/0/0/0").status_code == 404  # no --model
+
+
+def test_a_window_seen_twice_is_shown_once_with_its_count(store, tmp_path):
+    """The same passage in two sequences of the corpus: one line in the cluster, marked x2."""
+    out = str(tmp_path / "dup.zarr")
+    shutil.copytree(store, out)
+    g = zarr.open_group(out, mode="r+")
+    labels, seq, pos = (g[n][...] for n in ("clusters/labels", "topk/seq", "topk/pos"))
+    row, j, c = next((r, j, int(c)) for r, j in zip(*np.nonzero(labels.max(axis=2) >= 0))
+                     for c in np.unique(labels[r, j][labels[r, j] >= 0]) if (labels[r, j] == c).sum() >= 3)
+    a, b = np.flatnonzero(labels[row, j] == c)[:2]
+    tokens = g["tokens"][...]
+    tokens[seq[row, j, b]] = tokens[seq[row, j, a]]  # example b's sequence now holds a's passage, at a's position
+    g["tokens"][...] = tokens
+    p = pos[row, j].copy()
+    p[b] = p[a]
+    g["topk/pos"][row, j] = p
+    data = ExplorerData(out)
+    page = TestClient(create_app(data)).get(f"/neuron/{data.layers[row]}/{j}").text
+    section = re.search(rf'<section class="cluster" id="cluster-{c}".*?</section>', page, re.S).group(0)
+    size = int((labels[row, j] == c).sum())
+    assert len(re.findall(r'data-slot="(\d+)"', section)) == size - 1 and f"({size - 1} distinct windows)" in section
+    badge = re.search(r'<span class="badge copies" title="([^"]*)">×2</span>', section)
+    assert badge and f"slots {a}, {b}" in badge.group(1)
 
 
 def test_explore_cli_refuses_a_non_store(capsys, tmp_path):

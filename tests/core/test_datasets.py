@@ -180,7 +180,21 @@ def test_parquet_without_text_column(tmp_path: Path) -> None:
         list(iter_documents(str(path)))
 
 
-def test_hub_without_datasets_package(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture()
+def reachable_hub(monkeypatch: pytest.MonkeyPatch):
+    """A Hub endpoint that accepts connections (a listening local socket), so that the reachability
+    check passes and the `datasets` stand-in below is what answers."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        yield
+
+
+def test_hub_without_datasets_package(monkeypatch: pytest.MonkeyPatch, reachable_hub) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
     with pytest.raises(UserError, match="pip install datasets"):
         list(iter_documents("someone/some-dataset"))
@@ -199,7 +213,7 @@ class FakeHub:
         return iter(self.records)
 
 
-def test_hub_streaming_with_config_and_split(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_streaming_with_config_and_split(monkeypatch: pytest.MonkeyPatch, reachable_hub) -> None:
     hub = FakeHub([{"text": "a", "id": 1}, {"text": None}, {"text": "b"}])
     monkeypatch.setitem(sys.modules, "datasets", hub)
     assert list(iter_documents("wikitext:wikitext-2-raw-v1@validation")) == ["a", "b"]
@@ -208,13 +222,13 @@ def test_hub_streaming_with_config_and_split(monkeypatch: pytest.MonkeyPatch) ->
     assert hub.calls[-1] == (("user/name", None), {"split": "train", "streaming": True})
 
 
-def test_hub_record_without_text(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_record_without_text(monkeypatch: pytest.MonkeyPatch, reachable_hub) -> None:
     monkeypatch.setitem(sys.modules, "datasets", FakeHub([{"content": "a"}]))
     with pytest.raises(UserError, match="no 'text' field.*content"):
         list(iter_documents("user/name"))
 
 
-def test_hub_load_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_load_failure(monkeypatch: pytest.MonkeyPatch, reachable_hub) -> None:
     monkeypatch.setitem(sys.modules, "datasets", FakeHub(error=ConnectionError("no route to host\nmore details")))
     with pytest.raises(UserError, match=r"'user/name' \(no route to host\)") as info:
         list(iter_documents("user/name"))

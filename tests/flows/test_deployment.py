@@ -122,10 +122,27 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tiny_
     st = run_status(str(out))
     assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 * 4, st
     assert not (out / "_faults").exists() and (flags / "embed-L01-N00064").exists()  # nothing of it in the store
+    _check_cards_on_the_run(flow_run_id)
 
     ref = tmp_path / "reference.zarr"
     run_stages(str(ref), **options(tiny_gpt2, n_sequences=16, k=4))
     assert_same_arrays(contract_arrays(str(ref)), contract_arrays(str(out)))
+
+
+def _check_cards_on_the_run(flow_run_id: str) -> None:
+    """The deployment's flow run (the one `prefect deployment run` printed and the UI opens) has
+    each stage's progress card once, complete after the retry, and the summary and report."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    keys = [a.key for a in arts if a.key]  # unkeyed: Prefect's records of persisted results
+    progress = sorted(k for k in keys if k.endswith("-progress"))
+    assert progress == sorted(f"{s}-progress" for s in ("scan", "embed", "cluster", "centroids", "similar")), \
+        [(a.key, a.type, a.description) for a in arts]
+    assert all(float(a.data) == 100.0 for a in arts if a.key in progress)
+    assert {"layer-summary", "polysemanticity-report"} <= set(keys), keys
 
 
 def _marker_mtimes(out: Path) -> dict:

@@ -24,17 +24,25 @@ def reference(tiny_gpt2, tmp_path_factory):
 
 def test_flow_run_then_resume(prefect_server, tiny_gpt2, tmp_path, reference):
     out = str(tmp_path / "flow.zarr")
-    summary = neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)
+    state = neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS, return_state=True)
+    summary = state.result()
     st = run_status(out)
     assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 * 4  # prepare, scan, 8 shards x 4 stages
     assert [r["layer"] for r in summary["layers"]] == [0, 1]
     assert_same_arrays(reference, contract_arrays(out))  # the flow writes what the stages compute
-    _check_artifacts(summary)
+    _check_artifacts(summary, state.state_details.flow_run_id)
+    assert _consolidated(out)  # a complete run consolidates the store's metadata
     _check_shard_logs(out)
     before = _marker_mtimes(out)
     neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)  # resume: nothing left to do
     assert _marker_mtimes(out) == before
     assert_same_arrays(reference, contract_arrays(out))
+
+
+def _consolidated(out: str) -> bool:
+    import zarr
+
+    return zarr.open_group(out, mode="r").metadata.consolidated_metadata is not None
 
 
 def _latest_artifact(key: str):
@@ -49,19 +57,34 @@ def _latest_artifact(key: str):
     return arts[0]
 
 
-def _check_artifacts(summary: dict) -> None:
+def _check_artifacts(summary: dict, flow_run_id) -> None:
+    """The run the user started (not its subflow) has every stage's progress card, complete and
+    saying how many shards, the per-layer table and the report with both rankings."""
     import json
 
-    table = _latest_artifact("layer-summary")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_key = {a.key: a for a in arts}
+    stages = ("scan", "embed", "cluster", "centroids", "similar")
+    assert {f"{s}-progress" for s in stages} | {"layer-summary", "polysemanticity-report"} <= set(by_key), sorted(by_key)
+    for stage in stages:
+        card = by_key[f"{stage}-progress"]
+        assert float(card.data) == 100.0, stage
+        assert card.description == (f"{stage}: 8 of 8 shards complete" if stage != "scan"
+                                    else "scan: 1 of 1 blocks complete, 24 of 24 sequences"), card.description
+    table = by_key["layer-summary"]
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [r["layer"] for r in rows] == [0, 1]
     assert [r["mean_clusters"] for r in rows] == [r["mean_clusters"] for r in summary["layers"]]
-    report = _latest_artifact("polysemanticity-report").data
-    top = summary["most_polysemantic"][0]
-    assert f"L{top['layer']} N{top['neuron']}" in report
-    for stage in ("embed", "cluster"):
-        assert float(_latest_artifact(f"{stage}-progress").data) == 100.0
-    assert float(_latest_artifact("scan-b0000").data) == 100.0
+    report = by_key["polysemanticity-report"].data
+    for key in ("most_polysemantic", "least_polysemantic"):
+        top = summary[key][0]
+        assert f"| L{top['layer']} N{top['neuron']} |" in report, key
+    assert "most and least" in by_key["polysemanticity-report"].description
+    assert float(_latest_artifact("scan-b0000").data) == 100.0  # the block's own card, on its task run
 
 
 def test_shards_two_at_a_time_in_a_batch(prefect_server, tiny_gpt2, tmp_path, reference):
@@ -124,13 +147,14 @@ def test_failed_shard_is_named_and_only_it_is_rerun(prefect_server, tiny_gpt2, t
     assert st.units["cluster"]["L01-N00064"] == "pending"
     assert st.units["centroids"]["L01-N00064"] == "pending"
     assert st.failed == 1 and st.pending == 2 + 8  # every other shard completed; similar needs them all
+    assert not _consolidated(out)  # consolidated only once complete
     before = _marker_mtimes(out)
     neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)
     after = _marker_mtimes(out)
     changed = {k for k in after if before.get(k) != after[k]}
     assert changed == {"embed/L01-N00064.done", "cluster/L01-N00064.done", "centroids/L01-N00064.done"} | {
         f"similar/{u}.done" for u in st.units["similar"]}
-    assert run_status(out).failed == 0
+    assert run_status(out).failed == 0 and _consolidated(out)
     assert_same_arrays(reference, contract_arrays(out))
 
 
