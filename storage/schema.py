@@ -45,6 +45,7 @@ class ArraySpec:
     chunking: str = "shard"  # "shard" (1 per layer/block, a shard of neurons, the rest whole), "rows" or "whole"
     contract: bool = False  # named in the public contract (CONTRACT.md)
     gated_only: bool = False  # only in stores of gated MLP neurons
+    optional: bool = False  # absent from stores made before it (readers and repairs do without it)
 
 
 def _a(path, dtype, dims, fill=None, **kw) -> ArraySpec:
@@ -54,8 +55,8 @@ def _a(path, dtype, dims, fill=None, **kw) -> ArraySpec:
 # coordinates: the model's layer index of each store row, and each window column's offset from the
 # max token; xarray reads them as the coordinates of `layer` and `offset` (optional, no schema
 # bump: stores made before them lack them, and no reader of ours needs them)
-LAYER = _a("layer", "int32", "layer", -1, chunking="whole")
-OFFSET = _a("offset", "int32", "offset", 0, chunking="whole")  # -before .. after: the columns of topk/window
+LAYER = _a("layer", "int32", "layer", -1, chunking="whole", optional=True)
+OFFSET = _a("offset", "int32", "offset", 0, chunking="whole", optional=True)  # -before .. after: the columns of topk/window
 TOKENS = _a("tokens", "int32", "sequence position", 0, chunking="rows", contract=True)
 VOCAB = _a("vocab", "str", "token", chunking="whole", contract=True)
 TOPK_ACT = _a("topk/act", "float32", "layer neuron example", np.nan, contract=True)
