@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.settings import DEVICES
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> str:
+    if device not in DEVICES:
+        raise UserError(f"--device {device!r}: use {', '.join(DEVICES)}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -156,6 +159,27 @@ def _boot(name: str, device: str) -> LoadedModel:
         bridge=bridge, tokenizer=_load_tokenizer(src), device=device, n_layers=int(cfg.n_layers),
         d_model=int(cfg.d_model), d_mlp=int(cfg.d_mlp), n_ctx=int(cfg.n_ctx),
         weights="folded-ln" if folded else "raw")
+
+
+def config_dims(name: str) -> dict | None:
+    """{n_layers, d_model, d_mlp} from the model's config.json alone (a local directory, a builtin
+    already in place, or the Hugging Face cache; no download, no weights), for checks that must come
+    before the model loads; None when the config is not at hand (the checks then wait for the model)."""
+    try:
+        if name.lower() == BUILTIN_SMOLLM2:
+            src = cache_dir() / "smollm2-135m"
+            if not (src / "config.json").exists():
+                return None
+        else:
+            src = model_source(name)
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(src), local_files_only=True)
+        n_layers, d_model = int(cfg.num_hidden_layers), int(cfg.hidden_size)
+        d_mlp = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d_model
+        return {"n_layers": n_layers, "d_model": d_model, "d_mlp": int(d_mlp)}
+    except Exception:  # noqa: BLE001 - anything unreadable: the model's own loading reports it
+        return None
 
 
 def load_model(name: str, device: str = "auto") -> LoadedModel:

@@ -19,11 +19,12 @@ EMBEDDING_DTYPES = ("float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def parse_layers(spec: str | None, n_layers: int) -> list[int]:
-    """'0-11', '3,5', '2-4,7' or None (all) -> sorted layer indices, checked against n_layers."""
+def layer_ranges(spec: str | None) -> list[tuple[int, int]] | None:
+    """'0-11', '3,5', '2-4,7' -> [(low, high), ...] inclusive, checked for syntax only and never
+    expanded (so '0-99999999999' costs nothing); None or 'all' -> None (every layer)."""
     if spec is None or str(spec).strip() in ("", "all"):
-        return list(range(n_layers))
-    layers: set[int] = set()
+        return None
+    ranges = []
     for part in str(spec).split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not m:
@@ -32,12 +33,21 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise UserError(f"--layers {spec!r}: range {lo}-{hi} is empty; write low-high")
-        layers.update(range(lo, hi + 1))
-    bad = [l for l in sorted(layers) if l >= n_layers]
+        ranges.append((lo, hi))
+    return ranges
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """'0-11', '3,5', '2-4,7' or None (all) -> sorted layer indices, checked against n_layers
+    before any range is expanded."""
+    ranges = layer_ranges(spec)
+    if ranges is None:
+        return list(range(n_layers))
+    bad = [max(lo, n_layers) for lo, hi in ranges if hi >= n_layers]
     if bad:
         raise UserError(
-            f"--layers {spec!r}: layer {bad[0]} is out of range, the model has {n_layers} layers (0-{n_layers - 1})")
-    return sorted(layers)
+            f"--layers {spec!r}: layer {min(bad)} is out of range, the model has {n_layers} layers (0-{n_layers - 1})")
+    return sorted({layer for lo, hi in ranges for layer in range(lo, hi + 1)})
 
 
 def parse_selection(selection: str) -> float | None:
@@ -77,6 +87,9 @@ class RunSettings:
             raise UserError(f"--k {self.k}: need at least 2 examples per neuron to cluster; use --k 2 or more")
         if self.n_sequences < 1:
             raise UserError(f"--n-sequences {self.n_sequences}: need at least 1 sequence")
+        if self.k > self.n_sequences:  # a neuron's examples are per-sequence maxima: one per sequence at most
+            raise UserError(f"--k {self.k}: a neuron has at most one example per sequence, and --n-sequences is "
+                            f"{self.n_sequences}; lower --k or raise --n-sequences")
         if self.ctx_len < 1:
             raise UserError(f"--ctx-len {self.ctx_len}: need at least 1 token per sequence")
         if self.shard_size < 1:

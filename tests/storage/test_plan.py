@@ -59,7 +59,7 @@ def test_tasks_write_disjoint_whole_chunks(tmp_path, d_mlp, shard_size, blocks):
 def test_misaligned_write_is_refused(tmp_path):
     from neuron_embeddings.storage.store import write
 
-    s = RunSettings(model="m", dataset="d", layers=(0,), n_sequences=4, ctx_len=8, k=5, shard_size=64)
+    s = RunSettings(model="m", dataset="d", layers=(0,), n_sequences=8, ctx_len=8, k=5, shard_size=64)
     store = create_store(str(tmp_path / "s.zarr"), s, {"d_mlp": 256, "d_model": 16, "model": "m"}, d_vocab=10)
     with pytest.raises(AssertionError, match="chunk-aligned"):
         write(store, "topk/act", (0, slice(32, 96)), np.zeros((64, 5), np.float32))
