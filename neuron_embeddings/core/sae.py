@@ -91,7 +91,7 @@ class SAETrainSettings:
             raise UserError("--architecture topk needs --topk K with K >= 1")
         if self.architecture != "topk" and self.topk is not None:
             raise UserError("--topk is only for --architecture topk")
-        if not self.expansion > 0:
+        if not 0 < self.expansion < float("inf"):
             raise UserError(f"--expansion {self.expansion}: use a positive factor, e.g. 4")
         checks = [("--l1", self.l1 >= 0, "use a value >= 0"), ("--ln-coef", self.ln_coef >= 0, "use a value >= 0"),
                   ("--ln-start", self.ln_start >= 0, "use a step >= 0"),
@@ -106,6 +106,24 @@ class SAETrainSettings:
                 raise UserError(f"{name} {getattr(self, name[2:].replace('-', '_'))}: {hint}")
         if self.ln_update not in LN_UPDATES:
             raise UserError(f"--ln-update {self.ln_update!r}: use ema or mean")
+
+    def d_sae(self, d_in: int) -> int:
+        """Features of the SAE on inputs of width d_in: expansion x d_in, at least 1."""
+        return max(1, round(self.expansion * d_in))
+
+    def check_fits(self, d_in: int) -> None:
+        """The checks that need the input width: topk within the features."""
+        if self.topk is not None and self.topk > self.d_sae(d_in):
+            raise UserError(f"--topk {self.topk}: the SAE has only {self.d_sae(d_in)} features (--expansion "
+                            f"{self.expansion:g} x {d_in} inputs); use --topk {self.d_sae(d_in)} or less")
+
+    def train_nbytes(self, d_in: int) -> int:
+        """Bytes training needs (float32): the weights with their gradients and two Adam moments,
+        the L_N lookup when on, and about four [batch_size, d_sae] tensors per step."""
+        d_sae = self.d_sae(d_in)
+        params = 2 * d_in * d_sae + d_sae + d_in
+        lookup = d_sae * d_in if self.ln_coef > 0 else 0
+        return 4 * (4 * params + lookup + 4 * self.batch_size * d_sae)
 
     @property
     def warmup_steps(self) -> int:
@@ -489,7 +507,7 @@ def train_sae(batches: Iterator[torch.Tensor], d_in: int, settings: SAETrainSett
               progress: Callable[[int, dict], None] | None = None, log_every: int = 50) -> tuple[SparseAutoencoder, TrainState]:
     """Train on raw-scale batches [batch_size, d_in] (an endless iterator). Returns the SAE (training
     scale) and its TrainState (with the scale to fold)."""
-    flops = settings.batch_size * d_in * max(1, round(settings.expansion * d_in))
+    flops = settings.batch_size * d_in * settings.d_sae(d_in)
     with cpu_threads_for(flops, str(device)):
         return _train_sae(batches, d_in, settings, device, progress, log_every)
 
@@ -524,7 +542,7 @@ def _train_sae(batches, d_in, settings, device, progress, log_every):
     gen = torch.Generator().manual_seed(s.seed)
     first = next(batches).to(device).float()
     scale = input_scale(first)
-    sae = SparseAutoencoder(d_in, max(1, round(s.expansion * d_in)), s.architecture, s.topk, s.seed, device)
+    sae = SparseAutoencoder(d_in, s.d_sae(d_in), s.architecture, s.topk, s.seed, device)
     with torch.no_grad():
         sae.b_dec.copy_((first * scale).mean(dim=0))
     opt = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(0.9, 0.999))
