@@ -84,6 +84,7 @@ class _Holder:
     def create(self) -> bool:
         """Create the lock file if absent; True when this holder owns it afterwards."""
         self.started = time.time()
+        self.made_root = getattr(self, "made_root", False) or not self.fs.exists(self.root)
         self.fs.makedirs(self.root, exist_ok=True)
         if isinstance(self.fs, LocalFileSystem):
             try:
@@ -115,7 +116,7 @@ class _Holder:
         self.stop.set()
         if (read_lock(self.url) or {}).get("owner") == self.owner:
             self.fs.rm(self.path)
-        if isinstance(self.fs, LocalFileSystem):  # a run refused before writing anything leaves nothing
+        if isinstance(self.fs, LocalFileSystem) and self.made_root:  # a refused run leaves nothing it made
             try:
                 os.rmdir(self.root)
             except OSError:

@@ -12,6 +12,7 @@ markers and the schema version; everything else reads and writes through the fun
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -57,7 +58,12 @@ class Store:
 
     def group(self, mode: str = "r+") -> zarr.Group:
         if self._group is None or mode == "r+":
-            self._group = zarr.open_group(self._zarr_target(), mode=mode)
+            try:
+                self._group = zarr.open_group(self._zarr_target(), mode=mode)
+            except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+                raise UserError(f"{self.url}: the store's zarr.json is damaged ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:120] if str(e) else ''}); restore it from a copy, "
+                                "or choose a new --out path") from e
         return self._group
 
     @property
@@ -128,12 +134,17 @@ class Store:
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if self.local:
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    if durable:
+                        f.flush()
+                        os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:  # e.g. a full disk: leave no half-written temporary file behind
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
         else:  # one PUT on object storage is atomic
             self.fs.pipe_file(path, data)
 

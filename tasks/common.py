@@ -72,7 +72,10 @@ def run_unit(store_url: str, stage: str, unit: str, work: Callable[[Store], dict
         _maybe_fault(stage, unit)
         record = work(store)
     except BaseException as e:
-        store.mark_failed(stage, unit, f"{type(e).__name__}: {e}")
+        try:
+            store.mark_failed(stage, unit, f"{type(e).__name__}: {e}")
+        except OSError as marker_error:  # e.g. the disk is full: report the unit's own error
+            log.error("%s %s: could not write its failure marker (%s)", stage, unit, marker_error)
         log.error("%s %s failed: %s: %s", stage, unit, type(e).__name__, e)
         raise
     record = {"stage": stage, "unit": unit, "skipped": False,
