@@ -175,3 +175,10 @@ def test_embedding_is_elementwise_product():
     e = neuron_embeddings(x, w, "float32")
     for s in range(3):
         np.testing.assert_allclose(e[s], x[s] * w[:, s][None, :], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_slot_table_nbytes_is_what_empty_allocates(dtype):
+    t = SlotTable.empty(300, 7, 24, dtype, window=(3, 2))
+    allocated = sum(getattr(t, f).nbytes for f in ("key", "act", "seq", "pos", "slot", "xref", "pool", "win"))
+    assert SlotTable.nbytes(300, 7, 24, dtype.itemsize, (3, 2)) == allocated

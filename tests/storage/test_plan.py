@@ -89,3 +89,18 @@ def test_shard_batches_partition_the_shards_and_balance_the_workers(n, workers):
         heapq.heapreplace(free, free[0] + s)
     if sizes:
         assert max(free) - min(free) <= max(sizes[-workers:])
+
+
+@pytest.mark.parametrize("dtype,gated", [("float16", False), ("float32", True)])
+def test_schema_nbytes_is_the_created_arrays_size(tmp_path, dtype, gated):
+    from neuron_embeddings.storage import schema
+    from neuron_embeddings.storage.store import Store
+
+    s = RunSettings(model="m", dataset="d", layers=(0, 2), n_sequences=12, ctx_len=8, k=5, shard_size=64,
+                    embedding_dtype=dtype, scan_blocks=3)
+    info = {"d_mlp": 96, "d_model": 16, "d_embed": 32 if gated else 16, "model": "m", "gated": gated}
+    create_store(str(tmp_path / "s.zarr"), s, info, d_vocab=10)
+    g = Store(str(tmp_path / "s.zarr")).group("r")
+    sizes = schema.sizes(2, 96, 16, info["d_embed"], 5, 12, 8, 10, 3)
+    created = sum(g[a.path].nbytes for a in schema.ARRAYS if a.dtype != "str" and (gated or not a.gated_only))
+    assert schema.nbytes(sizes, dtype, gated, str_bytes=0) == created
