@@ -95,6 +95,29 @@ def check_sae_train(settings: SAETrainSettings, d_in: int, n_sequences: int, ctx
                "or put --cache on a bigger disk")
 
 
+def check_before_caching(model: str, layer: int, hook: str, trained: list[SAETrainSettings], n_sequences: int,
+                         ctx_len: int, dtype: str, cache_dir: str, device: str) -> None:
+    """The checks of an SAE training that need no model weights (its sizes from the model's config
+    when at hand), before any directory or cache is made."""
+    from neuron_embeddings.core.models import config_dims
+    from neuron_embeddings.storage.activations import DTYPES
+
+    if dtype not in DTYPES:
+        raise UserError(f"--activation-dtype {dtype!r}: use float16 or float32")
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise UserError(f"--cache {cache_dir}: exists and is not a directory; give a directory for the activation cache")
+    split_rows(n_sequences, ctx_len)  # at least 2 sequences
+    if ctx_len < 1:
+        raise UserError(f"--ctx-len {ctx_len}: need at least 1 token per sequence")
+    dims = config_dims(model)
+    if dims is not None:
+        check_layer(layer, dims["n_layers"])
+        hook_name(hook, layer)
+        d_in = dims["d_mlp"] if hook in ("post", "pre") else dims["d_model"]
+        for settings in trained:
+            check_sae_train(settings, d_in, n_sequences, ctx_len, dtype, cache_dir, device)
+
+
 def cache_activations(cache_dir: str, model: str, dataset: str, layer: int, hook: str = "post",
                       n_sequences: int = 1024, ctx_len: int = 128, batch_size: int = 16, device: str = "auto",
                       dtype: str = "float16", progress: bool = True) -> dict:
@@ -292,25 +315,13 @@ def sae_train(out: str, model: str, dataset: str, layer: int, settings, hook: st
               n_sequences: int = 1024, ctx_len: int = 128, cache: str | None = None, device: str = "auto",
               activation_dtype: str = "float16", forward_batch_size: int = 16, progress: bool = True) -> dict:
     """`neuron-embeddings sae train`: cache (or reuse) the activations, train, save, measure."""
-    from neuron_embeddings.core.models import config_dims, load_model
-    from neuron_embeddings.storage.activations import DTYPES
-
-    check_sae_out(out)
-    if activation_dtype not in DTYPES:
-        raise UserError(f"--activation-dtype {activation_dtype!r}: use float16 or float32")
-    cache_dir = cache or str(Path(out) / "activations.zarr")
-    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-        raise UserError(f"--cache {cache_dir}: exists and is not a directory; give a directory for the activation cache")
-    split_rows(n_sequences, ctx_len)  # at least 2 sequences
-    dims = config_dims(model)  # the size checks before the model loads, when its config is at hand
-    if dims is not None:
-        check_layer(layer, dims["n_layers"])
-        hook_name(hook, layer)
-        d_in = dims["d_mlp"] if hook in ("post", "pre") else dims["d_model"]
-        check_sae_train(settings, d_in, n_sequences, ctx_len, activation_dtype, cache_dir, device)
-    lm = load_model(model, device)
+    from neuron_embeddings.core.models import load_model
     from neuron_embeddings.core.units import hook_width
 
+    check_sae_out(out)
+    cache_dir = cache or str(Path(out) / "activations.zarr")
+    check_before_caching(model, layer, hook, [settings], n_sequences, ctx_len, activation_dtype, cache_dir, device)
+    lm = load_model(model, device)
     d_in = hook_width(lm.bridge, model_hook(lm, hook, layer, ctx_len))
     check_sae_train(settings, d_in, n_sequences, ctx_len, activation_dtype, cache_dir, lm.device)
     cache_activations(cache_dir, model, dataset, layer, hook, n_sequences, ctx_len, forward_batch_size, device,
