@@ -167,8 +167,8 @@ def _options(a: argparse.Namespace) -> dict:
 def _quiet_prefect(verbose: bool) -> None:
     if not verbose:  # the per-shard logs still go to the Prefect API (the UI); the terminal shows bars
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-        # outside a flow (the in-process prepare) a failure is the CLI's one error line, not also a log line
-        logging.getLogger("neuron_embeddings").setLevel(logging.CRITICAL)
+        # outside a flow (the in-process prepare) a unit's failure is the CLI's one error line, not also a log line
+        logging.getLogger("neuron_embeddings.units").setLevel(logging.CRITICAL)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

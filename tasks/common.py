@@ -23,6 +23,9 @@ class InjectedFault(RuntimeError):
 FAULT_ENV, FAULT_DIR_ENV = "NE_TEST_FAULT", "NE_TEST_FAULT_DIR"
 
 
+UNIT_LOGGER = "neuron_embeddings.units"  # task_logger outside a run (e.g. the CLI's in-process prepare)
+
+
 def task_logger() -> logging.Logger | logging.LoggerAdapter:
     """Prefect's run logger inside a task or flow run, the module logger outside one."""
     try:
@@ -35,7 +38,7 @@ def task_logger() -> logging.Logger | logging.LoggerAdapter:
             pass
     except ImportError:
         pass
-    return logging.getLogger("neuron_embeddings")
+    return logging.getLogger(UNIT_LOGGER)
 
 
 def _maybe_fault(stage: str, unit: str) -> None:
