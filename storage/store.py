@@ -60,6 +60,8 @@ class Store:
         if self._group is None or mode == "r+":
             try:
                 self._group = zarr.open_group(self._zarr_target(), mode=mode)
+            except FileNotFoundError:  # no store there (zarr's GroupNotFoundError is also a ValueError)
+                raise
             except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
                 raise UserError(f"{self.url}: the store's zarr.json is damaged ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:120] if str(e) else ''}); restore it from a copy, "
