@@ -5,7 +5,7 @@ from pathlib import Path
 
 from neuron_embeddings.core.errors import UserError
 from neuron_embeddings.core.models import (LoadedModel, config_dims, default_prepend_bos, is_gated, load_model,
-                                           special_token_ids)
+                                           resolve_device, special_token_ids)
 from neuron_embeddings.core.resources import check_disk, check_memory
 from neuron_embeddings.core.scan import SlotTable
 from neuron_embeddings.core.settings import RunSettings, layer_ranges, parse_layers
@@ -33,7 +33,8 @@ def resolve_run(out: str, model: str, dataset: str, layers: str | None, device: 
     if dims is not None:
         n_rows = 1 if weights is not None else len(parse_layers(layers, dims["n_layers"]))
         units = (weights.d_sae, weights.d_in) if weights is not None else (dims["d_mlp"], dims["d_model"])
-        check_resources(out, early, n_rows, *units, units[1], 0, blocks, workers, device, existing is None)
+        check_resources(out, early, n_rows, *units, units[1], 0, blocks, workers, resolve_device(device),
+                        existing is None)
     lm = load_model(model, device)
     layer_list = parse_layers(layers, lm.n_layers)
     if weights is not None:
@@ -74,10 +75,9 @@ def check_resources(out: str, s: RunSettings, n_rows: int, n_units: int, d_input
     itemsize = 2 if s.embedding_dtype == "float16" else 4
     parallel = max(1, min(workers, scan_blocks))
     tables = parallel * n_rows * SlotTable.nbytes(n_units, s.k, d_input, itemsize, schema.WINDOW)
-    each = f" in each of {parallel} workers" if parallel > 1 else ""
+    each = f", in {parallel} workers at once" if parallel > 1 else ""
     check_memory(tables, f"the scan's top-k tables ({n_rows} layers x {n_units} units x --k {s.k} examples x "
-                 f"{d_input} inputs{each})", "lower --k, select fewer --layers, or use fewer --workers",
-                 "cpu" if device == "auto" else device)
+                 f"{d_input} inputs{each})", "lower --k, select fewer --layers, or use fewer --workers", device)
     if new_store:
         sizes = schema.sizes(n_rows, n_units, d_input, d_embed, s.k, s.n_sequences, s.ctx_len, d_vocab, scan_blocks)
         check_disk(schema.nbytes(sizes, s.embedding_dtype, gated), out, "the store",

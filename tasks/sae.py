@@ -87,7 +87,7 @@ def check_sae_train(settings: SAETrainSettings, d_in: int, n_sequences: int, ctx
     d_sae = settings.d_sae(d_in)
     check_memory(settings.train_nbytes(d_in), f"training an SAE of {d_sae} features on {d_in} inputs "
                  f"(--expansion {settings.expansion:g}, --batch-size {settings.batch_size})",
-                 "lower --expansion or --batch-size", "cpu" if device == "auto" else device)
+                 "lower --expansion or --batch-size", device)
     if (Path(cache_dir) / "zarr.json").exists():  # a cache there already (reused, or replaced in place)
         return
     check_disk(n_sequences * ctx_len * (d_in * (2 if dtype == "float16" else 4) + 4), cache_dir,
@@ -99,7 +99,7 @@ def check_before_caching(model: str, layer: int, hook: str, trained: list[SAETra
                          ctx_len: int, dtype: str, cache_dir: str, device: str) -> None:
     """The checks of an SAE training that need no model weights (its sizes from the model's config
     when at hand), before any directory or cache is made."""
-    from neuron_embeddings.core.models import config_dims
+    from neuron_embeddings.core.models import config_dims, resolve_device
     from neuron_embeddings.storage.activations import DTYPES
 
     if dtype not in DTYPES:
@@ -115,7 +115,7 @@ def check_before_caching(model: str, layer: int, hook: str, trained: list[SAETra
         hook_name(hook, layer)
         d_in = dims["d_mlp"] if hook in ("post", "pre") else dims["d_model"]
         for settings in trained:
-            check_sae_train(settings, d_in, n_sequences, ctx_len, dtype, cache_dir, device)
+            check_sae_train(settings, d_in, n_sequences, ctx_len, dtype, cache_dir, resolve_device(device))
 
 
 def cache_activations(cache_dir: str, model: str, dataset: str, layer: int, hook: str = "post",

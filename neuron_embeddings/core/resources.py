@@ -29,16 +29,32 @@ def available_memory(device: str = "cpu") -> int | None:
             return int(torch.cuda.mem_get_info()[0])
         except (ImportError, RuntimeError, AssertionError):
             return None
+    host = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    host = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    if host is None:
+        try:
+            host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    limit = cgroup_headroom()  # a container's memory limit, below the host's
+    return limit if host is None else host if limit is None else min(host, limit)
+
+
+def cgroup_headroom(root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes left under this process's cgroup v2 memory limit (memory.max - memory.current), None
+    when there is no limit or no cgroup v2."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        limit = Path(root, "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int(Path(root, "memory.current").read_text().strip()))
+    except (OSError, ValueError):
         return None
 
 
@@ -61,7 +77,7 @@ def check_memory(need: int, what: str, hint: str, device: str = "cpu") -> None:
     have = available_memory(device)
     if have is not None and need > have:
         where = "on the GPU" if device.startswith("cuda") else "on this machine"
-        raise UserError(f"{what} needs about {human(need)} of memory, but only {human(have)} is available {where}; "
+        raise UserError(f"{what}: about {human(need)} of memory needed, but only {human(have)} available {where}; "
                         f"{hint}")
 
 
@@ -69,4 +85,4 @@ def check_disk(need: int, path: str, what: str, hint: str) -> None:
     """UserError when `need` bytes (of `what`) exceed the free space where `path` would be written."""
     have = free_disk(path)
     if have is not None and need > have:
-        raise UserError(f"{what} needs up to {human(need)} of disk, but only {human(have)} is free for {path}; {hint}")
+        raise UserError(f"{what}: up to {human(need)} of disk needed, but only {human(have)} free for {path}; {hint}")
