@@ -28,7 +28,7 @@ from prefect.artifacts import (
 from neuron_embeddings.core.sae import SAETrainSettings
 from neuron_embeddings.core.settings import DEMO, default
 from neuron_embeddings.flows.run import neuron_embeddings_run
-from neuron_embeddings.tasks.sae import cache_activations_task, train_sae_task
+from neuron_embeddings.tasks.sae import cache_activations_task, check_before_caching, train_sae_task
 from neuron_embeddings.tasks.sae_report import compare_task
 
 SAE = SAETrainSettings()  # the SAE training defaults
@@ -82,6 +82,8 @@ def sae_flow(
     trained = {"sae-standard": SAETrainSettings(**base, ln_coef=0.0).to_dict()}  # validates before any work
     trained.update({name: SAETrainSettings(**base, ln_coef=c).to_dict() for name, c in ln_names(ln_coef).items()})
     root = Path(out)
+    check_before_caching(model, layer, hook, [SAETrainSettings(**t) for t in trained.values()], n_sequences, ctx_len,
+                         activation_dtype, str(root / "activations.zarr"), device)  # sizes, before any directory
     root.mkdir(parents=True, exist_ok=True)
     n_steps = 3 + 2 * len(trained)  # cache, trainings, evaluations (neurons + SAEs), report
     progress = create_progress_artifact(0.0, key="sae-flow-progress", description=f"SAE flow: steps done of {n_steps}")

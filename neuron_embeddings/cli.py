@@ -176,6 +176,8 @@ def _options(a: argparse.Namespace) -> dict:
 def _quiet_prefect(verbose: bool) -> None:
     if not verbose:  # the per-shard logs still go to the Prefect API (the UI); the terminal shows bars
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        # outside a flow (the in-process prepare) a unit's failure is the CLI's one error line, not also a log line
+        logging.getLogger("neuron_embeddings.units").setLevel(logging.CRITICAL)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -336,6 +338,13 @@ def cmd_run(a: argparse.Namespace, options: dict) -> int:
     except ShardsFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a fault while writing (a full disk, a file size limit, ...): one line, resumable
+        if getattr(a, "verbose", False):
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: writing the store {a.out} failed: {e.strerror or e}{where}; free disk space (or choose "
+              "another --out) and rerun the same command to resume", file=sys.stderr)
+        return 1
     print_summary(summary, a.out)
     return _closing_status(a.out)
 
@@ -429,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "status":
             return cmd_status(a)
         if a.command == "explore":
+            if not 0 <= a.port <= 65535:
+                raise UserError(f"--port {a.port}: use a port from 0 to 65535, e.g. 8501")
             from neuron_embeddings.explorer.app import serve
 
             serve(a.store, host=a.host, port=a.port, model=a.model, device=a.device)

@@ -241,6 +241,7 @@ class _Holder:
         return False
 
     def take(self, stale_after: float) -> None:
+        self.made_root = getattr(self, "made_root", False) or not self.fs.exists(self.root)
         self.fs.makedirs(self.root, exist_ok=True)
         for _ in range(_ATTEMPTS):
             try:
@@ -287,10 +288,11 @@ class _Holder:
                 pass
             finally:
                 os.close(self.fd)
-            try:  # a run refused before writing anything leaves nothing
-                os.rmdir(self.root)
-            except OSError:
-                pass  # not empty: a store
+            if getattr(self, "made_root", False):  # a refused run leaves nothing it made (a user's empty --out stays)
+                try:
+                    os.rmdir(self.root)
+                except OSError:
+                    pass  # not empty: a store
         elif (read_lock(self.url) or {}).get("owner") == self.owner:
             self.fs.rm(self.path)
 

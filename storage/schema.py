@@ -124,3 +124,16 @@ def chunks(spec: ArraySpec, dim_sizes: dict[str, int], shard_size: int) -> tuple
         return (1, *full[1:]) if len(full) > 1 else full
     per_dim = {"layer": 1, "block": 1, "neuron": min(shard_size, dim_sizes["neuron"])}
     return tuple(per_dim.get(d, n) for d, n in zip(spec.dims, full))
+
+
+def nbytes(dim_sizes: dict[str, int], embedding_dtype: str, gated: bool = False, str_bytes: int = 16) -> int:
+    """Uncompressed bytes of every array of a store with these sizes (an upper bound on its size on
+    disk; `str` entries counted as `str_bytes` each)."""
+    total = 0
+    for spec in ARRAYS:
+        if spec.gated_only and not gated:
+            continue
+        dtype = embedding_dtype if spec.dtype == "embedding" else spec.dtype
+        itemsize = str_bytes if dtype == "str" else np.dtype(dtype).itemsize
+        total += int(np.prod([dim_sizes[d] for d in spec.dims], dtype=object)) * itemsize
+    return total

@@ -17,6 +17,7 @@ markers and the schema version; everything else reads and writes through the fun
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -91,13 +92,20 @@ class Store:
         return self.fs.exists(f"{self.root}/zarr.json")
 
     def group(self, mode: str = "r+") -> zarr.Group:
-        if mode == "r+":  # writes go through the recorder, so markers can list what a unit wrote
-            if self._writer is None:
-                base = LocalStore(self.root) if self.local else FsspecStore.from_url(self.url)
-                self._writer = _RecordingStore(base)
-            self._group = zarr.open_group(self._writer, mode="r+")
-        elif self._group is None:
-            self._group = zarr.open_group(self._zarr_target(), mode=mode)
+        try:
+            if mode == "r+":  # writes go through the recorder, so markers can list what a unit wrote
+                if self._writer is None:
+                    base = LocalStore(self.root) if self.local else FsspecStore.from_url(self.url)
+                    self._writer = _RecordingStore(base)
+                self._group = zarr.open_group(self._writer, mode="r+")
+            elif self._group is None:
+                self._group = zarr.open_group(self._zarr_target(), mode=mode)
+        except FileNotFoundError:  # no store there (zarr's GroupNotFoundError is also a ValueError)
+            raise
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise UserError(f"{self.url}: the store's zarr.json is damaged ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else ''}); restore it from a copy, "
+                            "or choose a new --out path") from e
         return self._group
 
     def written_chunks(self) -> dict[str, list[int]]:
@@ -241,12 +249,17 @@ class Store:
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if self.local:
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    if durable:
+                        f.flush()
+                        os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:  # e.g. a full disk: leave no half-written temporary file behind
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
         else:  # one PUT on object storage is atomic
             self.fs.pipe_file(path, data)
 

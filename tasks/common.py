@@ -23,6 +23,9 @@ class InjectedFault(RuntimeError):
 FAULT_ENV, FAULT_DIR_ENV = "NE_TEST_FAULT", "NE_TEST_FAULT_DIR"
 
 
+UNIT_LOGGER = "neuron_embeddings.units"  # task_logger outside a run (e.g. the CLI's in-process prepare)
+
+
 def task_logger() -> logging.Logger | logging.LoggerAdapter:
     """Prefect's run logger inside a task or flow run, the module logger outside one."""
     try:
@@ -35,7 +38,7 @@ def task_logger() -> logging.Logger | logging.LoggerAdapter:
             pass
     except ImportError:
         pass
-    return logging.getLogger("neuron_embeddings")
+    return logging.getLogger(UNIT_LOGGER)
 
 
 def maybe_fault(stage: str, unit: str) -> None:
@@ -72,7 +75,10 @@ def run_unit(store_url: str, stage: str, unit: str, work: Callable[[Store], dict
         maybe_fault(stage, unit)
         record = work(store)
     except BaseException as e:
-        store.mark_failed(stage, unit, f"{type(e).__name__}: {e}")
+        try:
+            store.mark_failed(stage, unit, f"{type(e).__name__}: {e}")
+        except OSError as marker_error:  # e.g. the disk is full: report the unit's own error
+            log.error("%s %s: could not write its failure marker (%s)", stage, unit, marker_error)
         log.error("%s %s failed: %s: %s", stage, unit, type(e).__name__, e)
         raise
     record = {"stage": stage, "unit": unit, "skipped": False,

@@ -7,13 +7,19 @@ from neuron_embeddings.core.errors import UserError
 from neuron_embeddings.core.hub import check_sources
 from neuron_embeddings.core.models import (
     LoadedModel,
+    config_dims,
     default_dtype,
     default_prepend_bos,
+    is_gated,
     load_model,
+    resolve_device,
     special_token_ids,
 )
-from neuron_embeddings.core.settings import RunSettings, parse_layers
+from neuron_embeddings.core.resources import check_disk, check_memory
+from neuron_embeddings.core.scan import SlotTable
+from neuron_embeddings.core.settings import RunSettings, layer_ranges, parse_layers
 from neuron_embeddings.core.units import check_sae_fits, load_sae_cached
+from neuron_embeddings.storage import schema
 from neuron_embeddings.storage.store import Store, check_settings, check_writable
 
 
@@ -28,12 +34,20 @@ def resolve_run(out: str, model: str, dataset: str, layers: str | None, device: 
     the tokenizer's special tokens are never an example's max token; `dtype` None: the store's when
     resuming, else the device's default (core.models.default_dtype)."""
     # the checks that need neither model nor store come first, so they fail fast
-    RunSettings(model=model, dataset=dataset, layers=(0,), scan_blocks=scan_blocks or 1, **options,
-                **({"dtype": dtype} if dtype is not None else {}))
+    early = RunSettings(model=model, dataset=dataset, layers=(0,), scan_blocks=scan_blocks or 1, **options,
+                        **({"dtype": dtype} if dtype is not None else {}))
+    layer_ranges(layers)  # syntax only, nothing expanded
     check_sources(model, dataset)
     weights = load_sae_cached(sae) if sae is not None else None
     store = Store(out)
     existing = store.settings() if store.exists() else None
+    blocks = scan_blocks or (existing.scan_blocks if existing else max(1, min(workers, early.n_sequences)))
+    dims = config_dims(model)  # the sizes checks before the model loads, when its config is at hand
+    if dims is not None:
+        n_rows = 1 if weights is not None else len(parse_layers(layers, dims["n_layers"]))
+        units = (weights.d_sae, weights.d_in) if weights is not None else (dims["d_mlp"], dims["d_model"])
+        check_resources(out, early, n_rows, *units, units[1], 0, blocks, workers, resolve_device(device),
+                        existing is None)
     if dtype is None:
         dtype = existing.dtype if existing else default_dtype(device)
     lm = load_model(model, device, dtype)
@@ -61,4 +75,26 @@ def resolve_run(out: str, model: str, dataset: str, layers: str | None, device: 
         check_settings(store, settings)
     else:
         check_writable(out)
+    gated = weights is None and is_gated(lm)
+    units = (weights.d_sae, weights.d_in) if weights is not None else (lm.d_mlp, lm.d_model)
+    check_resources(out, settings, len(layer_list), *units, units[1] * (2 if gated else 1), len(lm.tokenizer),
+                    scan_blocks, workers, lm.device, not store.exists(), gated)
     return settings, lm
+
+
+def check_resources(out: str, s: RunSettings, n_rows: int, n_units: int, d_input: int, d_embed: int, d_vocab: int,
+                    scan_blocks: int, workers: int, device: str, new_store: bool, gated: bool = False) -> None:
+    """Refuse a run whose tokens, scan tables (the slot pool of every row, in each local worker that
+    scans a block at once) or store would not fit in the memory and disk at hand."""
+    check_memory(s.n_sequences * s.ctx_len * 4, f"--n-sequences {s.n_sequences} x --ctx-len {s.ctx_len} tokens",
+                 "lower --n-sequences or --ctx-len")
+    itemsize = 2 if s.embedding_dtype == "float16" else 4
+    parallel = max(1, min(workers, scan_blocks))
+    tables = parallel * n_rows * SlotTable.nbytes(n_units, s.k, d_input, itemsize, schema.WINDOW)
+    each = f", in {parallel} workers at once" if parallel > 1 else ""
+    check_memory(tables, f"the scan's top-k tables ({n_rows} layers x {n_units} units x --k {s.k} examples x "
+                 f"{d_input} inputs{each})", "lower --k, select fewer --layers, or use fewer --workers", device)
+    if new_store:
+        sizes = schema.sizes(n_rows, n_units, d_input, d_embed, s.k, s.n_sequences, s.ctx_len, d_vocab, scan_blocks)
+        check_disk(schema.nbytes(sizes, s.embedding_dtype, gated), out, "the store",
+                   "choose an --out on a bigger disk, or lower --k, --n-sequences or the number of --layers")

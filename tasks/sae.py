@@ -64,6 +64,60 @@ def check_layer(layer: int, n_layers: int) -> None:
         raise UserError(f"--layer {layer} is out of range, the model has {n_layers} layers (0-{n_layers - 1})")
 
 
+def model_hook(lm, hook: str, layer: int, ctx_len: int) -> str:
+    """The hook name of `--hook` at `--layer`, checked against the loaded model (and --ctx-len)."""
+    check_layer(layer, lm.n_layers)
+    name = hook_name(hook, layer)
+    if name not in lm.bridge.hook_dict:
+        raise UserError(f"--hook {hook}: the model has no hook {name!r}")
+    if ctx_len > lm.n_ctx:
+        raise UserError(f"--ctx-len {ctx_len}: the model's context is {lm.n_ctx} tokens; use at most that")
+    return name
+
+
+def check_sae_train(settings: SAETrainSettings, d_in: int, n_sequences: int, ctx_len: int, dtype: str,
+                    cache_dir: str, device: str) -> None:
+    """Refuse, before anything is cached, a training that cannot fit: topk beyond the features, the
+    SAE's training memory, the packed tokens and the activation cache's disk."""
+    from neuron_embeddings.core.resources import check_disk, check_memory
+
+    settings.check_fits(d_in)
+    check_memory(n_sequences * ctx_len * 4, f"--n-sequences {n_sequences} x --ctx-len {ctx_len} tokens",
+                 "lower --n-sequences or --ctx-len")
+    d_sae = settings.d_sae(d_in)
+    check_memory(settings.train_nbytes(d_in), f"training an SAE of {d_sae} features on {d_in} inputs "
+                 f"(--expansion {settings.expansion:g}, --batch-size {settings.batch_size})",
+                 "lower --expansion or --batch-size", device)
+    if (Path(cache_dir) / "zarr.json").exists():  # a cache there already (reused, or replaced in place)
+        return
+    check_disk(n_sequences * ctx_len * (d_in * (2 if dtype == "float16" else 4) + 4), cache_dir,
+               "the activation cache", "lower --n-sequences or --ctx-len, use --activation-dtype float16, "
+               "or put --cache on a bigger disk")
+
+
+def check_before_caching(model: str, layer: int, hook: str, trained: list[SAETrainSettings], n_sequences: int,
+                         ctx_len: int, dtype: str, cache_dir: str, device: str) -> None:
+    """The checks of an SAE training that need no model weights (its sizes from the model's config
+    when at hand), before any directory or cache is made."""
+    from neuron_embeddings.core.models import config_dims, resolve_device
+    from neuron_embeddings.storage.activations import DTYPES
+
+    if dtype not in DTYPES:
+        raise UserError(f"--activation-dtype {dtype!r}: use float16 or float32")
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise UserError(f"--cache {cache_dir}: exists and is not a directory; give a directory for the activation cache")
+    split_rows(n_sequences, ctx_len)  # at least 2 sequences
+    if ctx_len < 1:
+        raise UserError(f"--ctx-len {ctx_len}: need at least 1 token per sequence")
+    dims = config_dims(model)
+    if dims is not None:
+        check_layer(layer, dims["n_layers"])
+        hook_name(hook, layer)
+        d_in = dims["d_mlp"] if hook in ("post", "pre") else dims["d_model"]
+        for settings in trained:
+            check_sae_train(settings, d_in, n_sequences, ctx_len, dtype, cache_dir, resolve_device(device))
+
+
 def cache_activations(cache_dir: str, model: str, dataset: str, layer: int, hook: str = "post",
                       n_sequences: int = 1024, ctx_len: int = 128, batch_size: int = 16, device: str = "auto",
                       dtype: str = "float16", progress: bool = True) -> dict:
@@ -74,12 +128,7 @@ def cache_activations(cache_dir: str, model: str, dataset: str, layer: int, hook
     from neuron_embeddings.storage.activations import CacheWriter, existing_cache
 
     lm = load_model(model, device)
-    check_layer(layer, lm.n_layers)
-    name = hook_name(hook, layer)
-    if name not in lm.bridge.hook_dict:
-        raise UserError(f"--hook {hook}: the model has no hook {name!r}")
-    if ctx_len > lm.n_ctx:
-        raise UserError(f"--ctx-len {ctx_len}: the model's context is {lm.n_ctx} tokens; use at most that")
+    name = model_hook(lm, hook, layer, ctx_len)
     key = cache_key(model, dataset, name, n_sequences, ctx_len, dtype)
     found = existing_cache(cache_dir, key)
     if found is not None:
@@ -266,8 +315,15 @@ def sae_train(out: str, model: str, dataset: str, layer: int, settings, hook: st
               n_sequences: int = 1024, ctx_len: int = 128, cache: str | None = None, device: str = "auto",
               activation_dtype: str = "float16", forward_batch_size: int = 16, progress: bool = True) -> dict:
     """`neuron-embeddings sae train`: cache (or reuse) the activations, train, save, measure."""
+    from neuron_embeddings.core.models import load_model
+    from neuron_embeddings.core.units import hook_width
+
     check_sae_out(out)
     cache_dir = cache or str(Path(out) / "activations.zarr")
+    check_before_caching(model, layer, hook, [settings], n_sequences, ctx_len, activation_dtype, cache_dir, device)
+    lm = load_model(model, device)
+    d_in = hook_width(lm.bridge, model_hook(lm, hook, layer, ctx_len))
+    check_sae_train(settings, d_in, n_sequences, ctx_len, activation_dtype, cache_dir, lm.device)
     cache_activations(cache_dir, model, dataset, layer, hook, n_sequences, ctx_len, forward_batch_size, device,
                       activation_dtype, progress)
     return train_and_save(out, cache_dir, settings, device, model=model, dataset=dataset, layer=layer, progress=progress)

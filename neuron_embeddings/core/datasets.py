@@ -48,6 +48,7 @@ ACCEPTED_FORMS = (
 _MAX_BATCH_DOCS = 256
 _MAX_BATCH_BYTES = 4_000_000
 _PARQUET_BATCH_ROWS = 1024
+PIECE_CHARS = 1 << 16  # documents longer than this are tokenized in pieces of at most this many characters
 
 
 def describe_packing() -> str:
@@ -151,6 +152,12 @@ def _jsonl_text(path: Path, number: int, line: str) -> str:
     if not isinstance(text, str):
         kind = type(text).__name__
         raise UserError(f"dataset file {where}: 'text' is {kind}, not a string; store the text as a string")
+    if "\\u" in line:  # a \uXXXX escape can encode half of a surrogate pair, which is not text
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UserError(f"dataset file {where}: 'text' holds a lone surrogate ({text[exc.start]!r}), "
+                            "which is not valid Unicode; fix or drop that line") from exc
     return text
 
 
@@ -164,7 +171,7 @@ def _parquet_documents(path: Path) -> Iterator[str]:
     names = parquet.schema_arrow.names
     if "text" not in names:
         raise UserError(f"dataset file {str(path)!r} has no 'text' column (columns: {', '.join(names)}); add one")
-    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=["text"]):
+    for batch in _parquet_batches(path, parquet):
         for text in batch.column(0).to_pylist():
             if text is None:
                 continue
@@ -172,6 +179,22 @@ def _parquet_documents(path: Path) -> Iterator[str]:
                 kind = type(text).__name__
                 raise UserError(f"dataset file {str(path)!r}: the 'text' column holds {kind}; it must hold strings")
             yield text
+
+
+def _parquet_batches(path: Path, parquet) -> Iterator[Any]:
+    """The 'text' column in row-group batches; damaged data pages become a UserError."""
+    import pyarrow as pa
+
+    batches = parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=["text"])
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"dataset file {str(path)!r}: its data cannot be read ({_reason(exc)}); "
+                            "the file is damaged: write it again") from exc
+        yield batch
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
@@ -254,10 +277,13 @@ def pack_tokens(
     *,
     dataset_name: str | None = None,
     bos_id: int | None = None,
+    piece_chars: int = PIECE_CHARS,
 ) -> np.ndarray:
     """Pack documents into an int32 array ``[n_sequences, ctx_len]`` by the rule in the module docstring.
     With ``bos_id`` each row is that token followed by the next ``ctx_len - 1`` tokens of the stream.
 
+    A document longer than ``piece_chars`` characters is tokenized in pieces (``document_pieces``), so
+    memory stays flat in document size and only the pieces the rows need are tokenized.
     ``dataset_name`` (e.g. the spec) only appears in messages. Raises :class:`UserError` if the documents hold no
     text or fewer than ``n_sequences * ctx_len`` tokens.
     """
@@ -266,7 +292,8 @@ def pack_tokens(
     if bos_id is not None:
         if ctx_len < 2:
             raise UserError(f"--ctx-len {ctx_len}: with --prepend-bos a row needs at least 2 tokens")
-        rows = pack_tokens(docs, tokenizer, n_sequences, ctx_len - 1, dataset_name=dataset_name)
+        rows = pack_tokens(docs, tokenizer, n_sequences, ctx_len - 1, dataset_name=dataset_name,
+                           piece_chars=piece_chars)
         return np.concatenate([np.full((n_sequences, 1), bos_id, dtype=np.int32), rows], axis=1)
     needed = n_sequences * ctx_len
     separator = separator_token_id(tokenizer)
@@ -274,11 +301,19 @@ def pack_tokens(
     filled = 0
     documents = iter(docs)
     while filled < needed:
-        batch = _take_batch(documents, needed - filled)
+        batch = _take_batch(documents, needed - filled, piece_chars)
         if not batch:
             break
-        for ids in _tokenize(tokenizer, batch):
-            filled = _append(out, filled, ids, separator)
+        small: list[str] = []
+        for doc in batch + [None]:
+            if doc is not None and len(doc) <= piece_chars:
+                small.append(doc)
+                continue
+            for ids in _tokenize(tokenizer, small) if small else ():
+                filled = _append(out, filled, ids, separator)
+            small = []
+            if doc is not None:  # a big document: in pieces, only as far as the rows need
+                filled = _append_pieces(out, filled, doc, tokenizer, separator, piece_chars)
     if filled < needed:
         raise UserError(_too_few_tokens(dataset_name, filled, n_sequences, ctx_len))
     logger.info("packed %d x %d tokens from %s", n_sequences, ctx_len, _label(dataset_name))
@@ -295,7 +330,7 @@ def _token_bound(doc: str) -> int:
     return len(doc.encode("utf-8", errors="replace")) + 2
 
 
-def _take_batch(documents: Iterator[str], remaining: int) -> list[str]:
+def _take_batch(documents: Iterator[str], remaining: int, piece_chars: int = PIECE_CHARS) -> list[str]:
     """The next documents to tokenize together, never more than are needed to reach ``remaining`` tokens.
 
     A document is only taken while the batch so far cannot hold ``remaining`` tokens (by the byte bound),
@@ -310,7 +345,7 @@ def _take_batch(documents: Iterator[str], remaining: int) -> list[str]:
         if not isinstance(doc, str):
             raise UserError(f"documents must be strings, got {type(doc).__name__}")
         batch.append(doc)
-        bound += _token_bound(doc)
+        bound += _token_bound(doc) if len(doc) <= piece_chars else _MAX_BATCH_BYTES  # a big one ends the batch
     return batch
 
 
@@ -324,6 +359,74 @@ def _tokenize(tokenizer: Any, batch: list[str]) -> list[list[int]]:
         verbose=False,  # documents may be longer than the model; we cut them ourselves
     )
     return encoded["input_ids"]
+
+
+def document_pieces(doc: str, piece_chars: int = PIECE_CHARS, strip_space: bool = False) -> Iterator[str]:
+    """`doc` in consecutive pieces of at most `piece_chars` characters. Each piece after the first
+    starts at a single space between two non-space characters, where byte-level BPE (GPT-2, Llama 3)
+    and WordPiece start a new word anyway, so the pieces' tokens join into the document's; a stretch
+    of `piece_chars` with no such space is cut where it ends. `strip_space` drops that space from the
+    piece (for tokenizers that prepend one to every text, e.g. SentencePiece's Metaspace)."""
+    start, n = 0, len(doc)
+    while n - start > piece_chars:
+        stop = start + piece_chars  # < n
+        cut = doc.rfind(" ", start + 1, stop + 1)
+        while cut > start and (doc[cut - 1].isspace() or cut + 1 >= n or doc[cut + 1].isspace()):
+            cut = doc.rfind(" ", start + 1, cut)
+        if cut <= start:  # no word boundary in reach: a hard cut
+            yield doc[start:stop]
+            start = stop
+            continue
+        yield doc[start:cut]
+        start = cut + 1 if strip_space else cut
+    yield doc[start:]
+
+
+_PROBE = "The quick brown fox, it's said, jumps over 12 lazy dogs.\nDon't   stop: x = f(a, b) + 3.5e-2 here."
+
+
+def piece_mode(tokenizer: Any) -> bool | None:
+    """How this tokenizer's pieces join into the whole document's tokens: False (a piece keeps its
+    leading space), True (it drops it: the tokenizer prepends one itself), or None (neither, on a
+    probe text cut at every place `document_pieces` may cut; pieces then keep the space)."""
+    cached = getattr(tokenizer, "_ne_piece_mode", "unknown")
+    if cached != "unknown":
+        return cached
+    whole = _tokenize(tokenizer, [_PROBE])[0]
+    cuts = [i for i in range(1, len(_PROBE) - 1)
+            if _PROBE[i] == " " and not _PROBE[i - 1].isspace() and not _PROBE[i + 1].isspace()]
+    mode = None
+    for strip in (False, True):
+        parts = [[_PROBE[:c], _PROBE[c + strip:]] for c in cuts]
+        encoded = _tokenize(tokenizer, [p for pair in parts for p in pair])
+        if all(encoded[2 * i] + encoded[2 * i + 1] == whole for i in range(len(cuts))):
+            mode = strip
+            break
+    if mode is None:
+        logger.warning("this tokenizer splits text differently at word boundaries: documents longer than %d "
+                       "characters may get other tokens where they are cut into pieces", PIECE_CHARS)
+    try:
+        tokenizer._ne_piece_mode = mode
+    except AttributeError:
+        pass
+    return mode
+
+
+def _append_pieces(out: np.ndarray, filled: int, doc: str, tokenizer: Any, separator: int | None,
+                   piece_chars: int) -> int:
+    """Tokenize a big document piece by piece into ``out`` until it is full, then its separator
+    (none if the document gave no tokens, as for a whole document); new fill."""
+    produced = False
+    for piece in document_pieces(doc, piece_chars, bool(piece_mode(tokenizer))):
+        if filled >= len(out):
+            return filled
+        ids = _tokenize(tokenizer, [piece])[0]
+        produced = produced or bool(ids)
+        filled = _append(out, filled, ids, None)
+    if produced and separator is not None and filled < len(out):
+        out[filled] = separator
+        filled += 1
+    return filled
 
 
 def _append(out: np.ndarray, filled: int, ids: list[int], separator: int | None) -> int:

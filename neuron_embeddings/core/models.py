@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.core.settings import MODEL_DTYPES
 from neuron_embeddings.core.hub import require_model
+from neuron_embeddings.core.settings import DEVICES, MODEL_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> str:
+    if device not in DEVICES:
+        raise UserError(f"--device {device!r}: use {', '.join(DEVICES)}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -182,6 +184,27 @@ def _mlp_in_or_error(bridge, name: str) -> torch.Tensor:
         raise UserError(f"--model {name}: architecture {arch}: MLP input weights of shape {tuple(w_in.shape)} do not "
                         f"read the residual stream (d_model {bridge.cfg.d_model}); this tool cannot read this MLP")
     return w_in
+
+
+def config_dims(name: str) -> dict | None:
+    """{n_layers, d_model, d_mlp} from the model's config.json alone (a local directory, a builtin
+    already in place, or the Hugging Face cache; no download, no weights), for checks that must come
+    before the model loads; None when the config is not at hand (the checks then wait for the model)."""
+    try:
+        if name.lower() == BUILTIN_SMOLLM2:
+            src = cache_dir() / "smollm2-135m"
+            if not (src / "config.json").exists():
+                return None
+        else:
+            src = model_source(name)
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(src), local_files_only=True)
+        n_layers, d_model = int(cfg.num_hidden_layers), int(cfg.hidden_size)
+        d_mlp = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d_model
+        return {"n_layers": n_layers, "d_model": d_model, "d_mlp": int(d_mlp)}
+    except Exception:  # noqa: BLE001 - anything unreadable: the model's own loading reports it
+        return None
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "float32") -> LoadedModel:

@@ -427,7 +427,7 @@ def train_sae(batches: Iterator[torch.Tensor], d_in: int, settings: SAETrainSett
               progress: Callable[[int, dict], None] | None = None, log_every: int = 50) -> tuple[SparseAutoencoder, TrainState]:
     """Train on raw-scale batches [batch_size, d_in] (an endless iterator). Returns the SAE (training
     scale) and its TrainState (with the scale to fold)."""
-    flops = settings.batch_size * d_in * max(1, round(settings.expansion * d_in))
+    flops = settings.batch_size * d_in * settings.d_sae(d_in)
     with cpu_threads_for(flops, str(device)):
         return _train_sae(batches, d_in, settings, device, progress, log_every)
 
@@ -462,7 +462,7 @@ def _train_sae(batches, d_in, settings, device, progress, log_every):
     gen = torch.Generator().manual_seed(s.seed)
     first = next(batches).to(device).float()
     scale = input_scale(first)
-    sae = SparseAutoencoder(d_in, max(1, round(s.expansion * d_in)), s.architecture, s.topk, s.seed, device)
+    sae = SparseAutoencoder(d_in, s.d_sae(d_in), s.architecture, s.topk, s.seed, device)
     with torch.no_grad():
         sae.b_dec.copy_((first * scale).mean(dim=0))
     opt = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(0.9, 0.999))

@@ -66,7 +66,7 @@ class SAEWeights:
     def layer(self) -> int:
         layer = self._get("hook_layer")
         if layer is not None:
-            return int(layer)
+            return _int(layer, "hook_layer")
         m = _LAYER_RE.search(self.hook_name)
         if not m:
             raise UserError(f"SAE hook_name {self.hook_name!r} names no block (blocks.L.) and cfg.json has no hook_layer")
@@ -87,7 +87,7 @@ class SAEWeights:
         k = self._get("k")
         if k is None:
             k = (self._get("activation_fn_kwargs") or {}).get("k")
-        return None if k is None else int(k)
+        return None if k is None else _int(k, "k")
 
     @property
     def d_in(self) -> int:
@@ -129,11 +129,20 @@ class SAEWeights:
         return f_NF.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
 
+def _int(value, key: str) -> int:
+    """A cfg.json number (an int or a string of digits), or a one-line UserError naming the key."""
+    if isinstance(value, bool) or not str(value).strip().isdigit():
+        raise UserError(f"SAE cfg.json: {key} is {value!r}, not a non-negative whole number; correct it")
+    return int(value)
+
+
 def _validate(w: SAEWeights, where: str) -> None:
     """One-line UserErrors for anything `encode`/`decode` could not honour."""
     if w.W_enc.ndim != 2:
         raise UserError(f"{where}: W_enc must be 2-D [d_in, d_sae], got shape {tuple(w.W_enc.shape)}")
     d_in, d_sae = w.W_enc.shape
+    if d_in == 0 or d_sae == 0:
+        raise UserError(f"{where}: W_enc has shape {tuple(w.W_enc.shape)}; an SAE needs at least one input and one feature")
     expected = {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     for name, shape in expected.items():
         got = tuple(getattr(w, name).shape)
@@ -141,8 +150,12 @@ def _validate(w: SAEWeights, where: str) -> None:
             raise UserError(f"{where}: {name} has shape {got}, expected {shape} "
                             f"(W_enc is [d_in={d_in}, d_sae={d_sae}])")
     for key, value in (("d_in", d_in), ("d_sae", d_sae)):
-        if key in w.cfg and w.cfg[key] is not None and int(w.cfg[key]) != value:
+        if key in w.cfg and w.cfg[key] is not None and _int(w.cfg[key], key) != value:
             raise UserError(f"{where}: cfg.json says {key}={w.cfg[key]} but the weights have {value}")
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        t = getattr(w, name)
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{where}: {name} holds NaN or infinite values; the SAE's weights are damaged or diverged")
     arch = w.architecture
     if arch not in ARCHITECTURES:
         raise UserError(f"{where}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")

@@ -60,7 +60,7 @@ class SlotTable:
     @classmethod
     def empty(cls, d_mlp: int, k: int, d_model: int, dtype: torch.dtype, device="cpu",
               window: tuple[int, int] = (0, 0), pool_rows: int | None = None) -> "SlotTable":
-        rows = pool_rows or d_mlp * k + 1 + max(d_mlp * k // 4, 4096)
+        rows = pool_rows or cls.default_pool_rows(d_mlp, k)
         pool = torch.empty((rows, d_model), dtype=dtype, device=device)
         pool.zero_()  # touched now (see the class docstring)
         return cls(
@@ -74,6 +74,17 @@ class SlotTable:
             win=torch.full((d_mlp, k, window[0] + 1 + window[1]), torch.nan, dtype=torch.float32, device=device),
             before=window[0],
         )
+
+    @staticmethod
+    def default_pool_rows(d_mlp: int, k: int) -> int:
+        return d_mlp * k + 1 + max(d_mlp * k // 4, 4096)
+
+    @classmethod
+    def nbytes(cls, d_mlp: int, k: int, d_model: int, itemsize: int, window: tuple[int, int] = (0, 0)) -> int:
+        """Bytes that `empty` allocates: the pool and the per-entry fields (key, act, seq, pos,
+        slot, xref, win)."""
+        per_entry = 8 + 4 + 8 + 8 + 8 + 8 + 4 * (window[0] + 1 + window[1])
+        return cls.default_pool_rows(d_mlp, k) * d_model * itemsize + d_mlp * k * per_entry
 
     @property
     def x(self) -> torch.Tensor:

@@ -20,11 +20,12 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")  # the forward's (core.models 
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def parse_layers(spec: str | None, n_layers: int) -> list[int]:
-    """'0-11', '3,5', '2-4,7' or None (all) -> sorted layer indices, checked against n_layers."""
+def layer_ranges(spec: str | None) -> list[tuple[int, int]] | None:
+    """'0-11', '3,5', '2-4,7' -> [(low, high), ...] inclusive, checked for syntax only and never
+    expanded (so '0-99999999999' costs nothing); None or 'all' -> None (every layer)."""
     if spec is None or str(spec).strip() in ("", "all"):
-        return list(range(n_layers))
-    layers: set[int] = set()
+        return None
+    ranges = []
     for part in str(spec).split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not m:
@@ -33,12 +34,21 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise UserError(f"--layers {spec!r}: range {lo}-{hi} is empty; write low-high")
-        layers.update(range(lo, hi + 1))
-    bad = [l for l in sorted(layers) if l >= n_layers]
+        ranges.append((lo, hi))
+    return ranges
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """'0-11', '3,5', '2-4,7' or None (all) -> sorted layer indices, checked against n_layers
+    before any range is expanded."""
+    ranges = layer_ranges(spec)
+    if ranges is None:
+        return list(range(n_layers))
+    bad = [max(lo, n_layers) for lo, hi in ranges if hi >= n_layers]
     if bad:
         raise UserError(
-            f"--layers {spec!r}: layer {bad[0]} is out of range, the model has {n_layers} layers (0-{n_layers - 1})")
-    return sorted(layers)
+            f"--layers {spec!r}: layer {min(bad)} is out of range, the model has {n_layers} layers (0-{n_layers - 1})")
+    return sorted({layer for lo, hi in ranges for layer in range(lo, hi + 1)})
 
 
 def parse_selection(selection: str) -> float | None:
@@ -79,6 +89,9 @@ class RunSettings:
             raise UserError(f"--k {self.k}: need at least 2 examples per neuron to cluster; use --k 2 or more")
         if self.n_sequences < 1:
             raise UserError(f"--n-sequences {self.n_sequences}: need at least 1 sequence")
+        if self.k > self.n_sequences:  # a neuron's examples are per-sequence maxima: one per sequence at most
+            raise UserError(f"--k {self.k}: a neuron has at most one example per sequence, and --n-sequences is "
+                            f"{self.n_sequences}; lower --k or raise --n-sequences")
         if self.ctx_len < 1:
             raise UserError(f"--ctx-len {self.ctx_len}: need at least 1 token per sequence")
         if self.shard_size < 1:
@@ -206,7 +219,7 @@ class SAETrainSettings:
             raise UserError("--architecture topk needs --topk K with K >= 1")
         if self.architecture != "topk" and self.topk is not None:
             raise UserError("--topk is only for --architecture topk")
-        if not self.expansion > 0:
+        if not 0 < self.expansion < float("inf"):
             raise UserError(f"--expansion {self.expansion}: use a positive factor, e.g. 4")
         checks = [("--l1", self.l1 >= 0, "use a value >= 0"), ("--ln-coef", self.ln_coef >= 0, "use a value >= 0"),
                   ("--ln-start", self.ln_start >= 0, "use a step >= 0"),
@@ -221,6 +234,24 @@ class SAETrainSettings:
                 raise UserError(f"{name} {getattr(self, name[2:].replace('-', '_'))}: {hint}")
         if self.ln_update not in LN_UPDATES:
             raise UserError(f"--ln-update {self.ln_update!r}: use ema or mean")
+
+    def d_sae(self, d_in: int) -> int:
+        """Features of the SAE on inputs of width d_in: expansion x d_in, at least 1."""
+        return max(1, round(self.expansion * d_in))
+
+    def check_fits(self, d_in: int) -> None:
+        """The checks that need the input width: topk within the features."""
+        if self.topk is not None and self.topk > self.d_sae(d_in):
+            raise UserError(f"--topk {self.topk}: the SAE has only {self.d_sae(d_in)} features (--expansion "
+                            f"{self.expansion:g} x {d_in} inputs); use --topk {self.d_sae(d_in)} or less")
+
+    def train_nbytes(self, d_in: int) -> int:
+        """Bytes training needs (float32): the weights with their gradients and two Adam moments,
+        the L_N lookup when on, and about four [batch_size, d_sae] tensors per step."""
+        d_sae = self.d_sae(d_in)
+        params = 2 * d_in * d_sae + d_sae + d_in
+        lookup = d_sae * d_in if self.ln_coef > 0 else 0
+        return 4 * (4 * params + lookup + 4 * self.batch_size * d_sae)
 
     @property
     def warmup_steps(self) -> int:

@@ -38,6 +38,15 @@ def base(tiny_gpt2, tmp_path):
     (["--selection", "band:1.5"], ["--selection"]),
     (["--ctx-len", "4096"], ["--ctx-len", "at most"]),
     (["--n-sequences", "100000"], ["only", "tokens", "lower --n-sequences"]),
+    # how a run executes (ExecSettings), checked before the model loads or the store exists
+    (["--batch-size", "0"], ["--batch-size 0", "at least 1"]),
+    (["--batch-size", "-4"], ["--batch-size -4", "at least 1"]),
+    (["--workers", "0"], ["--workers 0", "at least 1"]),
+    (["--task-retries", "-1"], ["--task-retries -1"]),
+    (["--device", "tpu"], ["--device 'tpu'", "cpu"]),
+    # sizes: a neuron has at most one example per sequence; a layer range is never expanded
+    (["--k", "9"], ["--k 9", "--n-sequences is 8"]),
+    (["--layers", "0-99999999999"], ["layer 2", "out of range"]),
 ])
 def test_bad_options(capsys, base, tmp_path, extra, words):
     rc, err = _run(capsys, *base, *extra)
@@ -97,3 +106,78 @@ def test_status_lists_states(capsys, tiny_gpt2, tmp_path):
     assert "failed  cluster/L01-N00064: RuntimeError: boom" in text
     assert "pending cluster/L01-N00000" in text
     assert lines[-1] == "32 complete, 1 failed, 1 pending"
+
+
+def test_damaged_root_metadata_is_one_line_and_left_alone(capsys, tiny_gpt2, tmp_path):
+    out = tmp_path / "s.zarr"
+    out.mkdir()
+    (out / "zarr.json").write_text("garbage{")
+    before = tree_digest(str(out))
+    _assert_one_line_error(*_run(capsys, "status", str(out)), "zarr.json is damaged")
+    _assert_one_line_error(*_run(capsys, "run", "--model", tiny_gpt2, "--dataset", "builtin:python-docs", "--out",
+                                 str(out), "--n-sequences", "8", "--ctx-len", "16", "--k", "4", "--device", "cpu"),
+                           "zarr.json is damaged")
+    assert tree_digest(str(out)) == before
+
+
+def test_explore_port_out_of_range(capsys, tmp_path):
+    _assert_one_line_error(*_run(capsys, "explore", str(tmp_path / "s.zarr"), "--port", "99999"), "--port 99999")
+
+
+def test_a_refused_run_keeps_the_users_empty_out_directory(capsys, base, tmp_path):
+    (tmp_path / "s.zarr").mkdir()
+    (tmp_path / "empty.txt").write_text("\n\n")
+    rc, err = _run(capsys, *_with(base, "--dataset", str(tmp_path / "empty.txt")))
+    _assert_one_line_error(rc, err, "no text")
+    assert (tmp_path / "s.zarr").is_dir() and not any((tmp_path / "s.zarr").iterdir())
+
+
+def _sae_train(model: str, out, *extra: str) -> list[str]:
+    return ["sae", "train", "--model", model, "--dataset", "builtin:python-docs", "--layer", "0", "--out", str(out),
+            "--n-sequences", "8", "--ctx-len", "16", "--steps", "2", "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--architecture", "topk", "--topk", "999999"], ["--topk 999999", "1024 features"]),
+    (["--expansion", "inf"], ["--expansion"]),
+    (["--device", "tpu"], ["--device 'tpu'"]),
+    (["--cache", "FILE"], ["--cache", "not a directory"]),
+])
+def test_sae_train_refuses_before_caching(capsys, tiny_gpt2, tmp_path, extra, words):
+    (tmp_path / "afile").write_text("x")
+    extra = [str(tmp_path / "afile") if e == "FILE" else e for e in extra]
+    _assert_one_line_error(*_run(capsys, *_sae_train(tiny_gpt2, tmp_path / "sae", *extra)), *words)
+    assert not (tmp_path / "sae").exists()  # no activations.zarr, nothing
+
+
+def test_sae_train_checks_the_activation_dtype_before_loading_the_model(capsys, tmp_path):
+    rc, err = _run(capsys, *_sae_train(str(tmp_path / "no-such-model"), tmp_path / "sae", "--activation-dtype", "int8"))
+    _assert_one_line_error(rc, err, "--activation-dtype 'int8'")
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("nan", ["W_enc", "NaN"]),
+    ("no_features", ["at least one input and one feature"]),
+    ("hook_layer", ["hook_layer", "'abc'"]),
+])
+def test_sae_evaluate_refuses_a_broken_sae(capsys, tiny_gpt2, tmp_path, damage, words):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.apps.test_sae_evaluate import write_saelens_dir
+
+    sae = tmp_path / "sae"
+    t = write_saelens_dir(sae, 256, 0 if damage == "no_features" else 8, "blocks.1.mlp.hook_post", 1)
+    if damage == "nan":
+        t["W_enc"][3, 2] = torch.nan
+        save_file(t, str(sae / "sae_weights.safetensors"))
+    if damage == "hook_layer":
+        cfg = json.loads((sae / "cfg.json").read_text())
+        (sae / "cfg.json").write_text(json.dumps({**cfg, "hook_layer": "abc"}))
+    rc, err = _run(capsys, "sae", "evaluate", "--sae", str(sae), "--model", tiny_gpt2, "--dataset",
+                   "builtin:python-docs", "--out", str(tmp_path / "s.zarr"), "--n-sequences", "8", "--ctx-len", "16",
+                   "--k", "4", "--device", "cpu")
+    _assert_one_line_error(rc, err, *words)
+    assert not (tmp_path / "s.zarr").exists()

@@ -19,9 +19,11 @@ from pydoc_data.topics import topics
 
 from neuron_embeddings.core.datasets import (
     describe_packing,
+    document_pieces,
     iter_documents,
     pack_tokens,
     parse_hub_spec,
+    piece_mode,
     vocab_strings,
 )
 from neuron_embeddings.core.errors import UserError
@@ -358,6 +360,82 @@ def test_pack_stops_reading_early(request, tokenizer_name: str, needed: int) -> 
     assert allowed < len(docs)
     packed = pack_tokens(strict_documents(docs, allowed), tokenizer, 1, needed)
     assert packed.shape == (1, needed)
+
+
+BIG_DOC = "\n\n".join(PYDOC_TEXTS)  # ~750 KB: one document of all the pydoc topics
+
+
+class RecordingTokenizer:
+    """The real tokenizer, noting the length of every text it is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, texts, **kw):
+        self.lengths += [len(t) for t in texts]
+        return self.tokenizer(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_document_pieces_cut_at_single_spaces_and_rejoin() -> None:
+    doc = BIG_DOC[:50_000] + "y" * 3000 + " tail"  # a stretch without spaces is cut hard
+    pieces = list(document_pieces(doc, 1000))
+    assert "".join(pieces) == doc and all(len(p) <= 1000 for p in pieces)
+    for before, after in zip(pieces, pieces[1:]):
+        if after[0] == " ":  # a word boundary: one space between two non-spaces
+            assert not before[-1].isspace() and not after[1].isspace()
+        else:
+            assert len(before) == 1000  # a hard cut only where no boundary is in reach
+    assert list(document_pieces("short text", 1000)) == ["short text"]
+    stripped = list(document_pieces(BIG_DOC[:20_000], 1000, strip_space=True))
+    assert " ".join(stripped) == BIG_DOC[:20_000]
+
+
+@pytest.mark.parametrize("tokenizer_name", ["bert_tokenizer", "bpe_tokenizer"])
+def test_big_documents_in_pieces_give_the_whole_documents_tokens(request, tokenizer_name: str) -> None:
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    assert piece_mode(tokenizer) is False  # pieces keep their leading space
+    docs = [PYDOC_TEXTS[0], BIG_DOC, "a last short document"]
+    stream = expected_stream(docs, tokenizer, separator_of(tokenizer))  # every document tokenized whole
+    n_sequences = len(stream) // 64
+    recording = RecordingTokenizer(tokenizer)
+    packed = pack_tokens(docs, recording, n_sequences, 64, piece_chars=2000)
+    np.testing.assert_array_equal(packed.ravel(), np.array(stream[:n_sequences * 64], dtype=np.int32))
+    assert max(recording.lengths) <= 2000 < len(BIG_DOC)  # never the whole document at once
+
+
+def test_only_the_pieces_the_rows_need_are_tokenized(bpe_tokenizer) -> None:
+    huge = BIG_DOC * 40  # ~30 MB in one document
+    recording = RecordingTokenizer(bpe_tokenizer)
+    packed = pack_tokens([huge], recording, 8, 128)
+    whole_start = bpe_tokenizer(huge[:100_000], add_special_tokens=False)["input_ids"]
+    np.testing.assert_array_equal(packed.ravel(), np.array(whole_start[:8 * 128], dtype=np.int32))
+    assert sum(recording.lengths) < 200_000  # a piece or two of 64 Ki characters, not 30 MB
+
+
+def separator_of(tokenizer) -> int:
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
+def test_jsonl_lone_surrogate_is_a_user_error(tmp_path: Path, bpe_tokenizer) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + '{"text": "half a pair \\ud800 here"}\n')
+    with pytest.raises(UserError, match="line 2.*lone surrogate"):
+        pack_tokens(iter_documents(str(path)), bpe_tokenizer, 4, 16)
+
+
+def test_parquet_with_damaged_pages_is_a_user_error(tmp_path: Path, bpe_tokenizer) -> None:
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": [f"document {i} " + "lorem ipsum dolor " * 20 for i in range(2000)]}), path,
+                   compression="snappy")
+    data = bytearray(path.read_bytes())
+    for i in range(200, len(data) // 2):  # the data pages; the footer (schema, offsets) stays readable
+        data[i] = (data[i] * 7 + 13) % 256
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="d.parquet.*cannot be read.*damaged"):
+        pack_tokens(iter_documents(str(path)), bpe_tokenizer, 64, 16)
 
 
 def test_pack_empty_dataset(bert_tokenizer) -> None:

