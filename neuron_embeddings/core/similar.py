@@ -9,7 +9,7 @@ as similar as the cosine between their centroids. Two stages over the neuron sha
   the largest centroid cosine to each cluster of the shard. Up to `EXACT_MAX` clusters in the store
   the search is exact (`nearest_clusters`: a blockwise matrix product against all clusters, memory
   bounded by the block sizes); beyond, approximate (`HnswIndex`: a FAISS HNSW graph, built once per
-  process, its candidates re-scored exactly). Both break ties by the lower cluster id.
+  process; the cosines it returns are exact). Both break ties by the lower cluster id.
 
 Clusters of a single example (MIN_CLUSTER_SIZE) are left out on both sides: an outlier example is
 not a behaviour worth linking, and they are ~40 % of all clusters (the demo store), so leaving them
@@ -256,8 +256,7 @@ class HnswIndex:
     """Approximate nearest clusters: a FAISS HNSW graph over the unit centroids of `refs` (inner
     product = cosine). Built on one thread, so the graph, and every search of it, is the same for
     the same clusters (FAISS draws node levels from its own generator, seeded 12345; a threaded
-    build inserts in a timing-dependent order). `search` re-scores the graph's candidates exactly,
-    as `nearest_clusters` scores, and breaks ties the same way."""
+    build inserts in a timing-dependent order). `search` breaks ties as `nearest_clusters` does."""
 
     def __init__(self, refs: ClusterSet, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
                  block: int = 65536):
@@ -272,25 +271,21 @@ class HnswIndex:
         own = refs.owner_N.cpu()  # ascending: a neuron's clusters are one run
         self.max_own = int(torch.unique_consecutive(own, return_counts=True)[1].max()) if len(own) else 0
 
-    def search(self, query: ClusterSet, n: int, ef_search: int = HNSW_EF_SEARCH,
-               extra: int = RESCORE_EXTRA) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `nearest_clusters(query, [refs], n)`, approximately: the graph's n + `extra` + (the most
-        clusters of one neuron) best candidates, those of the query's own neuron dropped, re-scored."""
+    def search(self, query: ClusterSet, n: int, ef_search: int = HNSW_EF_SEARCH) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `nearest_clusters(query, [refs], n)`, approximately: the graph's n + (the most clusters
+        of one neuron) best candidates, those of the query's own neuron dropped. Their cosines are
+        exact (float32 products of the unit centroids); only which candidates are found is approximate."""
         Q, R = len(query), len(self.refs)
         if Q == 0 or R == 0:
             return _best_first(torch.full((Q, n), -1), torch.full((Q, n), torch.nan))
-        m = min(n + extra + self.max_own, R)
+        m = min(n + self.max_own, R)
         self.index.hnsw.efSearch = max(ef_search, m)
-        _, at_QM = self.index.search(np.ascontiguousarray(query.unit().cpu().numpy()), m)
-        at_QM = torch.from_numpy(at_QM).to(query.c_ND.device)
-        ok = (at_QM >= 0) & (self.refs.owner_N[at_QM.clamp_min(0)] != query.owner_N[:, None])
-        q_unit = query.unit()
-        cos = torch.empty(at_QM.shape)
-        for q0 in range(0, Q, 256):
-            q = slice(q0, q0 + 256)
-            cos[q] = torch.einsum("qd,qmd->qm", q_unit[q], self.refs.unit(at_QM[q].clamp_min(0)))
-        ids = torch.where(ok, self.refs.id_N[at_QM.clamp_min(0)], torch.full_like(at_QM, -1))
-        return _best_first(ids, torch.where(ok, cos, torch.full_like(cos, -torch.inf)), n)
+        cos_QM, at_QM = (torch.from_numpy(a) for a in self.index.search(np.ascontiguousarray(query.unit().cpu().numpy()), m))
+        own, ids = self.refs.owner_N.cpu(), self.refs.id_N.cpu()
+        ok = (at_QM >= 0) & (own[at_QM.clamp_min(0)] != query.owner_N.cpu()[:, None])
+        ids = torch.where(ok, ids[at_QM.clamp_min(0)], torch.full_like(at_QM, -1))
+        id_QN, cos_QN = _best_first(ids, torch.where(ok, cos_QM, torch.full_like(cos_QM, -torch.inf)), n)
+        return id_QN.to(query.c_ND.device), cos_QN.to(query.c_ND.device)
 
     @property
     def nbytes(self) -> int:

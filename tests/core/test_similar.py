@@ -106,13 +106,13 @@ def test_hnsw_neighbours_recall_brute_force_and_are_deterministic():
     cent, owner = _planted(rng)
     s = _set(cent, owner, np.arange(len(cent)))
     want_id, want_cos = _direct_neighbours(cent, owner, 5)
-    got_id, got_cos = HnswIndex(s, ef_construction=16).search(s, 5, ef_search=16, extra=0)
+    got_id, got_cos = HnswIndex(s, ef_construction=16).search(s, 5, ef_search=16)
     recall = np.mean([len(set(g) & set(w)) / 5 for g, w in zip(got_id.tolist(), want_id)])
     assert 0.95 <= recall < 1  # approximate (a small graph, small lists), and close
     hit = got_id.numpy() == want_id
-    np.testing.assert_allclose(got_cos.numpy()[hit], want_cos[hit], atol=1e-6)  # re-scored exactly
+    np.testing.assert_allclose(got_cos.numpy()[hit], want_cos[hit], atol=1e-6)  # exact cosines
     assert not (owner[got_id.numpy()] == owner[:, None]).any()  # never the query's own neuron
-    again = HnswIndex(s, ef_construction=16).search(s, 5, ef_search=16, extra=0)
+    again = HnswIndex(s, ef_construction=16).search(s, 5, ef_search=16)
     assert torch.equal(again[0], got_id) and torch.equal(again[1], got_cos)
 
 
