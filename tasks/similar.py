@@ -3,6 +3,7 @@ every shard's centroids (core.similar), which must all be complete: exact up to 
 in the store (or on a GPU), else through an HNSW graph that each process builds once."""
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -17,6 +18,7 @@ from neuron_embeddings.storage import store as st
 from neuron_embeddings.tasks.common import run_unit, task_logger
 
 _CACHE: dict[tuple, ClusterSet | HnswIndex | int] = {}
+_BUILD = threading.Lock()  # one graph build per process at a time
 CACHE_BYTES = 2 * 2**30  # per process, exact search: all of a store's clusters, when they fit; else read shard by shard
 
 
@@ -65,13 +67,14 @@ def _n_clusters(store: st.Store, shards) -> int:
 def _hnsw(store: st.Store, shards, d_mlp: int) -> HnswIndex:
     """Every shard's clusters in one HNSW graph, built once per process (CPU)."""
     key = _key(store, shards, "hnsw")
-    if key not in _CACHE:
-        t0 = time.perf_counter()
-        index = HnswIndex(ClusterSet.concat([_shard_clusters(store, sh, d_mlp, "cpu") for sh in shards]))
-        task_logger().info("similar: HNSW graph of %d clusters built in %.1f s (%.2f GB)", len(index.refs),
-                 time.perf_counter() - t0, index.nbytes / 1e9)
-        _keep(key, index)
-    return _CACHE[key]
+    with _BUILD:
+        if key not in _CACHE:
+            t0 = time.perf_counter()
+            index = HnswIndex(ClusterSet.concat([_shard_clusters(store, sh, d_mlp, "cpu") for sh in shards]))
+            task_logger().info("similar: HNSW graph of %d clusters built in %.1f s (%.2f GB)", len(index.refs),
+                               time.perf_counter() - t0, index.nbytes / 1e9)
+            _keep(key, index)
+        return _CACHE[key]
 
 
 @task(name="similar-shard", task_run_name="similar-{shard[id]}", cache_policy=NO_CACHE)
@@ -95,21 +98,20 @@ def similar_shard(out: str, shard: dict, device: str = "cpu", batch_size: int = 
             query = index.refs.rows(slice(a, b))
             with torch.inference_mode():
                 ids, cos = index.search(query, st.n_similar(store))
-            nb, cs = scatter_neighbours(query, ids, cos, me.stop - me.start, s.k, d_mlp, me.start)
-            st.write_similar(store, (me.row, slice(me.start, me.stop)), nb, cs)
-            return {"clusters": len(query), "search": "hnsw", "store_clusters": n_all}
-        every = _all_clusters(store, shards, d_mlp, dev, dtype)
-        if every is not None:
-            a, b = (int(torch.searchsorted(every.owner_N, v)) for v in (lo, hi))
-            query, refs = every.rows(slice(a, b)), [every]
-        else:  # too big to keep: stream the shards (bounded memory, more reading)
-            query = _shard_clusters(store, me, d_mlp, dev)
-            refs = (_shard_clusters(store, sh, d_mlp, dev) for sh in shards)
-        with torch.inference_mode():
-            ids, cos = nearest_clusters(query, refs, st.n_similar(store), search_dtype=dtype)
+            how = {"search": "hnsw"}
+        else:
+            every = _all_clusters(store, shards, d_mlp, dev, dtype)
+            if every is not None:
+                a, b = (int(torch.searchsorted(every.owner_N, v)) for v in (lo, hi))
+                query, refs = every.rows(slice(a, b)), [every]
+            else:  # too big to keep: stream the shards (bounded memory, more reading)
+                query = _shard_clusters(store, me, d_mlp, dev)
+                refs = (_shard_clusters(store, sh, d_mlp, dev) for sh in shards)
+            with torch.inference_mode():
+                ids, cos = nearest_clusters(query, refs, st.n_similar(store), search_dtype=dtype)
+            how = {"search": "exact", "search_dtype": str(dtype).removeprefix("torch.")}
         nb, cs = scatter_neighbours(query, ids, cos, me.stop - me.start, s.k, d_mlp, me.start)
         st.write_similar(store, (me.row, slice(me.start, me.stop)), nb, cs)
-        return {"clusters": len(query), "search": "exact", "store_clusters": n_all,
-                "search_dtype": str(dtype).removeprefix("torch.")}
+        return {"clusters": len(query), "store_clusters": n_all, **how}
 
     return run_unit(out, "similar", shard["id"], work)

@@ -20,7 +20,7 @@ Clusters are identified by (row, neuron, cluster): store row, neuron index, clus
 from __future__ import annotations
 
 import contextlib
-import logging
+import threading
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -28,8 +28,6 @@ import numpy as np
 import torch
 
 from neuron_embeddings.core.errors import UserError
-
-log = logging.getLogger(__name__)
 
 
 def cluster_centroids(emb_SKD: np.ndarray, labels_SK: np.ndarray, dtype=np.float32) -> np.ndarray:
@@ -242,14 +240,20 @@ def _faiss():
     return faiss
 
 
+_FAISS_THREADS = threading.Lock()
+
+
 @contextlib.contextmanager
 def _faiss_threads(faiss, n: int):
+    """FAISS on `n` threads meanwhile (its setting is per process: one user at a time)."""
+    _FAISS_THREADS.acquire()
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(n)
     try:
         yield
     finally:
         faiss.omp_set_num_threads(before)
+        _FAISS_THREADS.release()
 
 
 class HnswIndex:
