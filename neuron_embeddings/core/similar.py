@@ -283,8 +283,9 @@ class HnswIndex:
         if Q == 0 or R == 0:
             return _best_first(torch.full((Q, n), -1), torch.full((Q, n), torch.nan))
         m = min(n + self.max_own, R)
-        self.index.hnsw.efSearch = max(ef_search, m)
-        cos_QM, at_QM = (torch.from_numpy(a) for a in self.index.search(np.ascontiguousarray(query.unit().cpu().numpy()), m))
+        params = _faiss().SearchParametersHNSW(efSearch=max(ef_search, m))  # per call: threads may share the graph
+        x_QD = np.ascontiguousarray(query.unit().cpu().numpy())
+        cos_QM, at_QM = (torch.from_numpy(a) for a in self.index.search(x_QD, m, params=params))
         own, ids = self.refs.owner_N.cpu(), self.refs.id_N.cpu()
         ok = (at_QM >= 0) & (own[at_QM.clamp_min(0)] != query.owner_N.cpu()[:, None])
         ids = torch.where(ok, ids[at_QM.clamp_min(0)], torch.full_like(at_QM, -1))
