@@ -1,20 +1,25 @@
 """The `similar` stage: for every cluster of a shard, the nearest clusters of other neurons, against
-every shard's centroids (core.similar), which must all be complete."""
+every shard's centroids (core.similar), which must all be complete: exact up to `EXACT_MAX` clusters
+in the store (or on a GPU), else through an HNSW graph that each process builds once."""
 from __future__ import annotations
+
+import threading
+import time
 
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from neuron_embeddings.core.plan import neuron_shards
-from neuron_embeddings.core.similar import (ClusterSet, cluster_sizes, compact, nearest_clusters, scatter_neighbours,
-                                            search_dtype)
+from neuron_embeddings.core.similar import (MIN_CLUSTER_SIZE, ClusterSet, HnswIndex, cluster_sizes, compact,
+                                            exact_search, nearest_clusters, scatter_neighbours, search_dtype)
 from neuron_embeddings.storage import schema
 from neuron_embeddings.storage import store as st
-from neuron_embeddings.tasks.common import run_unit
+from neuron_embeddings.tasks.common import run_unit, task_logger
 
-_CACHE: dict[tuple, ClusterSet] = {}
-CACHE_BYTES = 2 * 2**30  # per process: all of a store's clusters, when they fit; else read shard by shard
+_CACHE: dict[tuple, ClusterSet | HnswIndex | int] = {}
+_BUILD = threading.Lock()  # one graph build per process at a time
+CACHE_BYTES = 2 * 2**30  # per process, exact search: all of a store's clusters, when they fit; else read shard by shard
 
 
 def _shard_clusters(store: st.Store, sh, d_mlp: int, device: str) -> ClusterSet:
@@ -27,17 +32,49 @@ def _all_clusters(store: st.Store, shards, d_mlp: int, device: str, dtype: torch
     """Every shard's clusters as one set ready to search, kept for the process's next shards
     (keyed by the centroid markers: recomputed centroids are read again); None when they would
     not fit in CACHE_BYTES."""
-    stamps = tuple(store.marker_record("centroids", sh.id) for sh in shards)
-    key = (store.url, stamps, device, dtype)
+    key = _key(store, shards, "exact", device, dtype)
     if key not in _CACHE:
         d_embed = store.array(schema.CENTROIDS).shape[-1]
         upper = int(st.read_metrics(store, ("n_clusters",))["n_clusters"].sum()) * d_embed * (
             st.centroid_dtype(store).itemsize + 4)
         if upper > CACHE_BYTES:
             return None
-        _CACHE.clear()
-        _CACHE[key] = ClusterSet.concat([_shard_clusters(store, sh, d_mlp, device) for sh in shards]).searchable(dtype)
+        _keep(key, ClusterSet.concat([_shard_clusters(store, sh, d_mlp, device) for sh in shards]).searchable(dtype))
     return _CACHE[key]
+
+
+def _key(store: st.Store, shards, *what) -> tuple:
+    """Cache key: the store and its centroid markers (recomputed centroids are read again)."""
+    return (store.url, tuple(store.marker_record("centroids", sh.id) for sh in shards), *what)
+
+
+def _keep(key: tuple, value) -> None:
+    """Keep one store's search structures at a time (a new store or new centroids replace them)."""
+    for k in [k for k in _CACHE if k[:2] != key[:2]]:
+        del _CACHE[k]
+    _CACHE[key] = value
+
+
+def _n_clusters(store: st.Store, shards) -> int:
+    """Clusters the search covers (of >= MIN_CLUSTER_SIZE examples) in the whole store."""
+    key = _key(store, shards, "count")
+    if key not in _CACHE:
+        labels = st.read(store, schema.LABELS)
+        _keep(key, int((cluster_sizes(labels.reshape(-1, labels.shape[-1])) >= MIN_CLUSTER_SIZE).sum()))
+    return _CACHE[key]
+
+
+def _hnsw(store: st.Store, shards, d_mlp: int) -> HnswIndex:
+    """Every shard's clusters in one HNSW graph, built once per process (CPU)."""
+    key = _key(store, shards, "hnsw")
+    with _BUILD:
+        if key not in _CACHE:
+            t0 = time.perf_counter()
+            index = HnswIndex(ClusterSet.concat([_shard_clusters(store, sh, d_mlp, "cpu") for sh in shards]))
+            task_logger().info("similar: HNSW graph of %d clusters built in %.1f s (%.2f GB)", len(index.refs),
+                               time.perf_counter() - t0, index.nbytes / 1e9)
+            _keep(key, index)
+        return _CACHE[key]
 
 
 @task(name="similar-shard", task_run_name="similar-{shard[id]}", cache_policy=NO_CACHE)
@@ -53,18 +90,28 @@ def similar_shard(out: str, shard: dict, device: str = "cpu", batch_size: int = 
         dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = search_dtype(dev)
         me = next(sh for sh in shards if sh.id == shard["id"])
-        every = _all_clusters(store, shards, d_mlp, dev, dtype)
-        if every is not None:
-            lo, hi = (me.row * d_mlp + me.start, me.row * d_mlp + me.stop)
-            a, b = (int(torch.searchsorted(every.owner_N, v)) for v in (lo, hi))
-            query, refs = every.rows(slice(a, b)), [every]
-        else:  # too big to keep: stream the shards (bounded memory, more reading)
-            query = _shard_clusters(store, me, d_mlp, dev)
-            refs = (_shard_clusters(store, sh, d_mlp, dev) for sh in shards)
-        with torch.inference_mode():
-            ids, cos = nearest_clusters(query, refs, st.n_similar(store), search_dtype=dtype)
+        lo, hi = (me.row * d_mlp + me.start, me.row * d_mlp + me.stop)
+        n_all = _n_clusters(store, shards)
+        if not exact_search(n_all, dev):
+            index = _hnsw(store, shards, d_mlp)
+            a, b = (int(torch.searchsorted(index.refs.owner_N, v)) for v in (lo, hi))
+            query = index.refs.rows(slice(a, b))
+            with torch.inference_mode():
+                ids, cos = index.search(query, st.n_similar(store))
+            how = {"search": "hnsw"}
+        else:
+            every = _all_clusters(store, shards, d_mlp, dev, dtype)
+            if every is not None:
+                a, b = (int(torch.searchsorted(every.owner_N, v)) for v in (lo, hi))
+                query, refs = every.rows(slice(a, b)), [every]
+            else:  # too big to keep: stream the shards (bounded memory, more reading)
+                query = _shard_clusters(store, me, d_mlp, dev)
+                refs = (_shard_clusters(store, sh, d_mlp, dev) for sh in shards)
+            with torch.inference_mode():
+                ids, cos = nearest_clusters(query, refs, st.n_similar(store), search_dtype=dtype)
+            how = {"search": "exact", "search_dtype": str(dtype).removeprefix("torch.")}
         nb, cs = scatter_neighbours(query, ids, cos, me.stop - me.start, s.k, d_mlp, me.start)
         st.write_similar(store, (me.row, slice(me.start, me.stop)), nb, cs)
-        return {"clusters": len(query), "search_dtype": str(dtype).removeprefix("torch.")}
+        return {"clusters": len(query), "store_clusters": n_all, **how}
 
     return run_unit(out, "similar", shard["id"], work)

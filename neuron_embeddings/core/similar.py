@@ -6,9 +6,10 @@ as similar as the cosine between their centroids. Two stages over the neuron sha
 - `centroids` (per shard): each cluster's centroid and its top token (the token its examples most
   often peak on; the explorer labels links and searches tokens with it);
 - `similar` (per shard, after every centroid shard): the `N_SIMILAR` clusters of other neurons with
-  the largest centroid cosine to each cluster of the shard, by a blockwise matrix product against
-  all clusters of the store (memory bounded by the block sizes; each process keeps the store's
-  centroids for its next shards when they fit in CACHE_BYTES, else reads them shard by shard).
+  the largest centroid cosine to each cluster of the shard. Up to `EXACT_MAX` clusters in the store
+  the search is exact (`nearest_clusters`: a blockwise matrix product against all clusters, memory
+  bounded by the block sizes); beyond, approximate (`HnswIndex`: a FAISS HNSW graph, built once per
+  process; the cosines it returns are exact). Both break ties by the lower cluster id.
 
 Clusters of a single example (MIN_CLUSTER_SIZE) are left out on both sides: an outlier example is
 not a behaviour worth linking, and they are ~40 % of all clusters (the demo store), so leaving them
@@ -18,11 +19,15 @@ Clusters are identified by (row, neuron, cluster): store row, neuron index, clus
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 import torch
+
+from neuron_embeddings.core.errors import UserError
 
 
 def cluster_centroids(emb_SKD: np.ndarray, labels_SK: np.ndarray, dtype=np.float32) -> np.ndarray:
@@ -196,10 +201,102 @@ def nearest_clusters(query: ClusterSet, refs: Iterable[ClusterSet], n: int, bloc
         ids = torch.where(ok, ref.id_N[cand_at.clamp_min(0)], torch.full_like(cand_at, -1))
         top_cos, top_at = torch.topk(torch.cat([best_cos, exact], dim=1), n, dim=1)
         best_cos, best_id = top_cos, torch.gather(torch.cat([best_id, ids], dim=1), 1, top_at)
-    missing = torch.isinf(best_cos)
-    best_id[missing] = -1
-    best_cos[missing] = torch.nan
-    return best_id, best_cos
+    return _best_first(best_id, best_cos)
+
+
+def _best_first(id_QM: torch.Tensor, cos_QM: torch.Tensor, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `n` best of each row (all by default), largest cosine first, ties by the lower cluster id;
+    -1 / NaN where fewer (ids < 0 or cosines -inf / NaN are none)."""
+    none = (id_QM < 0) | ~torch.isfinite(cos_QM)
+    cos = torch.where(none, torch.full_like(cos_QM, -torch.inf), cos_QM)
+    ids = torch.where(none, torch.full_like(id_QM, torch.iinfo(torch.int64).max), id_QM)
+    by_id = torch.sort(ids, dim=1, stable=True).indices
+    cos, ids = torch.gather(cos, 1, by_id), torch.gather(ids, 1, by_id)
+    by_cos = torch.sort(cos, dim=1, descending=True, stable=True).indices[:, :n]
+    cos, ids = torch.gather(cos, 1, by_cos), torch.gather(ids, 1, by_cos)
+    none = torch.isinf(cos)
+    return ids.masked_fill(none, -1), cos.masked_fill(none, torch.nan)
+
+
+EXACT_MAX = 150_000  # clusters in the store up to which the search is exact; beyond, HNSW (docs/performance.md)
+HNSW_M = 32  # graph links per node (FAISS IndexHNSWFlat)
+HNSW_EF_CONSTRUCTION = 64  # candidate list while building the graph
+HNSW_EF_SEARCH = 192  # candidate list while searching (at least the candidates asked for)
+
+
+def exact_search(n_clusters: int, device: str, exact_max: int | None = None) -> bool:
+    """Whether a store of `n_clusters` (of >= MIN_CLUSTER_SIZE examples) is searched exactly: up to
+    `exact_max` (default EXACT_MAX) on a CPU, always on a GPU (the matrix product is fast there;
+    FAISS runs on the CPU)."""
+    return n_clusters <= (EXACT_MAX if exact_max is None else exact_max) or not device.startswith("cpu")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as e:
+        raise UserError("similar clusters of a large store need FAISS for the approximate search: "
+                        "pip install faiss-cpu (or run with --no-similar)") from e
+    return faiss
+
+
+_FAISS_THREADS = threading.Lock()
+
+
+@contextlib.contextmanager
+def _faiss_threads(faiss, n: int):
+    """FAISS on `n` threads meanwhile (its setting is per process: one user at a time)."""
+    _FAISS_THREADS.acquire()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+        _FAISS_THREADS.release()
+
+
+class HnswIndex:
+    """Approximate nearest clusters: a FAISS HNSW graph over the unit centroids of `refs` (inner
+    product = cosine). Built on one thread, so the graph, and every search of it, is the same for
+    the same clusters (FAISS draws node levels from its own generator, seeded 12345; a threaded
+    build inserts in a timing-dependent order). `search` breaks ties as `nearest_clusters` does."""
+
+    def __init__(self, refs: ClusterSet, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
+                 block: int = 65536):
+        faiss = _faiss()
+        self.refs = refs.rows(slice(None))
+        self.refs.search_ND = None  # the graph holds its own float32 copy
+        self.index = faiss.IndexHNSWFlat(refs.c_ND.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efConstruction = ef_construction
+        with _faiss_threads(faiss, 1):
+            for a in range(0, len(refs), block):
+                self.index.add(np.ascontiguousarray(refs.unit(slice(a, a + block)).cpu().numpy()))
+        own = refs.owner_N.cpu()  # ascending: a neuron's clusters are one run
+        self.max_own = int(torch.unique_consecutive(own, return_counts=True)[1].max()) if len(own) else 0
+
+    def search(self, query: ClusterSet, n: int, ef_search: int = HNSW_EF_SEARCH) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `nearest_clusters(query, [refs], n)`, approximately: the graph's n + (the most clusters
+        of one neuron) best candidates, those of the query's own neuron dropped. Their cosines are
+        exact (float32 products of the unit centroids); only which candidates are found is approximate."""
+        Q, R = len(query), len(self.refs)
+        if Q == 0 or R == 0:
+            return _best_first(torch.full((Q, n), -1), torch.full((Q, n), torch.nan))
+        m = min(n + self.max_own, R)
+        params = _faiss().SearchParametersHNSW(efSearch=max(ef_search, m))  # per call: threads may share the graph
+        x_QD = np.ascontiguousarray(query.unit().cpu().numpy())
+        cos_QM, at_QM = (torch.from_numpy(a) for a in self.index.search(x_QD, m, params=params))
+        own, ids = self.refs.owner_N.cpu(), self.refs.id_N.cpu()
+        ok = (at_QM >= 0) & (own[at_QM.clamp_min(0)] != query.owner_N.cpu()[:, None])
+        ids = torch.where(ok, ids[at_QM.clamp_min(0)], torch.full_like(at_QM, -1))
+        id_QN, cos_QN = _best_first(ids, torch.where(ok, cos_QM, torch.full_like(cos_QM, -torch.inf)), n)
+        return id_QN.to(query.c_ND.device), cos_QN.to(query.c_ND.device)
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory: the graph's float32 vectors and links, and the centroids."""
+        n, d = self.index.ntotal, self.index.d
+        return n * (4 * d + 4 * self.index.hnsw.nb_neighbors(0) * 5 // 4) + self.refs.nbytes
 
 
 _DTYPE_CHOICE: dict[str, torch.dtype] = {}

@@ -1,6 +1,8 @@
 """Similar clusters: centroids, top tokens and nearest clusters against direct NumPy computations."""
 from __future__ import annotations
 
+import shutil
+import sys
 from collections import Counter
 
 import numpy as np
@@ -8,7 +10,13 @@ import pytest
 import torch
 import zarr
 
-from neuron_embeddings.core.similar import ClusterSet, cluster_centroids, cluster_top_tokens, compact, nearest_clusters
+from neuron_embeddings.core import similar
+from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.plan import neuron_shards
+from neuron_embeddings.core.similar import (ClusterSet, HnswIndex, cluster_centroids, cluster_top_tokens, compact,
+                                            nearest_clusters)
+from neuron_embeddings.storage.store import Store
+from neuron_embeddings.tasks.similar import similar_shard
 from tests.helpers import options, run_stages
 
 
@@ -86,6 +94,39 @@ def test_nearest_clusters_match_brute_force_for_any_block_size(block, dtype):
     np.testing.assert_allclose(got_cos.numpy(), want_cos, atol=1e-6)  # exact cosines, also after bf16 search
 
 
+def _planted(rng, N=1200, D=24, groups=100):
+    """Centroids around planted directions (clusters of different neurons alike, as in real stores)."""
+    centre = rng.standard_normal((groups, D))
+    cent = centre[rng.integers(0, groups, N)] + 0.6 * rng.standard_normal((N, D))
+    return cent.astype(np.float32), np.sort(rng.integers(0, N // 4, N))
+
+
+def test_hnsw_neighbours_recall_brute_force_and_are_deterministic():
+    rng = np.random.default_rng(3)
+    cent, owner = _planted(rng)
+    s = _set(cent, owner, np.arange(len(cent)))
+    want_id, want_cos = _direct_neighbours(cent, owner, 5)
+    got_id, got_cos = HnswIndex(s, ef_construction=16).search(s, 5, ef_search=16)
+    recall = np.mean([len(set(g) & set(w)) / 5 for g, w in zip(got_id.tolist(), want_id)])
+    assert 0.95 <= recall < 1  # approximate (a small graph, small lists), and close
+    hit = got_id.numpy() == want_id
+    np.testing.assert_allclose(got_cos.numpy()[hit], want_cos[hit], atol=1e-6)  # exact cosines
+    assert not (owner[got_id.numpy()] == owner[:, None]).any()  # never the query's own neuron
+    again = HnswIndex(s, ef_construction=16).search(s, 5, ef_search=16)
+    assert torch.equal(again[0], got_id) and torch.equal(again[1], got_cos)
+
+
+def test_ties_go_to_the_lower_cluster_id_on_both_paths():
+    base = np.random.default_rng(4).standard_normal((5, 8)).astype(np.float32)
+    cent, owner = np.repeat(base, 3, axis=0), np.arange(15)  # 3 equal centroids, each its own neuron
+    s = _set(cent, owner, np.arange(15) * 10)
+    for block in (2, 4096):
+        ids, _ = nearest_clusters(s, [s], 2, block=block)
+        assert ids[0].tolist() == [10, 20] and ids[2].tolist() == [0, 10]
+    ids, cos = HnswIndex(s).search(s, 2)
+    assert ids[0].tolist() == [10, 20] and ids[2].tolist() == [0, 10] and torch.allclose(cos, torch.ones(15, 2))
+
+
 def test_fewer_candidates_than_n_are_padded():
     q = _set(np.eye(3, dtype=np.float32), np.array([0, 0, 1]), np.array([0, 1, 2]))
     ids, cos = nearest_clusters(q, [q], 5)
@@ -149,3 +190,37 @@ def test_store_top_tokens_are_tokens_the_cluster_peaks_on(store):
     r, j, c = np.argwhere(top >= 0)[7]
     peaks = Counter(int(tokens[seq[r, j, i], pos[r, j, i]]) for i in np.flatnonzero(labels[r, j] == c))
     assert peaks[int(top[r, j, c])] == max(peaks.values()) == store["similar/top_count"][r, j, c]
+
+
+def _rerun_similar(path: str) -> list[dict]:
+    """The similar stage again, every shard; their records."""
+    st, out = Store(path), []
+    for sh in neuron_shards(st.settings(), int(st.attrs["d_mlp"])):
+        st.clear_marker("similar", sh.id)
+        out.append(similar_shard.fn(path, {**sh.__dict__, "id": sh.id}, "cpu"))
+    return out
+
+
+def test_similar_stage_through_the_hnsw_graph_matches_the_exact_one(store, tmp_path, monkeypatch):
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(store.store.root, copy)
+    monkeypatch.setattr(similar, "EXACT_MAX", 0)  # every store is "large": the approximate path
+    assert {r["search"] for r in _rerun_similar(str(copy))} == {"hnsw"}
+    got = zarr.open_group(str(copy), mode="r")
+    assert np.array_equal(got["similar/neighbours"][:], store["similar/neighbours"][:])  # a small store: all found
+    np.testing.assert_allclose(got["similar/cosine"][:], store["similar/cosine"][:], atol=1e-6)
+
+
+def test_without_faiss_a_large_store_fails_with_the_fix_and_marks_nothing_complete(store, tmp_path, monkeypatch):
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(store.store.root, copy)
+    monkeypatch.setattr(similar, "EXACT_MAX", 0)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if not installed: `import faiss` raises ImportError
+    st = Store(str(copy))
+    sh = neuron_shards(st.settings(), int(st.attrs["d_mlp"]))[0]
+    st.clear_marker("similar", sh.id)
+    before = zarr.open_group(str(copy), mode="r")["similar/neighbours"][:]
+    with pytest.raises(UserError, match="pip install faiss-cpu"):
+        similar_shard.fn(str(copy), {**sh.__dict__, "id": sh.id}, "cpu")
+    assert not st.is_complete("similar", sh.id)
+    assert np.array_equal(zarr.open_group(str(copy), mode="r")["similar/neighbours"][:], before)

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Similar clusters: today's exact search against the HNSW graph (core.similar), side by side.
+
+For each size (`--base` clusters x each of `--scales`), in one run:
+- exact: `nearest_clusters` (blockwise matrix product in the search dtype `search_dtype` picks, as
+  the stage runs it) for a sample of `--queries` clusters against all clusters; its cost is linear
+  in the queries, so the whole search is projected as sample seconds x clusters / queries;
+- FAISS IndexFlatIP (exact, float32) for the same sample at the first size (the library's exact
+  search, for comparison);
+- hnsw: `HnswIndex` built over all clusters (one thread, as the stage builds it) and searched for
+  every cluster (FAISS's threads); recall@5 of its neighbours against the exact ones on the sample.
+
+Clusters come from a store (`--store`: every cluster of >= 2 examples, as the stage reads them;
+smaller sizes are random subsets of neurons) or are synthetic (`--synthetic`: bench_explorer's
+GPT-2-small shape, 1-20 planted clusters per neuron with independent random centres in d 768, so
+no cluster is much nearer than the rest: the hardest case for an approximate search).
+
+    .venv/bin/python benchmarks/bench_similar.py --store /tmp/smol-full.zarr --base 43000 --scales 1 2 4
+    .venv/bin/python benchmarks/bench_similar.py --synthetic --base 60000 --scales 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from neuron_embeddings.core.similar import ClusterSet, HnswIndex, nearest_clusters, search_dtype  # noqa: E402
+
+N_SIMILAR = 5
+
+
+def store_clusters(path: str) -> ClusterSet:
+    from neuron_embeddings.core.plan import neuron_shards
+    from neuron_embeddings.storage import store as st
+    from neuron_embeddings.tasks.similar import _shard_clusters
+
+    store = st.Store(path)
+    d_mlp = int(store.attrs["d_mlp"])
+    return ClusterSet.concat([_shard_clusters(store, sh, d_mlp, "cpu") for sh in neuron_shards(store.settings(), d_mlp)])
+
+
+def synthetic_clusters(n: int, seed: int = 0, d: int = 768, k: int = 50) -> ClusterSet:
+    """~n clusters of the bench_explorer generator's shape: per neuron min(geometric(0.12), 20)
+    planted clusters; a centroid is its centre (random) plus the mean noise of its members."""
+    rng = np.random.default_rng(seed)
+    n_c = np.minimum(rng.geometric(0.12, n), 20)
+    n_c = n_c[: np.searchsorted(np.cumsum(n_c), n) + 1]
+    owner = np.repeat(np.arange(len(n_c)), n_c)[:n]
+    size = rng.integers(2, 12, n)
+    cent = rng.standard_normal((n, d), dtype=np.float32)
+    cent /= np.sqrt(d)
+    cent += (0.45 / np.sqrt(size))[:, None].astype(np.float32) * rng.standard_normal((n, d), dtype=np.float32) / np.sqrt(d)
+    c = torch.from_numpy(cent).to(torch.float16)
+    return ClusterSet(c, 1 / c.float().norm(dim=1), torch.from_numpy(owner), torch.from_numpy(np.arange(n)))
+
+
+def subset(cs: ClusterSet, n: int, seed: int) -> ClusterSet:
+    """About n clusters: those of a random subset of neurons (owners stay ascending)."""
+    if n >= len(cs):
+        return cs
+    owners = torch.unique(cs.owner_N)
+    keep = torch.from_numpy(np.random.default_rng(seed).permutation(len(owners))[: int(len(owners) * n / len(cs))])
+    at = torch.nonzero(torch.isin(cs.owner_N, owners[keep.sort().values])).squeeze(1)
+    return ClusterSet(cs.c_ND[at], cs.inv_N[at], cs.owner_N[at], cs.id_N[at])
+
+
+def measure(cs: ClusterSet, n_queries: int, seed: int, faiss_flat: bool) -> dict:
+    N = len(cs)
+    sample = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(N, min(n_queries, N), replace=False)))
+    q = ClusterSet(cs.c_ND[sample], cs.inv_N[sample], cs.owner_N[sample], cs.id_N[sample])
+    out = {"clusters": N, "d": cs.c_ND.shape[1], "queries": len(sample)}
+    dt = search_dtype("cpu")
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        refs = cs.searchable(dt)
+        exact_id, _ = nearest_clusters(q, [refs], N_SIMILAR, search_dtype=dt)
+        t = time.perf_counter() - t0
+        del refs
+    out.update(exact_sample_s=round(t, 2), exact_projected_s=round(t * N / len(sample), 1),
+               exact_dtype=str(dt).removeprefix("torch."))
+    if faiss_flat:
+        import faiss
+        t0 = time.perf_counter()
+        flat = faiss.IndexFlatIP(cs.c_ND.shape[1])
+        for a in range(0, N, 65536):
+            flat.add(np.ascontiguousarray(cs.unit(slice(a, a + 65536)).numpy()))
+        flat.search(np.ascontiguousarray(q.unit().numpy()), N_SIMILAR + 30)
+        t = time.perf_counter() - t0
+        out.update(faiss_flat_sample_s=round(t, 2), faiss_flat_projected_s=round(t * N / len(sample), 1))
+        del flat
+    t0 = time.perf_counter()
+    index = HnswIndex(cs)
+    out["hnsw_build_s"] = round(time.perf_counter() - t0, 1)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        index.search(cs, N_SIMILAR)  # every cluster, as the stage's shards do together
+        out["hnsw_search_s"] = round(time.perf_counter() - t0, 1)
+        got_id, _ = index.search(q, N_SIMILAR)
+    out["hnsw_s"] = round(out["hnsw_build_s"] + out["hnsw_search_s"], 1)
+    found = [len(set(g) & set(w) - {-1}) / max(1, len(set(w) - {-1})) for g, w in zip(got_id.tolist(), exact_id.tolist())]
+    out["recall_at_5"] = round(float(np.mean(found)), 4)
+    out["hnsw_GB"] = round(index.nbytes / 1e9, 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--store", help="a store whose centroids stage is complete")
+    src.add_argument("--synthetic", action="store_true")
+    ap.add_argument("--base", type=int, default=60000, help="clusters at scale 1")
+    ap.add_argument("--scales", type=float, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--queries", type=int, default=3000, help="exact search: sample of query clusters")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-json")
+    a = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    t0 = time.perf_counter()
+    every = store_clusters(a.store) if a.store else synthetic_clusters(int(a.base * max(a.scales)), a.seed)
+    print(f"{len(every)} clusters of d {every.c_ND.shape[1]} ({'store ' + a.store if a.store else 'synthetic'}), "
+          f"read in {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    rows = []
+    for i, s in enumerate(a.scales):
+        r = {"scale": s, **measure(subset(every, int(a.base * s), a.seed), a.queries, a.seed, faiss_flat=i == 0)}
+        r["hnsw_over_exact"] = round(r["hnsw_s"] / r["exact_projected_s"], 3)
+        r["load_average"] = round(os.getloadavg()[0], 1)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    print(f"\n| scale | clusters | exact (today), s | HNSW build + search, s | HNSW / exact | recall@5 | load |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['scale']:g}x | {r['clusters']:,} | {r['exact_projected_s']:.0f} | {r['hnsw_build_s']:.0f} + "
+              f"{r['hnsw_search_s']:.0f} | {r['hnsw_over_exact']:.2f} | {r['recall_at_5']:.3f} | {r['load_average']} |")
+    if "faiss_flat_projected_s" in rows[0]:
+        print(f"\nFAISS IndexFlatIP (exact, float32) at {rows[0]['clusters']:,} clusters: {rows[0]['faiss_flat_projected_s']:.0f} s "
+              f"projected, against {rows[0]['exact_projected_s']:.0f} s for today's search ({rows[0]['exact_dtype']})")
+    if a.out_json:
+        Path(a.out_json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
