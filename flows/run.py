@@ -14,7 +14,7 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from neuron_embeddings.core.settings import ExecSettings, default
-from neuron_embeddings.flows.runners import task_runner
+from neuron_embeddings.flows.runners import check_dask_address, task_runner
 from neuron_embeddings.storage.lock import writer_lock
 from neuron_embeddings.storage.store import Store
 from neuron_embeddings.tasks.registry import BY_NAME, phases
@@ -129,6 +129,7 @@ def neuron_embeddings_run(
     model forward's (None: the store's when resuming, else float32 on CPU and bfloat16 on GPU)."""
     ExecSettings(batch_size=batch_size, device=device, workers=workers, dask_address=dask_address,
                  task_retries=task_retries)  # validated before the store is touched
+    check_dask_address(dask_address)
     out = _expand_out(out)
     options = dict(model=model, dataset=dataset, layers=layers, n_sequences=n_sequences, ctx_len=ctx_len,
                    k=k, selection=selection, shard_size=shard_size, linkage=linkage, threshold=threshold,

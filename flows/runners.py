@@ -20,6 +20,30 @@ def task_runner(workers: int = 1, dask_address: str | None = None):
     return ThreadPoolTaskRunner(max_workers=1)
 
 
+def check_dask_address(address: str | None, timeout: float = 5.0) -> None:
+    """A one-line error unless a Dask scheduler accepts connections at `address` (tcp://HOST:PORT),
+    checked before anything is created."""
+    if not address:
+        return
+    import socket
+    from urllib.parse import urlsplit
+
+    from neuron_embeddings.core.errors import UserError
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if parts.scheme not in ("tcp", "tls") or not host or not port:
+        raise UserError(f"--dask-address {address!r}: write the scheduler's address as tcp://HOST:PORT")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"--dask-address {address}: no Dask scheduler answers there ({e.strerror or e}); start "
+                        "one (dask scheduler) or leave the option out to run on this machine") from None
+
+
 def local_cluster_kwargs(workers: int) -> dict:
     """`LocalCluster` arguments for `workers` single-threaded worker processes on this machine
     (and the Dask settings they need, set here, before the workers are spawned)."""

@@ -330,6 +330,9 @@ def cmd_run(a: argparse.Namespace, options: dict) -> int:
 
     ExecSettings(batch_size=a.batch_size, device=a.device, workers=a.workers, dask_address=a.dask_address,
                  task_retries=a.task_retries)  # the checks that need nothing else, before anything is loaded
+    from neuron_embeddings.flows.runners import check_dask_address
+
+    check_dask_address(a.dask_address)
     check_sources(options["model"], options["dataset"])  # before torch and Prefect: a Hub name offline fails now
     from neuron_embeddings.flows.run import ShardsFailed
 

@@ -43,6 +43,8 @@ def resolve_run(out: str, model: str, dataset: str, layers: str | None, device: 
     existing = store.settings() if store.exists() else None
     blocks = scan_blocks or (existing.scan_blocks if existing else max(1, min(workers, early.n_sequences)))
     dims = config_dims(model)  # the sizes checks before the model loads, when its config is at hand
+    if dims is not None and dims.get("n_ctx") and early.ctx_len > dims["n_ctx"]:
+        raise UserError(f"--ctx-len {early.ctx_len}: the model takes at most {dims['n_ctx']} tokens; lower --ctx-len")
     if dims is not None:
         n_rows = 1 if weights is not None else len(parse_layers(layers, dims["n_layers"]))
         units = (weights.d_sae, weights.d_in) if weights is not None else (dims["d_mlp"], dims["d_model"])

@@ -187,7 +187,7 @@ def _mlp_in_or_error(bridge, name: str) -> torch.Tensor:
 
 
 def config_dims(name: str) -> dict | None:
-    """{n_layers, d_model, d_mlp} from the model's config.json alone (a local directory, a builtin
+    """{n_layers, d_model, d_mlp, n_ctx} from the model's config.json alone (a local directory, a builtin
     already in place, or the Hugging Face cache; no download, no weights), for checks that must come
     before the model loads; None when the config is not at hand (the checks then wait for the model)."""
     try:
@@ -202,7 +202,8 @@ def config_dims(name: str) -> dict | None:
         cfg = AutoConfig.from_pretrained(str(src), local_files_only=True)
         n_layers, d_model = int(cfg.num_hidden_layers), int(cfg.hidden_size)
         d_mlp = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d_model
-        return {"n_layers": n_layers, "d_model": d_model, "d_mlp": int(d_mlp)}
+        n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        return {"n_layers": n_layers, "d_model": d_model, "d_mlp": int(d_mlp), "n_ctx": int(n_ctx) if n_ctx else None}
     except Exception:  # noqa: BLE001 - anything unreadable: the model's own loading reports it
         return None
 

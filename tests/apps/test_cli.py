@@ -181,3 +181,23 @@ def test_sae_evaluate_refuses_a_broken_sae(capsys, tiny_gpt2, tmp_path, damage, 
                    "--k", "4", "--device", "cpu")
     _assert_one_line_error(rc, err, *words)
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_dask_address_nobody_answers_is_one_line_before_any_store(tmp_path, capsys):
+    """--dask-address with no scheduler there: one `error:` line, exit 2, no store (checked before
+    the store is created or the model loaded)."""
+    import socket
+
+    from neuron_embeddings.cli import main
+
+    with socket.socket() as s:  # a free port: bound, never listened on, then released
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "s.zarr"
+    for address, why in ((f"tcp://127.0.0.1:{port}", "no Dask scheduler answers"), ("nonsense", "tcp://HOST:PORT")):
+        rc = main(["run", "--model", "builtin:all-MiniLM-L6-v2", "--dataset", "builtin:python-docs", "--out", str(out),
+                   "--n-sequences", "4",
+                   "--k", "2", "--dask-address", address])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and err[-1].startswith("error:") and why in err[-1], err
+        assert not out.exists()
