@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import marker_root
+
 AS_LIMIT = 3 << 30  # bytes of address space for the whole process: torch's import included
 
 # each case: (argv after the subcommand's model/dataset/out, words of the error)
@@ -113,4 +115,4 @@ def test_a_full_disk_during_prepare_is_one_line_and_leaves_no_temporary_files(ti
     assert lines[0].startswith("error: writing the store") and "rerun the same command" in lines[0]
     assert res["marker"] == "OSError"
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
-    assert (out / "_markers" / "prepare" / "all.failed").exists()  # the fault is recorded; a rerun resumes
+    assert (marker_root(out) / "prepare" / "all.failed").exists()  # the fault is recorded; a rerun resumes

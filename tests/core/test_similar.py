@@ -17,7 +17,7 @@ from neuron_embeddings.core.similar import (ClusterSet, HnswIndex, cluster_centr
                                             nearest_clusters)
 from neuron_embeddings.storage.store import Store
 from neuron_embeddings.tasks.similar import similar_shard
-from tests.helpers import options, run_stages
+from tests.helpers import copy_store, options, run_stages
 
 
 def _random_shard(rng, S=6, K=8, D=5, max_c=4):
@@ -203,7 +203,7 @@ def _rerun_similar(path: str) -> list[dict]:
 
 def test_similar_stage_through_the_hnsw_graph_matches_the_exact_one(store, tmp_path, monkeypatch):
     copy = tmp_path / "s.zarr"
-    shutil.copytree(store.store.root, copy)
+    copy_store(store.store.root, copy)
     monkeypatch.setattr(similar, "EXACT_MAX", 0)  # every store is "large": the approximate path
     assert {r["search"] for r in _rerun_similar(str(copy))} == {"hnsw"}
     got = zarr.open_group(str(copy), mode="r")
@@ -213,7 +213,7 @@ def test_similar_stage_through_the_hnsw_graph_matches_the_exact_one(store, tmp_p
 
 def test_without_faiss_a_large_store_fails_with_the_fix_and_marks_nothing_complete(store, tmp_path, monkeypatch):
     copy = tmp_path / "s.zarr"
-    shutil.copytree(store.store.root, copy)
+    copy_store(store.store.root, copy)
     monkeypatch.setattr(similar, "EXACT_MAX", 0)
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if not installed: `import faiss` raises ImportError
     st = Store(str(copy))
