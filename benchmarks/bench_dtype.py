@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     for d in ("float32", a.dtype):
         stores[d] = str(Path(tempfile.mkdtemp(prefix=f"dtype-{d}-", dir=work)) / "s.zarr")
         run_pipeline(stores[d], model, "builtin:python-docs", batch_size=a.batch_size, n_sequences=a.n_sequences,
-                     ctx_len=a.ctx_len, k=a.k, dtype=d, prepend_bos=None, exclude_special_tokens=True)
+                     ctx_len=a.ctx_len, k=a.k, dtype=d, prepend_bos=None, exclude_special_tokens=True, similar=False)
     res = {"model": model, "dtype": a.dtype, "tokens": int(n_tok), "rounds": a.rounds,
            "tok_s": {d: n_tok / statistics.median(v) for d, v in secs.items()},
            "speed_ratio_median": statistics.median(ratios), "speed_ratios": ratios,
