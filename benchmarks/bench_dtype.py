@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ne-bench"))
     p.add_argument("--out-json")
+    p.add_argument("--speed-only", action="store_true", help="measure the scan's speed only (no stores)")
     a = p.parse_args(argv)
     _set_env(a.threads)
     from neuron_embeddings.core.models import load_model
@@ -103,15 +104,17 @@ def main(argv=None) -> int:
             secs[d].append(scan_seconds(lms[d], tokens, excluded, a.k, a.batch_size))
             print(f"round {r} {d}: {n_tok / secs[d][-1]:.0f} tok/s", flush=True)
     ratios = [f / h for f, h in zip(secs["float32"], secs[a.dtype])]
-    stores = {}
-    for d in ("float32", a.dtype):
-        stores[d] = str(Path(tempfile.mkdtemp(prefix=f"dtype-{d}-", dir=work)) / "s.zarr")
-        run_pipeline(stores[d], model, "builtin:python-docs", batch_size=a.batch_size, n_sequences=a.n_sequences,
-                     ctx_len=a.ctx_len, k=a.k, dtype=d, prepend_bos=None, exclude_special_tokens=True, similar=False)
     res = {"model": model, "dtype": a.dtype, "tokens": int(n_tok), "rounds": a.rounds,
            "tok_s": {d: n_tok / statistics.median(v) for d, v in secs.items()},
-           "speed_ratio_median": statistics.median(ratios), "speed_ratios": ratios,
-           **agreement(stores["float32"], stores[a.dtype])}
+           "speed_ratio_median": statistics.median(ratios), "speed_ratios": ratios}
+    if not a.speed_only:
+        stores = {}
+        for d in ("float32", a.dtype):
+            stores[d] = str(Path(tempfile.mkdtemp(prefix=f"dtype-{d}-", dir=work)) / "s.zarr")
+            run_pipeline(stores[d], model, "builtin:python-docs", batch_size=a.batch_size,
+                         n_sequences=a.n_sequences, ctx_len=a.ctx_len, k=a.k, dtype=d, prepend_bos=None,
+                         exclude_special_tokens=True, similar=False)
+        res.update(agreement(stores["float32"], stores[a.dtype]))
     print(json.dumps(res, indent=1))
     if a.out_json:
         Path(a.out_json).write_text(json.dumps(res, indent=1))
