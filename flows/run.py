@@ -114,6 +114,8 @@ def neuron_embeddings_run(
     prepend_bos: bool | None = default("prepend_bos"),
     exclude_special_tokens: bool = default("exclude_special_tokens"),
     dtype: str | None = default("dtype"),
+    strata: str | None = default("strata"),
+    strata_k: int = default("strata_k"),
 ) -> dict:
     """Neuron embeddings, clusters and polysemanticity metrics for every MLP neuron of `model`.
 
@@ -126,7 +128,9 @@ def neuron_embeddings_run(
     no similar-cluster links); it costs O(clusters² × d_model), more than the rest on big models.
     `prepend_bos` (None: on for causal models with a BOS token) starts each row with BOS;
     `exclude_special_tokens` keeps special tokens from being an example's max token. `dtype` is the
-    model forward's (None: the store's when resuming, else float32 on CPU and bfloat16 on GPU)."""
+    model forward's (None: the store's when resuming, else float32 on CPU and bfloat16 on GPU).
+    `strata` ('0.75,0.5,0.25,0': decreasing fractions of each unit's maximum) also samples
+    `strata_k` examples from each interval and records each unit's activation histogram."""
     ExecSettings(batch_size=batch_size, device=device, workers=workers, dask_address=dask_address,
                  task_retries=task_retries)  # validated before the store is touched
     check_dask_address(dask_address)
@@ -135,7 +139,7 @@ def neuron_embeddings_run(
                    k=k, selection=selection, shard_size=shard_size, linkage=linkage, threshold=threshold,
                    seed=seed, embedding_dtype=embedding_dtype, scan_blocks=scan_blocks, device=device,
                    workers=workers, sae=sae, similar=similar, prepend_bos=prepend_bos,
-                   exclude_special_tokens=exclude_special_tokens, dtype=dtype)
+                   exclude_special_tokens=exclude_special_tokens, dtype=dtype, strata=strata, strata_k=strata_k)
     from prefect.runtime import flow_run
 
     with writer_lock(out, run_name=_run_name()), _workers_report_here(workers, dask_address):

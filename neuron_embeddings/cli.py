@@ -16,7 +16,7 @@ import threading
 import time
 
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.core.settings import DEMO, ExecSettings, default
+from neuron_embeddings.core.settings import DEFAULT_STRATA, DEMO, ExecSettings, default
 
 
 
@@ -34,6 +34,13 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                        help=f"neurons per shard (default {default('shard_size')})")
     p.add_argument("--layers", default=None, help="e.g. 0-11 or 3,5 (default: all)")
     p.add_argument("--selection", default=default("selection"), help="top (default) or band:F, e.g. band:0.75")
+    p.add_argument("--strata", nargs="?", const=",".join(f"{f:g}" for f in DEFAULT_STRATA), default=None,
+                   metavar="FRACTIONS",
+                   help="also sample --strata-k examples from each interval of the unit's maximum these decreasing "
+                        "fractions bound, and record each unit's activation histogram (adds a maxima pass); "
+                        f"alone: {','.join(f'{f:g}' for f in DEFAULT_STRATA)} (the four quarters)")
+    p.add_argument("--strata-k", type=int, default=default("strata_k"),
+                   help=f"examples per stratum (default {default('strata_k')})")
     p.add_argument("--linkage", default=default("linkage"), help="average (default), single, complete, weighted")
     p.add_argument("--threshold", type=float, default=default("threshold"),
                    help=f"cosine-distance cut (default {default('threshold')})")
@@ -170,7 +177,7 @@ def _options(a: argparse.Namespace) -> dict:
                 seed=a.seed, embedding_dtype=a.embedding_dtype, scan_blocks=a.scan_blocks, device=a.device,
                 workers=a.workers, sae=getattr(a, "sae", None),
                 similar=a.similar, prepend_bos=a.prepend_bos, exclude_special_tokens=a.exclude_special_tokens,
-                dtype=a.dtype)
+                dtype=a.dtype, strata=a.strata, strata_k=a.strata_k)
 
 
 def _quiet_prefect(verbose: bool) -> None:

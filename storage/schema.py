@@ -29,6 +29,10 @@ DIMS = {
     "d_embed": "embedding component (d_model, or 2 x d_model for gated MLPs: x*W_gate then x*W_in)",
     "offset": "token position relative to the example's max token (coordinate array `offset`)",
     "block": "data-parallel scan block", "neighbour": "similar cluster, nearest first",
+    "stratum_example": "example sampled from an activation stratum (stratum by stratum, strata_k each)",
+    "spectrum_example": "example of the clustering across the spectrum: the top-k, then the strata examples",
+    "spectrum_cluster": "cluster of that clustering (0 = largest)",
+    "source": "where examples come from: 0 = the top-k, 1 + i = stratum i", "bin": "activation histogram bin",
     "neighbour_field": "(row, neuron, cluster) of a neighbour",
     # the SAE activation cache (storage.activations)
     "row": "cached token (sequence x position, flattened)", "d_in": "component of the hook's activation",
@@ -44,7 +48,7 @@ class ArraySpec:
     compress: bool | str = True  # True: Zarr's default (zstd); "fast": blosc lz4 + shuffle; False: none
     chunking: str = "shard"  # "shard" (1 per layer/block, a shard of neurons, the rest whole), "rows" or "whole"
     contract: bool = False  # named in the public contract (CONTRACT.md)
-    gated_only: bool = False  # only in stores of gated MLP neurons
+    requires: str = ""  # only in stores with this feature (`features`): "gated" MLP neurons, "strata" on
     optional: bool = False  # absent from stores made before it (readers and repairs do without it)
 
 
@@ -72,8 +76,8 @@ METRIC_ARRAYS = {m: _a(f"metrics/{m}", "int32" if m in ("n_examples", "n_cluster
 # not in the contract: the weights the embeddings were made with, and the scan's partial results
 W_IN = _a("weights/W_in", "float32", "layer d_model neuron", 0, compress=False)
 B_IN = _a("weights/b_in", "float32", "layer neuron", 0)
-W_GATE = _a("weights/W_gate", "float32", "layer d_model neuron", 0, compress=False, gated_only=True)
-B_GATE = _a("weights/b_gate", "float32", "layer neuron", 0, gated_only=True)
+W_GATE = _a("weights/W_gate", "float32", "layer d_model neuron", 0, compress=False, requires="gated")
+B_GATE = _a("weights/b_gate", "float32", "layer neuron", 0, requires="gated")
 WEIGHTS = {"W_in": W_IN, "b_in": B_IN, "W_gate": W_GATE, "b_gate": B_GATE}
 SCAN_FIELDS = ("key", "act", "seq", "pos", "x", "win")  # a scan block's partial top-k table, by slot
 SCAN = {
@@ -85,6 +89,42 @@ SCAN = {
     "win": _a("scan/win", "float32", "block layer neuron example offset", np.nan, compress="fast"),
 }
 SCAN_MAX = _a("scan/max", "float32", "block layer neuron", -np.inf, chunking="whole")
+# --strata (not in the contract): per scan block, the strata's partial tables (stratum by stratum),
+# the activation histograms and sums; then the merged strata, their clustering with the top-k, and
+# each unit's activation distribution
+SCAN_STRATA = {
+    "key": _a("scan/strata_key", "float64", "block layer neuron stratum_example", -np.inf, requires="strata"),
+    "act": _a("scan/strata_act", "float32", "block layer neuron stratum_example", np.nan, requires="strata"),
+    "seq": _a("scan/strata_seq", "int32", "block layer neuron stratum_example", -1, requires="strata"),
+    "pos": _a("scan/strata_pos", "int32", "block layer neuron stratum_example", -1, requires="strata"),
+    "x": _a("scan/strata_x", "embedding", "block layer neuron stratum_example d_model", 0, compress=False,
+            requires="strata"),
+    "win": _a("scan/strata_win", "float32", "block layer neuron stratum_example offset", np.nan, compress="fast",
+              requires="strata"),
+}
+SCAN_HIST = _a("scan/hist", "int64", "block layer neuron bin", 0, requires="strata")
+SCAN_SUM = _a("scan/sum", "float64", "block layer neuron", 0, requires="strata")
+SCAN_COUNT = _a("scan/count", "int64", "block", 0, requires="strata")  # tokens each row's distribution counted
+STRATA_ACT = _a("strata/act", "float32", "layer neuron stratum_example", np.nan, requires="strata")
+STRATA_SEQ = _a("strata/seq", "int32", "layer neuron stratum_example", -1, requires="strata")
+STRATA_POS = _a("strata/pos", "int32", "layer neuron stratum_example", -1, requires="strata")
+STRATUM = _a("strata/stratum", "int32", "layer neuron stratum_example", -1, requires="strata")
+STRATA_EMBEDDINGS = _a("strata/embeddings", "embedding", "layer neuron stratum_example d_embed", 0, compress=False,
+                       requires="strata")
+STRATA_WINDOW = _a("strata/window", "float32", "layer neuron stratum_example offset", np.nan, compress="fast",
+                   requires="strata")
+SPECTRUM_LABELS = _a("strata/labels", "int32", "layer neuron spectrum_example", -1, requires="strata")
+SPECTRUM_COUNTS = _a("strata/counts", "int32", "layer neuron spectrum_cluster source", 0, requires="strata")
+SPECTRUM_CLUSTERS = _a("strata/n_clusters", "int32", "layer neuron source", 0, requires="strata")
+SPECTRUM_DISTANCE = _a("strata/mean_distance", "float32", "layer neuron source", np.nan, requires="strata")
+BELOW_ONLY = _a("strata/below_only", "int32", "layer neuron", 0, requires="strata")
+HIST = _a("distribution/hist", "int64", "layer neuron bin", 0, requires="strata")
+POSITIVE = _a("distribution/positive_fraction", "float32", "layer neuron", np.nan, requires="strata")
+MEAN = _a("distribution/mean", "float32", "layer neuron", np.nan, requires="strata")
+MAX = _a("distribution/max", "float32", "layer neuron", np.nan, requires="strata")
+STRATA_ARRAYS = (*SCAN_STRATA.values(), SCAN_HIST, SCAN_SUM, SCAN_COUNT, STRATA_ACT, STRATA_SEQ, STRATA_POS, STRATUM,
+                 STRATA_EMBEDDINGS, STRATA_WINDOW, SPECTRUM_LABELS, SPECTRUM_COUNTS, SPECTRUM_CLUSTERS,
+                 SPECTRUM_DISTANCE, BELOW_ONLY, HIST, POSITIVE, MEAN, MAX)
 # not in the contract: similar clusters (tasks/similar.py); slots c >= n_clusters stay empty
 CENTROIDS = _a("similar/centroids", "embedding", "layer neuron cluster d_embed", 0, compress="fast")
 TOP_TOKEN = _a("similar/top_token", "int32", "layer neuron cluster", -1)
@@ -95,15 +135,25 @@ COSINE = _a("similar/cosine", "float32", "layer neuron cluster neighbour", np.na
 ARRAYS: tuple[ArraySpec, ...] = (
     LAYER, OFFSET, TOKENS, VOCAB, TOPK_ACT, TOPK_SEQ, TOPK_POS, EMBEDDINGS, TOPK_WINDOW, LABELS, LINKAGE,
     *METRIC_ARRAYS.values(), W_IN, B_IN, W_GATE, B_GATE, *SCAN.values(), SCAN_MAX,
-    CENTROIDS, TOP_TOKEN, TOP_COUNT, NEIGHBOURS, COSINE)
+    CENTROIDS, TOP_TOKEN, TOP_COUNT, NEIGHBOURS, COSINE, *STRATA_ARRAYS)
 BY_PATH = {a.path: a for a in ARRAYS}
 CONTRACT = tuple(a.path for a in ARRAYS if a.contract)
 
 
+def features(attrs: dict) -> set[str]:
+    """The optional parts a store with these root attributes has (`ArraySpec.requires`)."""
+    return {name for name, on in (("gated", attrs.get("gated", False)), ("strata", attrs.get("strata"))) if on}
+
+
+def has(spec: ArraySpec, feats: set[str]) -> bool:
+    return not spec.requires or spec.requires in feats
+
+
 def sizes(n_layers: int, d_mlp: int, d_model: int, d_embed: int, k: int, n_sequences: int, ctx_len: int,
-          d_vocab: int, n_blocks: int) -> dict[str, int]:
+          d_vocab: int, n_blocks: int, n_strata: int = 0, strata_k: int = 0, hist_bins: int = 0) -> dict[str, int]:
     """The size of every dimension for a run."""
-    return {"sequence": n_sequences, "position": ctx_len, "token": d_vocab, "layer": n_layers, "neuron": d_mlp,
+    return {"stratum_example": n_strata * strata_k, "spectrum_example": k + n_strata * strata_k,
+            "spectrum_cluster": k + n_strata * strata_k, "source": 1 + n_strata, "bin": hist_bins,"sequence": n_sequences, "position": ctx_len, "token": d_vocab, "layer": n_layers, "neuron": d_mlp,
             "example": k, "cluster": k, "link": k - 1, "link_field": 4, "d_model": d_model, "d_embed": d_embed,
             "offset": sum(WINDOW) + 1,
             "block": n_blocks, "neighbour": N_SIMILAR, "neighbour_field": 3}
@@ -126,12 +176,12 @@ def chunks(spec: ArraySpec, dim_sizes: dict[str, int], shard_size: int) -> tuple
     return tuple(per_dim.get(d, n) for d, n in zip(spec.dims, full))
 
 
-def nbytes(dim_sizes: dict[str, int], embedding_dtype: str, gated: bool = False, str_bytes: int = 16) -> int:
-    """Uncompressed bytes of every array of a store with these sizes (an upper bound on its size on
-    disk; `str` entries counted as `str_bytes` each)."""
+def nbytes(dim_sizes: dict[str, int], embedding_dtype: str, feats: set[str] = frozenset(), str_bytes: int = 16) -> int:
+    """Uncompressed bytes of every array of a store with these sizes and features (an upper bound
+    on its size on disk; `str` entries counted as `str_bytes` each)."""
     total = 0
     for spec in ARRAYS:
-        if spec.gated_only and not gated:
+        if not has(spec, feats):
             continue
         dtype = embedding_dtype if spec.dtype == "embedding" else spec.dtype
         itemsize = str_bytes if dtype == "str" else np.dtype(dtype).itemsize

@@ -34,7 +34,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from neuron_embeddings.core.errors import UserError
 from neuron_embeddings.core.plan import NeuronShard
-from neuron_embeddings.core.settings import RunSettings
+from neuron_embeddings.core.settings import HIST_BINS, RunSettings, strata_intervals
 from neuron_embeddings.storage import schema
 from neuron_embeddings.storage.schema import (METRICS, N_SIMILAR, READABLE_VERSIONS, SCAN_FIELDS,  # noqa: F401
                                               SCHEMA_VERSION, WINDOW)
@@ -399,14 +399,16 @@ def create_store(url: str, settings: RunSettings, model_info: dict, d_vocab: int
 
 def array_specs(attrs: dict) -> list[schema.ArraySpec]:
     """The schema's arrays that a store with these root attributes has."""
-    return [spec for spec in schema.ARRAYS if not spec.gated_only or attrs.get("gated", False)]
+    feats = schema.features(attrs)
+    return [spec for spec in schema.ARRAYS if schema.has(spec, feats)]
 
 
 def dim_sizes(attrs: dict) -> dict[str, int]:
     """The size of every dimension of a store, from its root attributes."""
     return schema.sizes(int(attrs["n_layers"]), int(attrs["d_mlp"]), int(attrs["d_model"]),
                         int(attrs.get("d_embed", attrs["d_model"])), int(attrs["k"]), int(attrs["n_sequences"]),
-                        int(attrs["ctx_len"]), int(attrs["d_vocab"]), int(attrs["scan_blocks"]))
+                        int(attrs["ctx_len"]), int(attrs["d_vocab"]), int(attrs["scan_blocks"]),
+                        len(attrs.get("strata") or ()), int(attrs.get("strata_k", 0)), int(attrs.get("hist_bins", 0)))
 
 
 def _create_array(g: zarr.Group, spec: schema.ArraySpec, attrs: dict, overwrite: bool = False) -> zarr.Array:
@@ -463,6 +465,8 @@ def _root_attrs(settings: RunSettings, model_info: dict, d_vocab: int) -> dict:
         "d_vocab": d_vocab,
         "window_before": WINDOW[0],
         "window_after": WINDOW[1],
+        **({"strata_intervals": [list(iv) for iv in strata_intervals(settings.strata)], "hist_bins": HIST_BINS}
+           if settings.strata else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "store_id": uuid.uuid4().hex,  # ties the state directory (markers) to this store
         **{k: v for k, v in model_info.items() if k not in ("d_mlp", "d_model")},
@@ -567,13 +571,38 @@ def read_block_tables(store: Store, region: tuple) -> dict[str, np.ndarray]:
     return {name: read(store, schema.SCAN[name], (slice(None), *region)) for name in schema.SCAN_FIELDS}
 
 
+def write_block_strata(store: Store, block: int, row: int, table: dict[str, np.ndarray], hist_MH: np.ndarray,
+                       sum_M: np.ndarray) -> None:
+    """One store row of a scan block's strata tables (stratum after stratum along the examples,
+    slot order) and activation histograms and sums."""
+    write_many(store, (block, row), {**{schema.SCAN_STRATA[name]: data for name, data in table.items()},
+                                     schema.SCAN_HIST: hist_MH, schema.SCAN_SUM: sum_M})
+
+
+def write_block_count(store: Store, block: int, count: int) -> None:
+    write(store, schema.SCAN_COUNT, (slice(block, block + 1),), np.asarray([count], dtype=np.int64))
+
+
+def read_block_strata(store: Store, region: tuple) -> dict[str, np.ndarray]:
+    """Every block's strata tables for a shard region (field -> [blocks, S, n x strata_k, ...]),
+    with `hist` [blocks, S, bins], `sum` [blocks, S] and `count` [blocks] (tokens per row)."""
+    out = {name: read(store, schema.SCAN_STRATA[name], (slice(None), *region)) for name in schema.SCAN_FIELDS}
+    out["hist"] = read(store, schema.SCAN_HIST, (slice(None), *region))
+    out["sum"] = read(store, schema.SCAN_SUM, (slice(None), *region))
+    out["count"] = read(store, schema.SCAN_COUNT)
+    return out
+
+
 def scratch_keys(store: Store, region: tuple) -> list[str]:
     """Chunk keys (relative to the store) of the scan's partial tables of every block for one
     shard's region (row, neuron slice): what the embed stage reads and nothing else does."""
     g = store.group("r")
     row, neurons = region
     keys = []
-    for spec in schema.SCAN.values():
+    specs = list(schema.SCAN.values())
+    if store.attrs.get("strata"):
+        specs += [*schema.SCAN_STRATA.values(), schema.SCAN_HIST, schema.SCAN_SUM]
+    for spec in specs:
         a = g[spec.path]
         rest = (0,) * (a.ndim - 3)  # example (and d_model / window): whole
         for b in range(a.shape[0]):
@@ -612,6 +641,28 @@ def write_topk(store: Store, region: tuple, act: np.ndarray, seq: np.ndarray, po
     """The embed stage's arrays for a shard region."""
     write_many(store, region, {schema.TOPK_ACT: act, schema.TOPK_SEQ: seq, schema.TOPK_POS: pos,
                                schema.TOPK_WINDOW: window, schema.EMBEDDINGS: embeddings})
+
+
+def write_strata(store: Store, region: tuple, act: np.ndarray, seq: np.ndarray, pos: np.ndarray,
+                 stratum: np.ndarray, window: np.ndarray, embeddings: np.ndarray) -> None:
+    """The strata's examples for a shard region ([S, n x strata_k, ...])."""
+    write_many(store, region, {schema.STRATA_ACT: act, schema.STRATA_SEQ: seq, schema.STRATA_POS: pos,
+                               schema.STRATUM: stratum, schema.STRATA_WINDOW: window,
+                               schema.STRATA_EMBEDDINGS: embeddings})
+
+
+def write_distribution(store: Store, region: tuple, hist: np.ndarray, positive_fraction: np.ndarray,
+                       mean: np.ndarray, maximum: np.ndarray) -> None:
+    write_many(store, region, {schema.HIST: hist, schema.POSITIVE: positive_fraction, schema.MEAN: mean,
+                               schema.MAX: maximum})
+
+
+def write_spectrum(store: Store, region: tuple, labels: np.ndarray, counts: np.ndarray, n_clusters: np.ndarray,
+                   mean_distance: np.ndarray, below_only: np.ndarray) -> None:
+    """The clustering of the top-k and the strata together, for a shard region."""
+    write_many(store, region, {schema.SPECTRUM_LABELS: labels, schema.SPECTRUM_COUNTS: counts,
+                               schema.SPECTRUM_CLUSTERS: n_clusters, schema.SPECTRUM_DISTANCE: mean_distance,
+                               schema.BELOW_ONLY: below_only})
 
 
 def write_clusters(store: Store, region: tuple, labels: np.ndarray, linkage: np.ndarray,

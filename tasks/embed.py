@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from neuron_embeddings.core.scan import merge_blocks, neuron_embeddings
+from neuron_embeddings.core.scan import merge_blocks, merge_distribution, merge_strata, neuron_embeddings
 from neuron_embeddings.storage import store as st
 from neuron_embeddings.tasks.common import hand_over, maybe_fault, run_unit
 
@@ -20,7 +20,11 @@ def embed_shard(out: str, shard: dict, device: str = "auto", batch_size: int = 1
         region = (shard["row"], slice(shard["start"], shard["stop"]))
         parts = st.read_block_tables(store, region)
         top = merge_blocks(parts["key"], parts["act"], parts["seq"], parts["pos"], parts["x"], s.k, parts["win"])
-        emb = neuron_embeddings(top.x, st.read_weights(store, region), s.embedding_dtype)
+        weights = st.read_weights(store, region)
+        emb = neuron_embeddings(top.x, weights, s.embedding_dtype)
+        del parts
+        if s.strata:  # written before the top-k: their arrays, all present, are what the marker vouches for
+            _embed_strata(out, store, shard, region, weights)
         st.write_topk(store, region, top.act, top.seq, top.pos, top.win, emb)
         hand_over(out, shard["id"], embeddings=emb, act=top.act, seq=top.seq, pos=top.pos)
         return {"neurons": shard["stop"] - shard["start"], "examples": int((top.seq >= 0).sum()),
@@ -31,3 +35,15 @@ def embed_shard(out: str, shard: dict, device: str = "auto", batch_size: int = 1
     st.release_scratch(store, st.scratch_keys(store, (shard["row"], slice(shard["start"], shard["stop"]))),
                        midway=lambda: maybe_fault("release", shard["id"]))
     return {k: v for k, v in record.items() if k != "releases"}
+
+
+def _embed_strata(out: str, store: st.Store, shard: dict, region: tuple, weights) -> None:
+    """The strata's examples (merged per stratum), their embeddings, and each unit's distribution."""
+    s = store.settings()
+    p = st.read_block_strata(store, region)
+    strata, stratum = merge_strata(p["key"], p["act"], p["seq"], p["pos"], p["x"], p["win"], len(s.strata), s.strata_k)
+    emb = neuron_embeddings(strata.x, weights, s.embedding_dtype)
+    st.write_strata(store, region, strata.act, strata.seq, strata.pos, stratum, strata.win, emb)
+    d = merge_distribution(p["hist"], p["sum"], p["count"], st.read_maxima(store)[region[0], region[1]])
+    st.write_distribution(store, region, d.hist, d.positive_fraction, d.mean, d.max)
+    hand_over(out, shard["id"], strata_embeddings=emb, strata_act=strata.act, stratum=stratum)

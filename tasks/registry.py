@@ -51,7 +51,7 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", (), "once", prepare_task),
-    Stage("maxima", ("prepare",), "blocks", maxima_block, when=lambda s: s.band_fraction is not None, unit="seq"),
+    Stage("maxima", ("prepare",), "blocks", maxima_block, when=lambda s: s.needs_maxima, unit="seq"),
     Stage("scan", ("prepare", "maxima"), "blocks", scan_block, unit="seq"),
     Stage("embed", ("scan",), "shards", embed_shard, batched=True),
     Stage("cluster", ("embed",), "shards", cluster_store_shard, barrier=False, batched=True),

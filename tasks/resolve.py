@@ -16,8 +16,8 @@ from neuron_embeddings.core.models import (
     special_token_ids,
 )
 from neuron_embeddings.core.resources import check_disk, check_memory
-from neuron_embeddings.core.scan import SlotTable
-from neuron_embeddings.core.settings import RunSettings, layer_ranges, parse_layers
+from neuron_embeddings.core.scan import SlotTable, Spectrum
+from neuron_embeddings.core.settings import HIST_BINS, RunSettings, layer_ranges, parse_layers
 from neuron_embeddings.core.units import check_sae_fits, load_sae_cached
 from neuron_embeddings.storage import schema
 from neuron_embeddings.storage.store import Store, check_settings, check_writable
@@ -92,11 +92,14 @@ def check_resources(out: str, s: RunSettings, n_rows: int, n_units: int, d_input
                  "lower --n-sequences or --ctx-len")
     itemsize = 2 if s.embedding_dtype == "float16" else 4
     parallel = max(1, min(workers, scan_blocks))
-    tables = parallel * n_rows * SlotTable.nbytes(n_units, s.k, d_input, itemsize, schema.WINDOW)
+    tables = parallel * n_rows * (SlotTable.nbytes(n_units, s.k, d_input, itemsize, schema.WINDOW)
+                                  + Spectrum.nbytes(len(s.strata), n_units, s.strata_k, d_input, itemsize, schema.WINDOW))
     each = f", in {parallel} workers at once" if parallel > 1 else ""
     check_memory(tables, f"the scan's top-k tables ({n_rows} layers x {n_units} units x --k {s.k} examples x "
                  f"{d_input} inputs{each})", "lower --k, select fewer --layers, or use fewer --workers", device)
     if new_store:
-        sizes = schema.sizes(n_rows, n_units, d_input, d_embed, s.k, s.n_sequences, s.ctx_len, d_vocab, scan_blocks)
-        check_disk(schema.nbytes(sizes, s.embedding_dtype, gated), out, "the store",
+        sizes = schema.sizes(n_rows, n_units, d_input, d_embed, s.k, s.n_sequences, s.ctx_len, d_vocab, scan_blocks,
+                             len(s.strata), s.strata_k, HIST_BINS)
+        feats = {"gated"} if gated else set()
+        check_disk(schema.nbytes(sizes, s.embedding_dtype, feats | ({"strata"} if s.strata else set())), out, "the store",
                    "choose an --out on a bigger disk, or lower --k, --n-sequences or the number of --layers")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from neuron_embeddings.core.plan import block_id
-from neuron_embeddings.core.scan import NO_SEQ, scan_sequences
+from neuron_embeddings.core.scan import NO_SEQ, SlotTable, Spectrum, scan_sequences
+from neuron_embeddings.core.settings import strata_intervals
 from neuron_embeddings.storage import store as st
 from neuron_embeddings.tasks.blocks import block_inputs
 from neuron_embeddings.tasks.common import run_unit
@@ -21,25 +23,42 @@ def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16
     def work(store: st.Store) -> dict:
         b = block_inputs(store, block, "scan", device)
         s, tokens = b.settings, b.tokens_ST
-        gmax = None if s.band_fraction is None else torch.from_numpy(st.read_maxima(store))  # [L, M], all blocks
+        gmax = torch.from_numpy(st.read_maxima(store)) if s.needs_maxima else None  # [L, M], all blocks
+        emb_dtype = getattr(torch, s.embedding_dtype)
+        spectrum = None
+        if s.strata:
+            spectrum = Spectrum.empty(strata_intervals(s.strata), len(s.layers), b.units.n_units, s.strata_k,
+                                      b.units.d_input, emb_dtype, b.lm.device, st.window(store))
         t0 = time.perf_counter()
-        tables = scan_sequences(b.lm.bridge, tokens, block["start"], list(s.layers), s.k,
-                                getattr(torch, s.embedding_dtype), batch_size, b.lm.device,
-                                mode="top" if gmax is None else "band", gmax_LM=gmax,
+        tables = scan_sequences(b.lm.bridge, tokens, block["start"], list(s.layers), s.k, emb_dtype, batch_size,
+                                b.lm.device, mode="top" if s.band_fraction is None else "band", gmax_LM=gmax,
                                 fraction=s.band_fraction, seed=s.seed, progress=b.report,
                                 window=st.window(store), units=b.units,
-                                excluded_ids=s.excluded_token_ids)
+                                excluded_ids=s.excluded_token_ids, spectrum=spectrum)
         t_model = time.perf_counter() - t0
         for row, table in enumerate(tables):  # layer by layer: one layer's x table at a time
-            parts = {}
-            for name in st.SCAN_FIELDS:
-                data = (getattr(table, name) if name in ("x", "win") else table.by_slot(name)).cpu()  # [M, k(, D)], slot order
-                if name in ("seq", "pos"):
-                    data = torch.where(data == NO_SEQ, torch.full_like(data, -1), data).to(torch.int32)
-                parts[name] = data.numpy()
             tables[row] = None
-            st.write_block_table(store, block["index"], row, parts)
-            del parts
+            st.write_block_table(store, block["index"], row, _table_fields(table))
+            if spectrum is not None:
+                strata = [_table_fields(t) for t in spectrum.tables[row]]
+                spectrum.tables[row] = None
+                st.write_block_strata(store, block["index"], row,
+                                      {name: np.concatenate([t[name] for t in strata], axis=1) for name in strata[0]},
+                                      spectrum.hist[row].cpu().numpy(), spectrum.sum[row].cpu().numpy())
+                del strata
+        if spectrum is not None:
+            st.write_block_count(store, block["index"], spectrum.count)
         return {"sequences": len(tokens), "tokens": int(tokens.size), "model_seconds": round(t_model, 3)}
 
     return run_unit(out, "scan", block_id(block["index"]), work)
+
+
+def _table_fields(table: SlotTable) -> dict[str, np.ndarray]:
+    """A slot table's fields as NumPy arrays in slot order ([M, k(, D or W)]), -1 for no sequence."""
+    parts = {}
+    for name in st.SCAN_FIELDS:
+        data = (getattr(table, name) if name in ("x", "win") else table.by_slot(name)).cpu()
+        if name in ("seq", "pos"):
+            data = torch.where(data == NO_SEQ, torch.full_like(data, -1), data).to(torch.int32)
+        parts[name] = data.numpy()
+    return parts

@@ -202,12 +202,14 @@ def cluster_shard(
     act_SK: np.ndarray,
     linkage: str = "average",
     threshold: float = 0.5,
+    dist_SKK: np.ndarray | None = None,
 ) -> ClusterResult:
     """Cluster the examples of each of S neurons; see the module docstring.
 
     emb_SKD: float16/float32 [S, k, D] example embeddings (zero where no example).
     act_SK: float32 [S, k] activations, descending, NaN padding at the end.
     Examples with a finite activation > 0 are clustered, in slot order.
+    dist_SKK: their cosine distances when already computed (`cosine_distances`).
     Raises ValueError for an unknown linkage, a non-finite threshold,
     mismatched shapes, or (from SciPy) non-finite clustered embeddings.
     """
@@ -220,9 +222,44 @@ def cluster_shard(
     res = _empty_result(S, k)
     with np.errstate(invalid="ignore"):
         mask_SK = np.isfinite(act_SK) & (act_SK > 0)
-    dist_SKK = cosine_distances(emb_SKD)
+    if dist_SKK is None:
+        dist_SKK = cosine_distances(emb_SKD)
     for s in range(S):
         idx_N = np.flatnonzero(mask_SK[s])
         cond_P = condensed(dist_SKK[s], idx_N)
         _store(res, s, idx_N, cluster_one(cond_P, len(idx_N), linkage, threshold))
     return res
+
+
+@dataclass
+class SpectrumResult:
+    """One clustering of each neuron's examples from several sources (the top-k, then strata)."""
+
+    labels: np.ndarray  # int32 [S, N]; 0 = largest cluster, -1 = not clustered
+    counts: np.ndarray  # int32 [S, N, n_sources] examples of each cluster from each source
+    n_clusters: np.ndarray  # int32 [S, n_sources] clusters with an example from the source
+    mean_distance: np.ndarray  # float32 [S, n_sources] mean distance over pairs of the source's examples
+    below_only: np.ndarray  # int32 [S] clusters without a top-k (source 0) example
+
+
+def cluster_spectrum(emb_SND: np.ndarray, act_SN: np.ndarray, source_SN: np.ndarray, n_sources: int,
+                     linkage: str = "average", threshold: float = 0.5) -> SpectrumResult:
+    """Cluster every neuron's examples from all sources together (`cluster_shard`: same rule,
+    linkage and threshold), then count each cluster's examples by source (`source_SN` in
+    0..n_sources-1), and per source the clusters present and the mean pairwise distance."""
+    emb_SND, act_SN, source_SN = np.asarray(emb_SND), np.asarray(act_SN), np.asarray(source_SN)
+    S, N = act_SN.shape
+    dist_SNN = cosine_distances(emb_SND)
+    res = cluster_shard(emb_SND, act_SN, linkage, threshold, dist_SNN)
+    counts = np.zeros((S, N, n_sources), dtype=np.int32)
+    s_i, n_i = np.nonzero(res.labels >= 0)
+    np.add.at(counts, (s_i, res.labels[s_i, n_i], source_SN[s_i, n_i]), 1)
+    mean_distance = np.full((S, n_sources), np.nan, dtype=np.float32)
+    for s in range(S):
+        for src in range(n_sources):
+            idx_N = np.flatnonzero((res.labels[s] >= 0) & (source_SN[s] == src))
+            if len(idx_N) > 1:
+                mean_distance[s, src] = condensed(dist_SNN[s], idx_N).mean()
+    present = counts > 0
+    below_only = (present.any(axis=2) & ~present[:, :, 0]).sum(axis=1).astype(np.int32)
+    return SpectrumResult(res.labels, counts, present.sum(axis=1).astype(np.int32), mean_distance, below_only)

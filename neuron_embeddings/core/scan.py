@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from neuron_embeddings.core.models import run_until
+from neuron_embeddings.core.settings import HIST_BINS
 from neuron_embeddings.core.units import MLPNeurons, UnitSource
 
 log = logging.getLogger(__name__)
@@ -228,13 +229,18 @@ def activation_windows(post_nT: torch.Tensor, pos_n: torch.Tensor, before: int, 
     return torch.where(inside, vals, torch.full_like(vals, torch.nan))
 
 
+def leading_excluded(excluded_BT: torch.Tensor) -> int:
+    """How many leading positions are excluded in every row (a prepended BOS: 1)."""
+    return int(excluded_BT.all(dim=0).int().cumprod(0).sum())
+
+
 def batch_candidates(post_BTM: torch.Tensor, excluded_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sequence max over positions: [B, M] float32 (amax: ~10x faster than max with indices;
     positions are found later, for the few candidates that enter the table). Positions where
     `excluded_BT` is True never count (-inf where a sequence has no other position)."""
     if excluded_BT is None:
         return post_BTM.float().amax(dim=1)
-    lead = int(excluded_BT.all(dim=0).int().cumprod(0).sum())  # leading columns excluded in every row (BOS)
+    lead = leading_excluded(excluded_BT)  # leading columns excluded in every row (BOS)
     if lead == excluded_BT.shape[1]:
         return torch.full(post_BTM[:, 0].shape, -torch.inf, dtype=torch.float32, device=post_BTM.device)
     rest_BT = excluded_BT[:, lead:]
@@ -251,6 +257,84 @@ def band_keys(act_BM: torch.Tensor, gmax_M: torch.Tensor, fraction: float, seed:
     eligible = act_BM.double() >= fraction * gmax_M.double()[None, :]
     key = -band_priority(seed, layer, neurons_M, seq_B).to(act_BM.device)
     return torch.where(eligible, key, torch.full_like(key, -torch.inf))
+
+
+STRATA_SALT = 0x5EED5A17  # strata priorities: independent of band:F's for the same seed
+
+
+def strata_keys(act_BM: torch.Tensor, gmax_M: torch.Tensor, intervals: list[tuple[float, float]], seed: int,
+                layer: int, neurons_M: torch.Tensor, seq_B: torch.Tensor) -> list[torch.Tensor]:
+    """Keys [B, M] for each stratum (low, high) (fractions of the unit's maximum): -priority where
+    the sequence's max lies in [low x max, high x max) and is > 0 (the first stratum is closed at
+    the top), else -inf. One seeded priority per (layer, unit, sequence) serves every stratum."""
+    key_BM = -band_priority(seed ^ STRATA_SALT, layer, neurons_M, seq_B).to(act_BM.device)
+    act, gmax = act_BM.double(), gmax_M.double()[None, :]
+    none = torch.full_like(key_BM, -torch.inf)
+    out = []
+    for i, (lo, hi) in enumerate(intervals):
+        inside = (act >= lo * gmax) & (act > 0)
+        if i > 0:
+            inside &= act < hi * gmax
+        out.append(torch.where(inside, key_BM, none))
+    return out
+
+
+def histogram_scale(gmax_M: torch.Tensor, bins: int = HIST_BINS) -> torch.Tensor:
+    """float32 [M]: bins / max where the unit's maximum is > 0, else 0 (nothing to count)."""
+    gmax = gmax_M.double()
+    return torch.where(gmax > 0, bins / gmax, torch.zeros_like(gmax)).float()
+
+
+def add_distribution(hist_MH: torch.Tensor, sum_M: torch.Tensor, post_BTM: torch.Tensor, scale_M: torch.Tensor,
+                     excluded_BT: torch.Tensor | None = None) -> int:
+    """Add one batch's activations to each unit's histogram (int64 [M, H], in place) and sum
+    (float64 [M], in place); returns the tokens counted. Bin i holds the activations a > 0 with
+    i < a x scale <= i + 1 (float32; a = max lands in the last bin): (i/H x max, (i+1)/H x max].
+    Positions where `excluded_BT` is True are left out, as they are from the examples."""
+    M, H = hist_MH.shape
+    lead = 0 if excluded_BT is None else leading_excluded(excluded_BT)
+    a_BTM = post_BTM[:, lead:]
+    n = a_BTM.shape[0] * a_BTM.shape[1]
+    t_BTM = a_BTM.float() * scale_M  # a new tensor: worked on in place below
+    sum_M += a_BTM.sum(dim=(0, 1), dtype=torch.float64)
+    if excluded_BT is not None and lead < excluded_BT.shape[1]:
+        b_n, t_n = torch.nonzero(excluded_BT[:, lead:], as_tuple=True)
+        if len(b_n):
+            sum_M -= a_BTM[b_n, t_n].double().sum(dim=0)
+            t_BTM[b_n, t_n] = 0.0  # dropped
+            n -= len(b_n)
+    offset_M = torch.arange(M, dtype=torch.float32, device=t_BTM.device) * (H + 1)
+    t_BTM.ceil_().clamp_(min=0.0, max=float(H)).add_(offset_M)  # m * (H + 1) + 1 + bin; + 0: a <= 0 (dropped)
+    counts = torch.bincount(t_BTM.view(-1).to(torch.int64), minlength=M * (H + 1))
+    hist_MH += counts.view(M, H + 1)[:, 1:]
+    return n
+
+
+@dataclass
+class Spectrum:
+    """What `--strata` adds to a scan, for each row: one SlotTable per stratum (a seeded uniform
+    sample of the sequences whose max lies in the stratum's interval of the unit's maximum) and
+    the activation distribution (histogram relative to the maximum, sum, tokens counted)."""
+
+    intervals: list[tuple[float, float]]
+    tables: list[list[SlotTable]]  # [row][stratum]
+    hist: torch.Tensor  # int64 [rows, M, HIST_BINS]
+    sum: torch.Tensor  # float64 [rows, M]
+    count: int = 0  # tokens counted in each row
+
+    @classmethod
+    def empty(cls, intervals: list[tuple[float, float]], n_rows: int, d_mlp: int, strata_k: int, d_model: int,
+              dtype: torch.dtype, device="cpu", window: tuple[int, int] = (0, 0)) -> "Spectrum":
+        tables = [[SlotTable.empty(d_mlp, strata_k, d_model, dtype, device, window) for _ in intervals]
+                  for _ in range(n_rows)]
+        return cls(list(intervals), tables, torch.zeros((n_rows, d_mlp, HIST_BINS), dtype=torch.int64, device=device),
+                   torch.zeros((n_rows, d_mlp), dtype=torch.float64, device=device))
+
+    @staticmethod
+    def nbytes(n_strata: int, d_mlp: int, strata_k: int, d_model: int, itemsize: int,
+               window: tuple[int, int] = (0, 0)) -> int:
+        """Bytes `empty` allocates for one row."""
+        return n_strata * SlotTable.nbytes(d_mlp, strata_k, d_model, itemsize, window) + d_mlp * (HIST_BINS + 1) * 8
 
 
 @dataclass
@@ -297,6 +381,42 @@ def merge_blocks(key_NSK: np.ndarray, act_NSK: np.ndarray, seq_NSK: np.ndarray, 
     return TopK(out_act, out_seq, out_pos, out_x, out_win)
 
 
+def merge_strata(key_NSX: np.ndarray, act_NSX: np.ndarray, seq_NSX: np.ndarray, pos_NSX: np.ndarray,
+                 x_NSXD: np.ndarray, win_NSXW: np.ndarray, n_strata: int, strata_k: int) -> tuple[TopK, np.ndarray]:
+    """Exact merge of N blocks' strata tables (stratum after stratum along X = n_strata x strata_k):
+    each stratum merged alone (merge_blocks), then laid out stratum after stratum. Returns the
+    examples and int32 [S, X] their stratum (-1 where none)."""
+    parts, strata = [], []
+    for i in range(n_strata):
+        sl = slice(i * strata_k, (i + 1) * strata_k)
+        top = merge_blocks(key_NSX[:, :, sl], act_NSX[:, :, sl], seq_NSX[:, :, sl], pos_NSX[:, :, sl],
+                           x_NSXD[:, :, sl], strata_k, win_NSXW[:, :, sl])
+        parts.append(top)
+        strata.append(np.where(top.seq >= 0, i, -1).astype(np.int32))
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts], axis=1)  # noqa: E731
+    return TopK(cat("act"), cat("seq"), cat("pos"), cat("x"), cat("win")), np.concatenate(strata, axis=1)
+
+
+@dataclass
+class Distribution:
+    """Each unit's activation distribution over the dataset's counted tokens."""
+
+    hist: np.ndarray  # int64 [S, HIST_BINS] activations in (i/H x max, (i+1)/H x max]
+    positive_fraction: np.ndarray  # float32 [S] share of tokens with activation > 0
+    mean: np.ndarray  # float32 [S]
+    max: np.ndarray  # float32 [S]
+
+
+def merge_distribution(hist_NSH: np.ndarray, sum_NS: np.ndarray, count_N: np.ndarray, max_S: np.ndarray) -> Distribution:
+    """Add up N blocks' histograms and sums (`add_distribution`) of S units."""
+    hist = hist_NSH.sum(axis=0)
+    n = int(count_N.sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        positive = (hist.sum(axis=1) / n).astype(np.float32) if n else np.full(len(max_S), np.nan, np.float32)
+        mean = (sum_NS.sum(axis=0) / n).astype(np.float32) if n else np.full(len(max_S), np.nan, np.float32)
+    return Distribution(hist, positive, mean, np.where(np.isfinite(max_S), max_S, np.nan).astype(np.float32))
+
+
 def neuron_embeddings(x_SKD: np.ndarray, w_ES: np.ndarray, dtype: str) -> np.ndarray:
     """e[s, i] = [x[s, i] ; x[s, i] ; ...] ⊙ W[:, s]  ->  [S, k, E] in `dtype` (computed in float32).
 
@@ -332,13 +452,14 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
                    emb_dtype: torch.dtype, batch_size: int, device: str, mode: str = "top",
                    gmax_LM: torch.Tensor | None = None, fraction: float | None = None, seed: int = 0,
                    progress=None, window: tuple[int, int] = (0, 0), units: UnitSource | None = None,
-                   excluded_ids: tuple[int, ...] = ()) -> list[SlotTable] | torch.Tensor:
+                   excluded_ids: tuple[int, ...] = (), spectrum: Spectrum | None = None) -> list[SlotTable] | torch.Tensor:
     """Run the model over tokens (sequence indices seq_start + row) and return one SlotTable per
     layer, or for mode="max" the per-unit maximum [n_layers, M] (first pass of band selection).
 
     `units` (default: the model's MLP neurons) says which hooks feed each row and how the captured
     tensors become the activations and x (core.units); the forward stops after the last row's hooks.
-    Tokens in `excluded_ids` (e.g. BOS, EOS) are never an example's max token."""
+    Tokens in `excluded_ids` (e.g. BOS, EOS) are never an example's max token. With `spectrum`
+    (mode top or band; needs `gmax_LM`) the strata tables and distributions are filled too."""
     units = units or MLPNeurons.for_bridge(bridge)
     M, D = units.n_units, units.d_input
     need_x = mode != "max"
@@ -346,6 +467,9 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
     gmax = torch.full((len(layers), M), -torch.inf, device=device)
     neurons = torch.arange(M, device=device)
     excluded = torch.tensor(sorted(excluded_ids), dtype=torch.int64, device=device) if excluded_ids else None
+    if spectrum is not None:
+        assert mode != "max" and gmax_LM is not None, "strata need each unit's maximum"
+        scale_LM = torch.stack([histogram_scale(gmax_LM[row]) for row in range(len(layers))]).to(device)
     state: dict = {}
     threads = torch.get_num_threads()  # the forward's
 
@@ -376,6 +500,14 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
                 key = band_keys(val, gmax_LM[row].to(device), fraction, seed, layer, neurons, state["seq"])
             update_slots(tables[row], key, val, post, state["seq"], x, big_threads=threads,
                          excluded_BT=state["excluded"])
+            if spectrum is not None:
+                keys = strata_keys(val, gmax_LM[row].to(device), spectrum.intervals, seed, layer, neurons, state["seq"])
+                for table, key in zip(spectrum.tables[row], keys):
+                    update_slots(table, key, val, post, state["seq"], x, big_threads=threads,
+                                 excluded_BT=state["excluded"])
+                counted = add_distribution(spectrum.hist[row], spectrum.sum[row], post, scale_LM[row], state["excluded"])
+                if row == 0:
+                    spectrum.count += counted
 
     hooks = []
     for row, layer in enumerate(layers):

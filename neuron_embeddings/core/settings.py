@@ -61,6 +61,32 @@ def parse_selection(selection: str) -> float | None:
     return float(m.group(1))
 
 
+HIST_BINS = 20  # each unit's activation histogram (--strata): equal bins of (0, max], 5 per quarter
+DEFAULT_STRATA = (0.75, 0.5, 0.25, 0.0)  # `--strata` alone: the four quarters of each unit's maximum
+
+
+def parse_strata(spec) -> tuple[float, ...]:
+    """'0.75,0.5,0.25,0' (or a sequence of numbers) -> strictly decreasing fractions in [0, 1];
+    None or '' -> () (no strata). Interval i holds the activations in [f_i, f_(i-1)) x the unit's
+    maximum, with f_0 = 1 and the first interval closed at the top."""
+    if spec is None or spec == "" or spec == ():
+        return ()
+    parts = str(spec).split(",") if isinstance(spec, str) else list(spec)
+    try:
+        fractions = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise UserError(f"--strata {spec!r}: write decreasing fractions of the maximum, e.g. 0.75,0.5,0.25,0") from None
+    if not all(0 <= f <= 1 for f in fractions) or any(a <= b for a, b in zip(fractions, fractions[1:])):
+        raise UserError(f"--strata {spec!r}: the fractions must be strictly decreasing and in [0, 1], "
+                        "e.g. 0.75,0.5,0.25,0")
+    return fractions
+
+
+def strata_intervals(fractions: tuple[float, ...]) -> list[tuple[float, float]]:
+    """[(low, high), ...] fractions of the maximum of each stratum, top first."""
+    return [(lo, hi) for lo, hi in zip(fractions, (1.0, *fractions))]
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Everything that decides the content and layout of a store. Stored in its root attributes."""
@@ -83,8 +109,13 @@ class RunSettings:
     prepend_bos: bool = False  # each row is BOS + the next ctx_len - 1 tokens of the stream (resolved: bool)
     excluded_token_ids: tuple[int, ...] = ()  # tokens never chosen as an example's max token
     dtype: str = "float32"  # the model's forward (resolved: float32 on CPU, bfloat16 on GPU by default)
+    strata: tuple[float, ...] = ()  # activation intervals sampled besides the top-k (parse_strata); () = none
+    strata_k: int = 10  # examples sampled per stratum
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "strata", parse_strata(self.strata))
+        if self.strata_k < 1:
+            raise UserError(f"--strata-k {self.strata_k}: need at least 1 example per stratum")
         if self.k < 2:
             raise UserError(f"--k {self.k}: need at least 2 examples per neuron to cluster; use --k 2 or more")
         if self.n_sequences < 1:
@@ -116,10 +147,16 @@ class RunSettings:
     def band_fraction(self) -> float | None:
         return parse_selection(self.selection)
 
+    @property
+    def needs_maxima(self) -> bool:
+        """Whether the scan needs each unit's dataset maximum first (band selection, strata)."""
+        return self.band_fraction is not None or bool(self.strata)
+
     def to_attrs(self) -> dict:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
         d["excluded_token_ids"] = list(self.excluded_token_ids)
+        d["strata"] = list(self.strata)
         return d
 
     @classmethod
@@ -128,6 +165,7 @@ class RunSettings:
         kw = {k: v for k, v in attrs.items() if k in names}  # version-1 stores: no BOS, nothing excluded
         kw["layers"] = tuple(kw["layers"])
         kw["excluded_token_ids"] = tuple(kw.get("excluded_token_ids", ()))
+        kw["strata"] = tuple(kw.get("strata") or ())
         return cls(**kw)
 
     def differences(self, other: "RunSettings") -> list[str]:
@@ -172,6 +210,7 @@ OPTION_DEFAULTS = {
     "prepend_bos": None,  # None: on for causal models whose tokenizer has a BOS token, else off
     "exclude_special_tokens": True,  # the tokenizer's special tokens are never an example's max token
     "dtype": None,  # None: the store's when resuming, else float32 on CPU and bfloat16 on GPU
+    "strata": None,  # None: no strata; '0.75,0.5,0.25,0' (DEFAULT_STRATA, what `--strata` alone gives): parse_strata
 }
 
 

@@ -36,6 +36,10 @@ def base(tiny_gpt2, tmp_path):
     (["--threshold", "0"], ["--threshold"]),
     (["--linkage", "ward"], ["--linkage", "average"]),
     (["--selection", "band:1.5"], ["--selection"]),
+    (["--strata", "0.5,0.75"], ["--strata", "decreasing"]),
+    (["--strata", "1.5,0"], ["--strata", "[0, 1]"]),
+    (["--strata", "half"], ["--strata"]),
+    (["--strata", "--strata-k", "0"], ["--strata-k 0", "at least 1"]),
     (["--ctx-len", "4096"], ["--ctx-len", "at most"]),
     (["--n-sequences", "100000"], ["only", "tokens", "lower --n-sequences"]),
     # how a run executes (ExecSettings), checked before the model loads or the store exists

@@ -91,16 +91,20 @@ def test_shard_batches_partition_the_shards_and_balance_the_workers(n, workers):
         assert max(free) - min(free) <= max(sizes[-workers:])
 
 
-@pytest.mark.parametrize("dtype,gated", [("float16", False), ("float32", True)])
-def test_schema_nbytes_is_the_created_arrays_size(tmp_path, dtype, gated):
+@pytest.mark.parametrize("dtype,gated,strata", [("float16", False, ()), ("float32", True, ()),
+                                                ("float16", True, (0.5, 0.1))])
+def test_schema_nbytes_is_the_created_arrays_size(tmp_path, dtype, gated, strata):
+    from neuron_embeddings.core.settings import HIST_BINS
     from neuron_embeddings.storage import schema
     from neuron_embeddings.storage.store import Store
 
     s = RunSettings(model="m", dataset="d", layers=(0, 2), n_sequences=12, ctx_len=8, k=5, shard_size=64,
-                    embedding_dtype=dtype, scan_blocks=3)
+                    embedding_dtype=dtype, scan_blocks=3, strata=strata, strata_k=3)
     info = {"d_mlp": 96, "d_model": 16, "d_embed": 32 if gated else 16, "model": "m", "gated": gated}
     create_store(str(tmp_path / "s.zarr"), s, info, d_vocab=10)
     g = Store(str(tmp_path / "s.zarr")).group("r")
-    sizes = schema.sizes(2, 96, 16, info["d_embed"], 5, 12, 8, 10, 3)
-    created = sum(g[a.path].nbytes for a in schema.ARRAYS if a.dtype != "str" and (gated or not a.gated_only))
-    assert schema.nbytes(sizes, dtype, gated, str_bytes=0) == created
+    sizes = schema.sizes(2, 96, 16, info["d_embed"], 5, 12, 8, 10, 3, len(strata), 3, HIST_BINS)
+    feats = schema.features({"gated": gated, "strata": strata})
+    created = sum(g[a.path].nbytes for a in schema.ARRAYS if a.dtype != "str" and schema.has(a, feats))
+    assert created > 0 and all((a.path in g) == schema.has(a, feats) for a in schema.ARRAYS)
+    assert schema.nbytes(sizes, dtype, feats, str_bytes=0) == created

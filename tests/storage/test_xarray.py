@@ -26,7 +26,7 @@ def store_path(tiny_gpt2, tmp_path_factory):
 def test_every_array_names_its_dimensions_from_the_vocabulary(store_path):
     g = zarr.open_group(store_path, mode="r")
     for spec in schema.ARRAYS:
-        if spec.gated_only:
+        if spec.requires:
             continue
         a = g[spec.path]
         assert a.metadata.dimension_names == spec.dims, spec.path
@@ -58,7 +58,7 @@ def test_consolidated_metadata_is_read_at_once_and_the_store_stays_writable(stor
     store = st.Store(out)
     st.consolidate(store)
     meta = zarr.open_group(out, mode="r", use_consolidated=True).metadata.consolidated_metadata
-    assert {a.path for a in schema.ARRAYS if not a.gated_only} <= set(meta.flattened_metadata)
+    assert {a.path for a in schema.ARRAYS if not a.requires} <= set(meta.flattened_metadata)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # xarray warns when it falls back to a walk
         tree = xr.open_datatree(out, engine="zarr")
