@@ -159,7 +159,8 @@ def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, p
     B = key_BM.shape[0]
     key_MB = key_BM.T.to(torch.float64)
     M = key_MB.shape[0]
-    rows_R = torch.nonzero((key_MB >= table.key[:, -1:]).any(dim=1)).squeeze(1)
+    enters_MB = (key_MB >= table.key[:, -1:]) & (key_MB > -torch.inf)  # -inf: not a candidate (band, strata)
+    rows_R = torch.nonzero(enters_MB.any(dim=1)).squeeze(1)
     R = rows_R.numel()
     if R == 0:
         return 0

@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""What `--strata` costs the scan, on this machine, in one run.
+
+    .venv/bin/python benchmarks/bench_strata.py [--model DIR|builtin:smollm2-135m] [--n-sequences 64]
+                                                [--ctx-len 128] [--rounds 3] [--strata 0.75,0.5,0.25,0]
+
+Without --model: the random-weight GPT-2-small-shaped model of bench_pipeline.py (12 layers,
+d_model 768, 36,864 neurons), built once in --workdir. Over the same tokens (the CLI's: BOS and
+special tokens as the CLI feeds them), alternated in --rounds rounds (the order rotating, so the
+machine's drift hits all alike):
+
+- `bare`: the forward pass up to the last layer's MLP activation, hooks doing nothing;
+- `maxima`: the maxima pass (`scan_sequences(mode="max")`), which --strata adds before the scan;
+- `top`: the scan as a run without --strata does it (top-k, k = 50, every layer);
+- `strata`: the scan with the strata tables and the activation histograms on.
+
+Reported: the median over rounds of each path's speed relative to `bare` (bare seconds / path
+seconds: 1.0 = as fast as the bare forward), and of `strata` relative to `top`; and inside
+one `strata` scan the seconds spent in the strata's table updates and in the histograms.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_pipeline import _set_env, _stop_at, ensure_model, feed, pack  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model directory or builtin name (default: random GPT-2-small shape)")
+    p.add_argument("--n-sequences", type=int, default=64)
+    p.add_argument("--ctx-len", type=int, default=128)
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--strata", default="0.75,0.5,0.25,0")
+    p.add_argument("--strata-k", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ne-bench"))
+    p.add_argument("--out-json")
+    a = p.parse_args(argv)
+    _set_env(a.threads)
+    import numpy as np
+    import torch
+
+    import neuron_embeddings.core.scan as scan_mod
+    from neuron_embeddings.core.models import HOOK_ACTIVATION, load_model
+    from neuron_embeddings.core.settings import parse_strata, strata_intervals
+
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = a.model or str(ensure_model(work, 12, 50257))
+    lm = load_model(model, "cpu", "float32")
+    bos, excluded = feed(lm)
+    tokens = pack(lm.tokenizer, a.n_sequences, a.ctx_len, bos)
+    layers = list(range(lm.n_layers))
+    intervals = strata_intervals(parse_strata(a.strata))
+    bare_fn = _stop_at(lm.bridge, HOOK_ACTIVATION.format(layer=max(layers)))
+    ids_all = torch.from_numpy(tokens.astype(np.int64))
+
+    def bare():
+        with torch.inference_mode():
+            for s in range(0, len(tokens), a.batch_size):
+                bare_fn(ids_all[s:s + a.batch_size])
+
+    def scan(mode="top", gmax=None, spectrum=None):
+        return scan_mod.scan_sequences(lm.bridge, tokens, 0, layers, a.k, torch.float16, a.batch_size, "cpu",
+                                       mode=mode, gmax_LM=gmax, excluded_ids=excluded, spectrum=spectrum)
+
+    def new_spectrum():
+        return scan_mod.Spectrum.empty(intervals, len(layers), lm.d_mlp, a.strata_k, lm.d_model, torch.float16)
+
+    gmax = scan("max")  # also the warm-up
+    paths = {"bare": bare, "maxima": lambda: scan("max"), "top": scan,
+             "strata": lambda: scan(gmax=gmax, spectrum=new_spectrum())}
+    secs: dict[str, list[float]] = {name: [] for name in paths}
+    names = list(paths)
+    for r in range(a.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            paths[name]()
+            secs[name].append(time.perf_counter() - t)
+            print(f"round {r} {name}: {secs[name][-1]:.1f} s", flush=True)
+
+    # inside one strata scan: the strata's table updates and the histograms
+    inner = {"strata_update_slots": 0.0, "add_distribution": 0.0}
+    orig_update, orig_dist, orig_keys = scan_mod.update_slots, scan_mod.add_distribution, scan_mod.strata_keys
+    in_strata = {"on": False}
+
+    def keys(*args, **kw):
+        in_strata["on"] = True
+        return orig_keys(*args, **kw)
+
+    def update(*args, **kw):
+        t = time.perf_counter()
+        try:
+            return orig_update(*args, **kw)
+        finally:
+            if in_strata["on"]:
+                inner["strata_update_slots"] += time.perf_counter() - t
+
+    def dist(*args, **kw):
+        in_strata["on"] = False
+        t = time.perf_counter()
+        try:
+            return orig_dist(*args, **kw)
+        finally:
+            inner["add_distribution"] += time.perf_counter() - t
+
+    scan_mod.update_slots, scan_mod.add_distribution, scan_mod.strata_keys = update, dist, keys
+    try:
+        t = time.perf_counter()
+        scan(gmax=gmax, spectrum=new_spectrum())
+        inner["strata_scan"] = time.perf_counter() - t
+    finally:
+        scan_mod.update_slots, scan_mod.add_distribution, scan_mod.strata_keys = orig_update, orig_dist, orig_keys
+
+    rel = {name: statistics.median(b / s for b, s in zip(secs["bare"], secs[name])) for name in names if name != "bare"}
+    res = {"model": model, "tokens": int(tokens.size), "rounds": a.rounds, "strata": a.strata,
+           "strata_k": a.strata_k, "seconds_median": {n: round(statistics.median(v), 2) for n, v in secs.items()},
+           "speed_vs_bare_median": {n: round(v, 3) for n, v in rel.items()},
+           "strata_vs_top_median": round(statistics.median(t / s for t, s in zip(secs["top"], secs["strata"])), 3),
+           "inside_one_strata_scan_seconds": {n: round(v, 2) for n, v in inner.items()}}
+    print(json.dumps(res, indent=1))
+    if a.out_json:
+        Path(a.out_json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
