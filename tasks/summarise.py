@@ -6,7 +6,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from neuron_embeddings.core.summary import cluster_tokens, layer_table, rank_neurons, report_markdown
+from neuron_embeddings.core.summary import below_top_rows, cluster_tokens, layer_table, rank_neurons, report_markdown
 from neuron_embeddings.storage import schema
 from neuron_embeddings.storage import store as st
 
@@ -16,6 +16,9 @@ def summarise_store(out: str, n_show: int = 5) -> dict:
     s = store.settings()
     m = st.read_metrics(store, ("n_examples", "n_clusters", "mean_distance"))
     table = layer_table(list(s.layers), m["n_examples"], m["n_clusters"], m["mean_distance"])
+    if s.strata:  # behaviours found only below the top-k
+        for row, below in zip(table, below_top_rows(st.read(store, schema.BELOW_ONLY), m["n_examples"])):
+            row.update(below)
     most, least = rank_neurons(m["n_examples"], m["n_clusters"], m["mean_distance"], min_examples=max(2, s.k // 2))
     tokens, vocab = st.read_tokens(store), st.read_vocab(store)
 

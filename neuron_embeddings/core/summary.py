@@ -26,6 +26,19 @@ def layer_table(layers: list[int], n_examples_LM: np.ndarray, n_clusters_LM: np.
     return rows
 
 
+def below_top_rows(below_only_LM: np.ndarray, n_examples_LM: np.ndarray) -> list[dict]:
+    """Per layer (--strata): the behaviours (clusters of the top-k and strata together) that have
+    no top-k example, in all and per neuron, and the share of neurons with at least one."""
+    rows = []
+    for i in range(below_only_LM.shape[0]):
+        have = n_examples_LM[i] >= 1
+        b = below_only_LM[i][have]
+        rows.append({"below_top_behaviours": int(b.sum()),
+                     "below_top_per_neuron": round(float(b.mean()), 3) if b.size else None,
+                     "share_with_below_top": round(float((b > 0).mean()), 4) if b.size else None})
+    return rows
+
+
 def rank_neurons(n_examples_LM: np.ndarray, n_clusters_LM: np.ndarray, mean_distance_LM: np.ndarray,
                  min_examples: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(row, neuron) pairs, most polysemantic first (clusters desc, mean distance desc) and least
@@ -55,9 +68,15 @@ def report_markdown(summary: dict, out: str) -> str:
     their clusters."""
     lines = [f"# neuron-embeddings: `{out}`", "", "| layer | neurons | with examples | mean clusters | "
              "mean distance | > 1 cluster |", "|---|---|---|---|---|---|"]
+    below = all("below_top_behaviours" in r for r in summary["layers"])
+    if below:
+        lines[2] += " behaviours only below the top-k (per neuron; neurons with one) |"
+        lines[3] += "---|"
     for r in summary["layers"]:
         lines.append(f"| {r['layer']} | {r['neurons']} | {r['with_examples']} | {r['mean_clusters']} | "
-                     f"{r['mean_distance']} | {100 * (r['share_multi_cluster'] or 0):.1f}% |")
+                     f"{r['mean_distance']} | {100 * (r['share_multi_cluster'] or 0):.1f}% |"
+                     + (f" {r['below_top_behaviours']} ({r['below_top_per_neuron']}; "
+                        f"{100 * (r['share_with_below_top'] or 0):.1f}%) |" if below else ""))
     for title, key in (("Most polysemantic neurons", "most_polysemantic"),
                        ("Least polysemantic neurons", "least_polysemantic")):
         lines += ["", f"## {title}", "", "| neuron | clusters | mean distance | clusters: size, top tokens |",

@@ -6,6 +6,7 @@ offline and any browser, headless or not, can drive it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from html import escape
 from pathlib import Path
@@ -15,9 +16,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from neuron_embeddings.core.summary import layer_table
-from neuron_embeddings.explorer.data import Example, ExplorerData, Unavailable
-from neuron_embeddings.explorer.plots import cluster_colour, dendrogram_svg, histogram_svg
+from neuron_embeddings.core.summary import below_top_rows, layer_table
+from neuron_embeddings.explorer.data import Example, ExplorerData, Unavailable, distinct_windows
+from neuron_embeddings.explorer.plots import cluster_colour, dendrogram_svg, distribution_svg, histogram_svg
 
 TEMPLATES = Path(__file__).parent / "templates"
 SHOWN = 8  # examples shown per cluster; the rest behind "more examples"
@@ -52,9 +53,10 @@ def act_style(act: float, scale: float) -> str:
     return f"background:rgba({rgb},{a:.2f})"
 
 
-def example_html(e: Example, max_act: float, link: str | None = None) -> str:
+def example_html(e: Example, max_act: float, link: str | None = None, source: bool | None = None) -> str:
     """One example: its window of tokens coloured by activation, the max token outlined, each
-    token's activation in its title (shown on hover)."""
+    token's activation in its title (shown on hover); with `source`, badged with where it comes
+    from (the top-k or a stratum)."""
     spans = []
     for t in e.tokens:
         title = f"{num(t.act)}" if math.isfinite(t.act) else "activation not recorded"
@@ -63,12 +65,28 @@ def example_html(e: Example, max_act: float, link: str | None = None) -> str:
         spans.append(f'{lead}<span class="{cls}" style="{act_style(t.act, max_act)}" title="{escape(title)}">'
                      f"{escape(body)}</span>")
     badge = '<span class="badge">central</span>' if e.central else ""
+    if source:  # across the spectrum: where the example comes from
+        badge += (f'<span class="badge source s{e.source}">{"top-k" if e.source == 0 else f"S{e.source}"}</span>')
     if e.copies:  # the same window elsewhere in the corpus: shown once, counted
         badge += (f'<span class="badge copies" title="the same window in {len(e.copies) + 1} examples '
                   f'(slots {escape(", ".join(str(s) for s in sorted([e.slot, *e.copies])))})">×{len(e.copies) + 1}</span>')
     more = f' · <a href="{link}">importance</a>' if link else ""
     return (f'<div class="ex" data-slot="{e.slot}"><span class="meta">{badge}#{e.slot} act {num(e.act)} · '
             f"seq {e.seq}{more}</span> {''.join(spans)}</div>")
+
+
+def spectrum_context(v, depth: int | None) -> dict:
+    """What the neuron page's spectrum section shows at `depth` (None: every source; else only the
+    clusters with an example from that source, and only those examples)."""
+    if v is None:
+        return {}
+    shown = []
+    for c in v.clusters:
+        exs = [e for e in c.examples if depth is None or e.source == depth]
+        if exs:
+            shown.append({"c": c, "examples": distinct_windows([dataclasses.replace(e, copies=[]) for e in exs])})
+    return {"spectrum": v, "depth": depth, "spectrum_clusters": shown,
+            "distribution": distribution_svg(v.hist, v.max, v.intervals, v.topk_min)}
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -106,6 +124,9 @@ class Explorer:
         md_max = float(np.nanmax(m["mean_distance"])) if np.isfinite(m["mean_distance"]).any() else 1.0
         d_edges = np.linspace(0, max(1.0, math.ceil(md_max * 10) / 10), 26)
         c_edges = np.arange(0.5, d.k + 1.5)
+        if d.has_strata:
+            for r, below in zip(rows, below_top_rows(d.below_only, m["n_examples"])):
+                r.update(below)
         for i, r in enumerate(rows):
             have = m["n_examples"][i] >= 2
             r["hist_clusters"] = histogram_svg(m["n_clusters"][i][have], c_edges, "clusters per " + d.unit_word, "{:.0f}")
@@ -124,17 +145,23 @@ class Explorer:
         return self.page("overview.html", layer_rows=rows, most=[describe(*p) for p in most],
                          least=[describe(*p) for p in least], settings=d.settings_table(),
                          model=a.get("model"), dataset=a.get("dataset"), k=d.k, linkage=a.get("linkage"),
-                         threshold=a.get("threshold"), n_units=len(d.layers) * d.d_mlp)
+                         threshold=a.get("threshold"), n_units=len(d.layers) * d.d_mlp, has_strata=d.has_strata)
 
-    def neuron(self, layer: int, neuron: int) -> str:
+    def neuron(self, layer: int, neuron: int, depth: int | None = None) -> str:
         d = self.data
         d.check_neuron(layer, neuron)
         v = d.neuron(layer, neuron)
+        sp = d.spectrum(layer, neuron)
+        if depth is not None and (sp is None or not 0 <= depth < len(sp.sources)):
+            raise KeyError(f"depth {depth}: this {d.unit_word} has no such stratum"
+                           + ("" if sp is None else f" (0 = the top-k, 1-{len(sp.sources) - 1} the strata)"))
         link = (lambda e: f"/importance/{layer}/{neuron}/{e.slot}") if self.model is not None else (lambda e: None)
         return self.page("neuron.html", v=v, k=d.k, nav_layer=layer, nav_neuron=neuron, shown=SHOWN,
                          prev=d.step(layer, neuron, -1), next=d.step(layer, neuron, 1),
                          dendrogram=dendrogram_svg(v.linkage, v.leaf_labels, float(d.attrs["threshold"]), v.leaf_names),
-                         example=lambda e: example_html(e, v.max_act, link(e)))
+                         example=lambda e: example_html(e, v.max_act, link(e)),
+                         spectrum_example=lambda e: example_html(e, sp.max, None, source=True),
+                         **spectrum_context(sp, depth))
 
     def importance(self, layer: int, neuron: int, slot: int) -> str:
         d = self.data
@@ -198,9 +225,9 @@ def create_app(data: ExplorerData, model=None) -> FastAPI:
         return RedirectResponse(f"/neuron/{layer}/{neuron}", status_code=303)
 
     @app.get("/neuron/{layer}/{neuron}", response_class=HTMLResponse)
-    def neuron(layer: int, neuron: int):
+    def neuron(layer: int, neuron: int, depth: int | None = None):
         try:
-            return ex.neuron(layer, neuron)
+            return ex.neuron(layer, neuron, depth)
         except KeyError as e:
             return not_found(e)
 

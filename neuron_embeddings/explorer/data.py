@@ -169,6 +169,7 @@ class Example:
     tokens: list[Token]
     central: bool = False
     copies: list[int] = field(default_factory=list)  # slots of the other examples with this same window
+    source: int = 0  # where it comes from (--strata): 0 = the top-k, 1 + i = stratum i
 
 
 def distinct_windows(examples: list[Example]) -> list[Example]:
@@ -219,6 +220,35 @@ class NeuronView:
     similar_state: str  # "ready", "pending" (not computed yet), "off" (--no-similar), "absent" (no similar/*)
 
 
+@dataclass
+class SpectrumCluster:
+    label: int
+    counts: list[int]  # its examples by source: the top-k, then each stratum
+    examples: list[Example]  # each with its `source`
+
+    @property
+    def below_only(self) -> bool:
+        return self.counts[0] == 0
+
+
+@dataclass
+class SpectrumView:
+    """A unit's behaviours across its activation spectrum (--strata): its histogram and the
+    clusters of its top-k and strata examples together."""
+
+    sources: list[str]  # the name of each source: "top-k", then each stratum's interval
+    intervals: list[tuple[float, float]]  # each stratum's (low, high) fraction of the maximum
+    hist: np.ndarray  # int [bins] activations in (i/bins, (i+1)/bins] x max
+    max: float
+    mean: float
+    positive_fraction: float
+    topk_min: float  # the weakest top-k example's activation (NaN if none)
+    clusters: list[SpectrumCluster]
+    n_clusters: list[int]  # clusters with an example from each source
+    mean_distance: list[float]  # mean distance among each source's examples
+    below_only: int  # clusters with no top-k example
+
+
 class ExplorerData:
     """A store opened read-only for the explorer (writes only its own cache under `_explorer/`)."""
 
@@ -242,6 +272,7 @@ class ExplorerData:
         self.window = window(self.store)
         self.has_window = self._has(schema.TOPK_WINDOW)
         self.has_similar = self._has(schema.NEIGHBOURS)
+        self.has_strata = bool(attrs.get("strata")) and self._has(schema.SPECTRUM_LABELS)
         self._lock = threading.Lock()
         self.refresh_s = REFRESH_S
         self.version = 0  # counts refreshes: the app's own caches key on it
@@ -266,9 +297,10 @@ class ExplorerData:
             stamp = self.store.marker_stamp()
             changed = stamp != self._stamp
             if changed:
-                for name in ("metrics", "vocab", "wordpiece", "_tokens", "top_tokens", "_cluster_sizes"):
+                for name in ("metrics", "vocab", "wordpiece", "_tokens", "top_tokens", "_cluster_sizes", "below_only"):
                     self.__dict__.pop(name, None)
                 type(self).neuron.cache_clear()
+                type(self).spectrum.cache_clear()
                 self._states = {stage: self.store.marker_states(stage) for stage in self.store.marker_stages()}
                 self._records = {}
                 self._counts = self._count_units()
@@ -455,6 +487,53 @@ class ExplorerData:
         start = j // size * size
         unit = NeuronShard(row, self.layers[row], start, min(start + size, self.d_mlp)).id
         return "ready" if self.store.is_complete("similar", unit) else "pending"
+
+    @cached_property
+    def below_only(self) -> np.ndarray:
+        """int [n_rows, d_mlp]: each unit's behaviours found only below its top-k (--strata)."""
+        return self._read(schema.BELOW_ONLY.path)
+
+    @lru_cache(maxsize=128)
+    def spectrum(self, layer: int, neuron: int) -> SpectrumView | None:
+        """The unit's behaviours across the spectrum, or None for a store without --strata."""
+        if not self.has_strata:
+            return None
+        row = self.check(layer, neuron)
+        a = self.read_neuron(row, neuron)
+        st_ = {spec: self._read(spec.path, (row, neuron)) for spec in (
+            schema.STRATA_ACT, schema.STRATA_SEQ, schema.STRATA_POS, schema.STRATUM, schema.STRATA_WINDOW,
+            schema.SPECTRUM_LABELS, schema.SPECTRUM_COUNTS, schema.SPECTRUM_CLUSTERS, schema.SPECTRUM_DISTANCE,
+            schema.HIST, schema.POSITIVE, schema.MEAN, schema.MAX)}
+        k = self.k
+        # the strata examples read like top-k ones: the same fields, numbered after the top-k's slots
+        strata = {schema.TOPK_SEQ: st_[schema.STRATA_SEQ], schema.TOPK_POS: st_[schema.STRATA_POS],
+                  schema.TOPK_ACT: st_[schema.STRATA_ACT], schema.TOPK_WINDOW: st_[schema.STRATA_WINDOW]}
+        seq = np.concatenate([a[schema.TOPK_SEQ], strata[schema.TOPK_SEQ]])
+        rows = self.token_rows(seq)
+        max_act = float(st_[schema.MAX])
+        labels, counts = st_[schema.SPECTRUM_LABELS], st_[schema.SPECTRUM_COUNTS]
+        source = np.concatenate([np.zeros(k, dtype=int), 1 + np.maximum(st_[schema.STRATUM], 0)])
+
+        def example(i: int) -> Example:
+            e = (self.example(i, a, rows[int(seq[i])], max_act) if i < k
+                 else self.example(i - k, strata, rows[int(seq[i])], max_act))
+            e.slot, e.source = i, int(source[i])
+            return e
+
+        clusters = []
+        for c in range(int(labels.max()) + 1 if (labels >= 0).any() else 0):
+            idx = np.flatnonzero(labels == c)
+            idx = idx[np.lexsort((idx, source[idx]))]  # the top-k's first, then stratum by stratum
+            clusters.append(SpectrumCluster(c, counts[c].tolist(), [example(int(i)) for i in idx]))
+        intervals = [tuple(iv) for iv in self.attrs["strata_intervals"]]
+        acts = a[schema.TOPK_ACT]
+        return SpectrumView(
+            sources=["top-k", *(f"{lo:g}–{hi:g} × max" for lo, hi in intervals)], intervals=intervals,
+            hist=st_[schema.HIST], max=max_act, mean=float(st_[schema.MEAN]),
+            positive_fraction=float(st_[schema.POSITIVE]),
+            topk_min=float(np.nanmin(acts)) if np.isfinite(acts).any() else float("nan"), clusters=clusters,
+            n_clusters=st_[schema.SPECTRUM_CLUSTERS].tolist(), mean_distance=st_[schema.SPECTRUM_DISTANCE].tolist(),
+            below_only=sum(c.below_only for c in clusters))
 
     def example(self, slot: int, a: dict, tokens_row: np.ndarray, max_act: float) -> Example:
         seq, pos, act = int(a[schema.TOPK_SEQ][slot]), int(a[schema.TOPK_POS][slot]), float(a[schema.TOPK_ACT][slot])

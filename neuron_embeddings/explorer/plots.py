@@ -87,6 +87,40 @@ def histogram_svg(values: np.ndarray, edges: np.ndarray, title: str, fmt: str = 
             '</svg>')
 
 
+def distribution_svg(hist_H: np.ndarray, max_act: float, intervals: list[tuple[float, float]], topk_min: float,
+                     width: int = 420, height: int = 120) -> str:
+    """A unit's activation histogram over (0, max] (bar heights on a log scale: most tokens sit
+    near zero), the strata's bounds as dashed lines, the top-k's range shaded; counts on hover."""
+    hist = np.asarray(hist_H, dtype=np.int64)
+    H = len(hist)
+    pad_b, pad_t, left = 18, 16, 4
+    h, w = height - pad_b - pad_t, width - 2 * left
+    top = np.log1p(max(int(hist.max()) if H else 0, 1))
+    bw = w / max(H, 1)
+    parts = []
+    if np.isfinite(topk_min) and max_act > 0:
+        x0 = left + w * max(topk_min, 0) / max_act
+        parts.append(f'<rect class="topk" x="{x0:.1f}" y="{pad_t}" width="{max(left + w - x0, 1.5):.1f}" height="{h}" '
+                     f'fill="#ff8c00" fill-opacity="0.18"><title>the top-k: activations {topk_min:.3g} to '
+                     f'{max_act:.3g}</title></rect>')
+    for i, c in enumerate(hist):
+        bh = h * np.log1p(c) / top
+        label = f"{i / H * max_act:.3g} to {(i + 1) / H * max_act:.3g}: {c} tokens"
+        parts.append(f'<rect class="bar" x="{left + i * bw:.1f}" y="{pad_t + h - bh:.1f}" width="{max(bw - 1, 0.5):.1f}" '
+                     f'height="{bh:.1f}" fill="#4c72b0"><title>{escape(label)}</title></rect>')
+    for i, (lo, _) in enumerate(intervals):
+        x = left + w * lo
+        parts.append(f'<line class="stratum" x1="{x:.1f}" y1="{pad_t - 2}" x2="{x:.1f}" y2="{pad_t + h}" stroke="#d62728" '
+                     f'stroke-dasharray="4,3"><title>stratum {i + 1} starts at {lo:g} x max</title></line>'
+                     f'<text x="{x + 2:.1f}" y="{pad_t + 8}" class="svgaxis" fill="#d62728">S{i + 1}</text>')
+    return (f'<svg class="distribution" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="activation histogram"><text x="0" y="10" class="svgtitle">activations &gt; 0 '
+            f'({int(hist.sum())} tokens; bar height: log count)</text>{"".join(parts)}'
+            f'<line x1="{left}" y1="{pad_t + h}" x2="{left + w}" y2="{pad_t + h}" stroke="#555"/>'
+            f'<text x="{left}" y="{height - 4}" class="svgaxis">0</text>'
+            f'<text x="{left + w}" y="{height - 4}" text-anchor="end" class="svgaxis">max {max_act:.3g}</text></svg>')
+
+
 def node_labels(Z_M4: np.ndarray, leaf_labels_N: np.ndarray, threshold: float) -> np.ndarray:
     """Cluster label of each node of a linkage (leaves 0..n-1, merges n..2n-2) when all its leaves
     lie in one cluster and it merges at or below the threshold; -1 otherwise."""
