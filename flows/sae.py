@@ -69,12 +69,15 @@ def sae_flow(
     threshold: float = default("threshold"),
     shard_size: int = default("shard_size"),
     activation_dtype: str = "float16",
+    strata: str | None = default("strata"),
+    strata_k: int = default("strata_k"),
     device: str = default("device"),
     workers: int = default("workers"),
 ) -> dict:
     """Are the SAE features more monosemantic than the layer's neurons, and does L_N help at the
     same reconstruction quality? The same SAE settings train every SAE; only `ln_coef` differs
-    (a list of coefficients trains one L_N SAE per coefficient)."""
+    (a list of coefficients trains one L_N SAE per coefficient). `strata` (e.g. '0.75,0.5,0.25,0')
+    evaluates every store across the activation spectrum too (see the pipeline flow)."""
     from neuron_embeddings.core.sae import SAETrainSettings
 
     base = dict(expansion=expansion, architecture=architecture, topk=topk, l1=l1, ln_start=ln_start,
@@ -102,7 +105,7 @@ def sae_flow(
         advance()
     run_opts = dict(model=model, dataset=dataset, n_sequences=n_sequences, ctx_len=ctx_len, k=k, selection=selection,
                     shard_size=shard_size, linkage=linkage, threshold=threshold, seed=seed, device=device,
-                    workers=workers)
+                    workers=workers, strata=strata, strata_k=strata_k)
     stores = {"neurons": str(root / "neurons.zarr")}
     stores.update({name: str(root / f"features-{name[4:]}.zarr") for name in trained})
     neuron_embeddings_run.with_options(name="neurons")(out=stores["neurons"], layers=str(layer), **run_opts)

@@ -67,6 +67,22 @@ def effective_dims(W_DU: np.ndarray) -> np.ndarray:
     return w2.sum(0) ** 2 / np.maximum((w2 ** 2).sum(0), 1e-300)
 
 
+def spectrum_summary(n_clusters_US: np.ndarray, mean_distance_US: np.ndarray, below_only_U: np.ndarray,
+                     positive_U: np.ndarray, have_U: np.ndarray, sources: list[str]) -> dict:
+    """Across the activation spectrum (--strata), over the units with examples: per source (the
+    top-k, then each stratum) the mean clusters present and the mean distance among its examples;
+    the mean behaviours found only below the top-k; the median share of tokens a unit is positive on."""
+    def mean(v):
+        v = v[have_U].astype(np.float64)
+        v = v[~np.isnan(v)]
+        return float(v.mean()) if v.size else None
+
+    return {"sources": sources, "clusters": [mean(n_clusters_US[:, i]) for i in range(len(sources))],
+            "mean_distance": [mean(mean_distance_US[:, i]) for i in range(len(sources))],
+            "below_top_per_unit": mean(below_only_U),
+            "positive_fraction_median": float(np.median(positive_U[have_U])) if have_U.any() else None}
+
+
 def store_summary(url: str) -> dict:
     store = st.Store(url)
     m = {name: a[0] for name, a in st.read_metrics(store).items()}
@@ -75,6 +91,12 @@ def store_summary(url: str) -> dict:
     have = m["n_examples"] >= 2
     out["peak_token_perplexity"] = float(np.nanmedian(ppl[have])) if have.any() else None
     out["input_effective_dims"] = float(np.median(effective_dims(st.read(store, schema.W_IN)[0])))
+    intervals = store.attrs.get("strata_intervals")
+    if intervals:
+        out["spectrum"] = spectrum_summary(
+            st.read(store, schema.SPECTRUM_CLUSTERS)[0], st.read(store, schema.SPECTRUM_DISTANCE)[0],
+            st.read(store, schema.BELOW_ONLY)[0], st.read(store, schema.POSITIVE)[0], have,
+            ["top-k", *(f"{lo:g}-{hi:g} x max" for lo, hi in intervals)])
     return out
 
 
@@ -114,6 +136,25 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join([head, sep, *body])
 
 
+def spectrum_table(rows: list[dict]) -> str:
+    """Per unit kind, across the spectrum: clusters present and mean distance by source, behaviours
+    only below the top-k, density ("" when no store has strata)."""
+    rows = [r for r in rows if r.get("spectrum")]
+    if not rows:
+        return ""
+    sources = rows[0]["spectrum"]["sources"]
+    head = ("| units | " + " | ".join(f"clusters: {s}" for s in sources) + " | "
+            + " | ".join(f"mean dist.: {s}" for s in sources) + " | only below the top-k | positive on (median) |")
+    sep = "|" + "|".join("---" for _ in range(2 * len(sources) + 3)) + "|"
+    body = []
+    for r in rows:
+        sp = r["spectrum"]
+        body.append("| " + " | ".join([r["units_kind"], *(_fmt(v) for v in sp["clusters"]),
+                                       *(_fmt(v) for v in sp["mean_distance"]), _fmt(sp["below_top_per_unit"]),
+                                       _fmt(sp["positive_fraction_median"])]) + " |")
+    return "\n".join([head, sep, *body])
+
+
 def plot(rows: list[dict], path: str | Path, title: str) -> None:
     """Bars of the polysemanticity figures per unit kind (lower = more monosemantic)."""
     import matplotlib
@@ -142,7 +183,13 @@ def write_report(out_dir: str, rows: list[dict], title: str, settings: dict) -> 
     """report.md, comparison.png and comparison.json in `out_dir`; returns their paths and the markdown."""
     d = Path(out_dir)
     table = markdown_table(rows)
-    md = (f"# {title}\n\n{table}\n\n"
+    spectrum = spectrum_table(rows)
+    if spectrum:
+        spectrum = ("\n\n## Across the activation spectrum\n\n" + spectrum + "\n\nEach unit's top-k and its strata "
+                    "(examples sampled from intervals of its maximum) clustered together: per source, the mean "
+                    "number of clusters it has examples in and the mean distance among its examples; the mean "
+                    "number of clusters with no top-k example; the median share of tokens a unit is positive on.")
+    md = (f"# {title}\n\n{table}{spectrum}\n\n"
           "Unit figures over the units with at least 2 examples: mean and max pairwise cosine distance of "
           "their embeddings, clusters at the threshold (mean, median), mean distance within and between "
           "clusters, and the share of units with a single cluster (higher = more monosemantic). Independent "

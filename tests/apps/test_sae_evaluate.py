@@ -102,3 +102,34 @@ def test_sae_evaluate_cli_and_bad_input(tiny_gpt2, tmp_path, capsys, prefect_ser
     assert g.attrs["unit"] == "sae-feature" and g.attrs["sae_architecture"] == "topk"
     act = g["topk/act"][0]
     assert np.isfinite(act).any() and (g["clusters/labels"][0] >= -1).all()
+
+
+def test_sae_features_across_the_spectrum(tiny_gpt2, tmp_path):
+    """--strata on an SAE's features: a ReLU feature is exactly 0 on most tokens, and those zeros are
+    no positive activation; the histogram and strata agree with an independent forward."""
+    t = write_saelens_dir(tmp_path / "sae", 256, D_SAE, "blocks.1.mlp.hook_post", 1)
+    g = run_stages(str(tmp_path / "s.zarr"), **options(tiny_gpt2, sae=str(tmp_path / "sae"), k=5, shard_size=32,
+                                                        strata="0.5,0.2,0", strata_k=3))
+    tokens = g["tokens"][...]
+    _, f = _features(tiny_gpt2, tokens, "blocks.1.mlp.hook_post", t)
+    keep = ~np.isin(tokens, g.attrs["excluded_token_ids"])
+    f_NF = f[keep]  # [tokens counted, features]
+    assert (f_NF == 0).mean() > 0.2  # many exact zeros: they must not count as positive
+    hist = g["distribution/hist"][0]
+    np.testing.assert_allclose(g["distribution/max"][0], f_NF.max(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g["distribution/positive_fraction"][0], (f_NF > 0).mean(axis=0), atol=2 / len(f_NF))
+    for j in range(D_SAE):
+        mx = f_NF[:, j].max()
+        if mx <= 0:
+            assert hist[j].sum() == 0
+            continue
+        want = np.histogram(-f_NF[:, j][f_NF[:, j] > 0], bins=hist.shape[1], range=(-mx, 0.0))[0][::-1]
+        assert np.abs(hist[j] - want).sum() <= 2, j  # float32 in the scan vs float64 here, at bin edges
+    act, stratum = g["strata/act"][0], g["strata/stratum"][0]
+    mx = g["distribution/max"][0][:, None]
+    for i, (lo, hi) in enumerate(g.attrs["strata_intervals"]):
+        inside = stratum == i
+        assert (act[inside] >= lo * mx.repeat(act.shape[1], 1)[inside]).all() and (act[inside] > 0).all()
+        assert (act[inside] <= hi * mx.repeat(act.shape[1], 1)[inside]).all()
+    assert (stratum >= 0).sum() > D_SAE
+    assert g["strata/counts"][...].sum() == (g["strata/labels"][...] >= 0).sum()

@@ -49,7 +49,8 @@ def test_sae_flow_end_to_end(prefect_server, tiny_gpt2, tmp_path):
 
     out = tmp_path / "sae-flow"
     result = sae_flow(out=str(out), model=tiny_gpt2, layer=1, n_sequences=16, ctx_len=16, expansion=0.5, l1=1.0,
-                      ln_coef=1e-3, steps=30, batch_size=64, k=4, shard_size=64, device="cpu")
+                      ln_coef=1e-3, steps=30, batch_size=64, k=4, shard_size=64, device="cpu", strata="0.5,0",
+                      strata_k=2)
     rows = {r["units_kind"]: r for r in result["rows"]}
     assert list(rows) == ["neurons", "sae-standard", "sae-ln"]
     assert rows["neurons"]["units"] == 256 and rows["sae-standard"]["units"] == rows["sae-ln"]["units"] == 128
@@ -65,9 +66,19 @@ def test_sae_flow_end_to_end(prefect_server, tiny_gpt2, tmp_path):
         assert rows[name]["units_with_examples"] == int((n_ex >= 2).sum())
     report = (out / "report.md").read_text()
     assert report.count("\n| ") >= 3 and (out / "comparison.png").stat().st_size > 1000
+    # across the spectrum (strata): every unit kind, figures read from its store
+    assert "## Across the activation spectrum" in report
+    for name, url in result["stores"].items():
+        g = zarr.open_group(url, mode="r")
+        have = g["metrics/n_examples"][0] >= 2
+        sp = rows[name]["spectrum"]
+        assert sp["sources"] == ["top-k", "0.5-1 x max", "0-0.5 x max"]
+        assert sp["clusters"][1] == pytest.approx(g["strata/n_clusters"][0][have, 1].mean())
+        assert sp["below_top_per_unit"] == pytest.approx(g["strata/below_only"][0][have].mean())
     assert "sae-ln" in _latest_artifact("sae-comparison").data
     assert float(_latest_artifact("sae-flow-progress").data) == 100.0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
     sae_flow(out=str(out), model=tiny_gpt2, layer=1, n_sequences=16, ctx_len=16, expansion=0.5, l1=1.0,
-             ln_coef=1e-3, steps=30, batch_size=64, k=4, shard_size=64, device="cpu")  # resumes: nothing retrained
+             ln_coef=1e-3, steps=30, batch_size=64, k=4, shard_size=64, device="cpu", strata="0.5,0",
+             strata_k=2)  # resumes: nothing retrained
     assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")} == before
