@@ -297,16 +297,18 @@ def add_distribution(hist_MH: torch.Tensor, sum_M: torch.Tensor, post_BTM: torch
     a_BTM = post_BTM[:, lead:]
     n = a_BTM.shape[0] * a_BTM.shape[1]
     t_BTM = a_BTM.float() * scale_M  # a new tensor: worked on in place below
-    sum_M += a_BTM.sum(dim=(0, 1), dtype=torch.float64)
+    sum_M += a_BTM.sum(dim=1, dtype=torch.float32).double().sum(dim=0)  # float32 over positions, then float64
     if excluded_BT is not None and lead < excluded_BT.shape[1]:
         b_n, t_n = torch.nonzero(excluded_BT[:, lead:], as_tuple=True)
         if len(b_n):
             sum_M -= a_BTM[b_n, t_n].double().sum(dim=0)
             t_BTM[b_n, t_n] = 0.0  # dropped
             n -= len(b_n)
-    offset_M = torch.arange(M, dtype=torch.float32, device=t_BTM.device) * (H + 1)
-    t_BTM.ceil_().clamp_(min=0.0, max=float(H)).add_(offset_M)  # m * (H + 1) + 1 + bin; + 0: a <= 0 (dropped)
-    counts = torch.bincount(t_BTM.view(-1).to(torch.int64), minlength=M * (H + 1))
+    # bin index + 1 (0: a <= 0, dropped), then offset per unit; int32 and bincount: ~3x faster than int64
+    idx_BTM = t_BTM.ceil_().clamp_(min=0.0, max=float(H)).to(torch.int32)
+    del t_BTM
+    idx_BTM += torch.arange(M, dtype=torch.int32, device=idx_BTM.device) * (H + 1)
+    counts = torch.bincount(idx_BTM.view(-1), minlength=M * (H + 1))
     hist_MH += counts.view(M, H + 1)[:, 1:]
     return n
 
