@@ -317,11 +317,14 @@ def run_pipeline(out: str, options: dict, a: argparse.Namespace) -> dict:
 
 
 def print_summary(summary: dict, out: str) -> None:
+    below = all("below_top_behaviours" in r for r in summary["layers"])  # --strata
     print("\nper layer:")
-    print(f"  {'layer':>5} {'neurons':>8} {'with ex.':>8} {'clusters':>9} {'mean dist':>9} {'>1 cluster':>10}")
+    print(f"  {'layer':>5} {'neurons':>8} {'with ex.':>8} {'clusters':>9} {'mean dist':>9} {'>1 cluster':>10}"
+          + ("  behaviours only below the top-k (neurons with one)" if below else ""))
     for r in summary["layers"]:
         print(f"  {r['layer']:>5} {r['neurons']:>8} {r['with_examples']:>8} {r['mean_clusters'] or 0:>9.2f} "
-              f"{r['mean_distance'] or 0:>9.3f} {100 * (r['share_multi_cluster'] or 0):>9.1f}%")
+              f"{r['mean_distance'] or 0:>9.3f} {100 * (r['share_multi_cluster'] or 0):>9.1f}%"
+              + (f"  {r['below_top_behaviours']:>8} ({100 * (r['share_with_below_top'] or 0):.1f}%)" if below else ""))
     for title, key in (("most polysemantic", "most_polysemantic"), ("least polysemantic", "least_polysemantic")):
         print(f"\n{title} neurons (clusters: top tokens the examples peak on):")
         for n in summary[key][:5]:
