@@ -16,6 +16,7 @@ import numpy as np
 SCHEMA_VERSION = "neuron-embeddings/2"
 READABLE_VERSIONS = ("neuron-embeddings/1", SCHEMA_VERSION)  # version 1: no d_embed, gated or BOS attributes
 N_SIMILAR = 5  # nearest clusters of other neurons stored per cluster (similar/*)
+N_LOGITS = 10  # tokens stored per unit and direction in logits/* (most promoted, most suppressed)
 WINDOW = (24, 8)  # activation window recorded around each example's max token: tokens before, after
 
 # the dimension vocabulary: name -> what it counts
@@ -46,6 +47,7 @@ class ArraySpec:
     contract: bool = False  # named in the public contract (CONTRACT.md)
     gated_only: bool = False  # only in stores of gated MLP neurons
     optional: bool = False  # absent from stores made before it (readers and repairs do without it)
+    logits_only: bool = False  # only in stores whose root attribute `logit_effects` is true (causal LMs)
 
 
 def _a(path, dtype, dims, fill=None, **kw) -> ArraySpec:
@@ -75,6 +77,15 @@ B_IN = _a("weights/b_in", "float32", "layer neuron", 0)
 W_GATE = _a("weights/W_gate", "float32", "layer d_model neuron", 0, compress=False, gated_only=True)
 B_GATE = _a("weights/b_gate", "float32", "layer neuron", 0, gated_only=True)
 WEIGHTS = {"W_in": W_IN, "b_in": B_IN, "W_gate": W_GATE, "b_gate": B_GATE}
+# not in the contract: logit effects (tasks/logits.py, core/logits.py), only in stores of models with an
+# unembedding: what each unit writes to the residual stream, the folded unembedding, and per unit the
+# N_LOGITS tokens of largest and of smallest W_out[j] @ W_U (tokens -1 and values NaN until computed)
+W_OUT = _a("weights/W_out", "float32", "layer neuron d_resid", 0, compress=False, logits_only=True, optional=True)
+W_U = _a("weights/W_U", "float32", "d_resid token", np.nan, compress=False, chunking="whole", logits_only=True,
+         optional=True)
+LOGITS = {name: _a(f"logits/{name}", "int32" if name.endswith("tokens") else "float32", "layer neuron logit_rank",
+                   -1 if name.endswith("tokens") else np.nan, logits_only=True, optional=True)
+          for name in ("top_tokens", "top_values", "bottom_tokens", "bottom_values")}
 SCAN_FIELDS = ("key", "act", "seq", "pos", "x", "win")  # a scan block's partial top-k table, by slot
 SCAN = {
     "key": _a("scan/key", "float64", "block layer neuron example", -np.inf),
@@ -95,15 +106,15 @@ COSINE = _a("similar/cosine", "float32", "layer neuron cluster neighbour", np.na
 ARRAYS: tuple[ArraySpec, ...] = (
     LAYER, OFFSET, TOKENS, VOCAB, TOPK_ACT, TOPK_SEQ, TOPK_POS, EMBEDDINGS, TOPK_WINDOW, LABELS, LINKAGE,
     *METRIC_ARRAYS.values(), W_IN, B_IN, W_GATE, B_GATE, *SCAN.values(), SCAN_MAX,
-    CENTROIDS, TOP_TOKEN, TOP_COUNT, NEIGHBOURS, COSINE)
+    CENTROIDS, TOP_TOKEN, TOP_COUNT, NEIGHBOURS, COSINE, W_OUT, W_U, *LOGITS.values())
 BY_PATH = {a.path: a for a in ARRAYS}
 CONTRACT = tuple(a.path for a in ARRAYS if a.contract)
 
 
 def sizes(n_layers: int, d_mlp: int, d_model: int, d_embed: int, k: int, n_sequences: int, ctx_len: int,
-          d_vocab: int, n_blocks: int) -> dict[str, int]:
-    """The size of every dimension for a run."""
-    return {"sequence": n_sequences, "position": ctx_len, "token": d_vocab, "layer": n_layers, "neuron": d_mlp,
+          d_vocab: int, n_blocks: int, d_resid: int | None = None) -> dict[str, int]:
+    """The size of every dimension for a run (`d_resid`: the model's residual width, default d_model)."""
+    return {"d_resid": d_model if d_resid is None else d_resid, "logit_rank": N_LOGITS,"sequence": n_sequences, "position": ctx_len, "token": d_vocab, "layer": n_layers, "neuron": d_mlp,
             "example": k, "cluster": k, "link": k - 1, "link_field": 4, "d_model": d_model, "d_embed": d_embed,
             "offset": sum(WINDOW) + 1,
             "block": n_blocks, "neighbour": N_SIMILAR, "neighbour_field": 3}
@@ -126,12 +137,13 @@ def chunks(spec: ArraySpec, dim_sizes: dict[str, int], shard_size: int) -> tuple
     return tuple(per_dim.get(d, n) for d, n in zip(spec.dims, full))
 
 
-def nbytes(dim_sizes: dict[str, int], embedding_dtype: str, gated: bool = False, str_bytes: int = 16) -> int:
+def nbytes(dim_sizes: dict[str, int], embedding_dtype: str, gated: bool = False, str_bytes: int = 16,
+           logits: bool = False) -> int:
     """Uncompressed bytes of every array of a store with these sizes (an upper bound on its size on
-    disk; `str` entries counted as `str_bytes` each)."""
+    disk; `str` entries counted as `str_bytes` each; the logit effects' arrays with `logits`)."""
     total = 0
     for spec in ARRAYS:
-        if spec.gated_only and not gated:
+        if (spec.gated_only and not gated) or (spec.logits_only and not logits):
             continue
         dtype = embedding_dtype if spec.dtype == "embedding" else spec.dtype
         itemsize = str_bytes if dtype == "str" else np.dtype(dtype).itemsize

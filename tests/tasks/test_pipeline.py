@@ -49,6 +49,7 @@ def test_identity_minilm(minilm_path, tmp_path):
     g = run_stages(str(tmp_path / "m.zarr"), **options(minilm_path, layers="0,5", n_sequences=12, ctx_len=24,
                                                         shard_size=512))
     assert g.attrs["weights"] == "raw"  # post-LayerNorm: nothing to fold
+    assert g.attrs["logit_effects"] is False and "logits" not in g and "weights/W_U" not in g  # an encoder
     _check_identity(minilm_path, g, rtol=1e-5)
 
 
