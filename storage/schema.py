@@ -33,6 +33,10 @@ DIMS = {
     "neighbour_field": "(row, neuron, cluster) of a neighbour",
     # the SAE activation cache (storage.activations)
     "row": "cached token (sequence x position, flattened)", "d_in": "component of the hook's activation",
+    # logit effects (tasks/logits.py)
+    "d_resid": "component of the model's residual stream (its d_model; not `d_model` in SAE stores whose hook "
+               "is not the residual stream)",
+    "logit_rank": "token rank of a unit's logit effect, strongest first",
 }
 
 
