@@ -9,7 +9,10 @@
 - prepare: reading W_out and W_U from the bridge and writing them to a fresh store (what `prepare`
   adds), once.
 
-    .venv/bin/python benchmarks/bench_logits.py --model /tmp/ne-bench/gpt2-random-L12-d768-v50257-s0
+    .venv/bin/python benchmarks/bench_logits.py --model /tmp/ne-bench/gpt2-random-L12-d768-v50257-s0 --vocab 50257
+
+(`--vocab`: a random unembedding of that width, for a model whose tokenizer, and so vocabulary, is
+smaller than the one measured; the cost depends only on the shapes.)
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from neuron_embeddings.core.logits import logit_effects, to_vocab, unembedding  # noqa: E402
+from neuron_embeddings.core.logits import logit_effects, unembedding  # noqa: E402
 from neuron_embeddings.core.models import HOOK_ACTIVATION, load_model, run_until  # noqa: E402
 from neuron_embeddings.core.scan import torch_threads  # noqa: E402
 from neuron_embeddings.core.units import unit_source  # noqa: E402
@@ -36,18 +39,22 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--batches", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="a random W_U of this many tokens instead of the model's (e.g. 50257: GPT-2's vocabulary)")
     a = ap.parse_args()
     lm = load_model(a.model, "cpu")
     units = unit_source(lm, a.model)
     layers = list(range(lm.n_layers))
 
     t = time.perf_counter()
-    rows, w_u = units.output_rows(layers), to_vocab(unembedding(lm), len(lm.tokenizer))
+    rows, w_u = units.output_rows(layers), unembedding(lm)  # the model's whole vocabulary
+    if a.vocab:
+        w_u = torch.randn(lm.d_model, a.vocab, generator=torch.Generator().manual_seed(0)) / lm.d_model ** 0.5
     with tempfile.TemporaryDirectory() as d:  # what prepare adds: the two arrays, written uncompressed
         from neuron_embeddings.core.settings import RunSettings
         from neuron_embeddings.storage import store as st
 
-        s = RunSettings(model=a.model, dataset="d", layers=tuple(layers), n_sequences=1, ctx_len=8, k=2,
+        s = RunSettings(model=a.model, dataset="d", layers=tuple(layers), n_sequences=2, ctx_len=8, k=2,
                         shard_size=256)
         store = st.create_store(f"{d}/s.zarr", s, {**units.info(), "logit_effects": True, "d_resid": lm.d_model},
                                 w_u.shape[1])
@@ -58,7 +65,7 @@ def main() -> None:
         st.read_unembedding(store)
         t_read = time.perf_counter() - t
 
-    ids = torch.randint(0, w_u.shape[1], (16, 128))
+    ids = torch.randint(0, int(lm.bridge.cfg.d_vocab), (16, 128))
     last = HOOK_ACTIVATION.format(layer=lm.n_layers - 1)
     with torch.inference_mode():
         run_until(lm.bridge, ids[:2, :16], [(last, lambda x: None)])  # warm-up

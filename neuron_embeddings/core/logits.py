@@ -54,11 +54,12 @@ def to_vocab(W_U_DV: torch.Tensor, n_vocab: int) -> torch.Tensor:
     return torch.cat([W_U_DV, torch.full((D, n_vocab - V), float("nan"), dtype=W_U_DV.dtype)], dim=1)
 
 
-def _merge(vals: torch.Tensor | None, toks: torch.Tensor | None, new_v: torch.Tensor, new_t: torch.Tensor, k: int):
-    if vals is not None:
-        new_v, new_t = torch.cat([vals, new_v], 1), torch.cat([toks, new_t], 1)
-    best, i = new_v.topk(min(k, new_v.shape[1]), dim=1)
-    return best, new_t.gather(1, i)
+def _merge(best: tuple | None, vals: torch.Tensor, toks: torch.Tensor, k: int, largest: bool) -> tuple:
+    """The k best of the (values, tokens) kept so far and a new chunk's own k best."""
+    if best is not None:
+        vals, toks = torch.cat([best[0], vals], 1), torch.cat([best[1], toks], 1)
+    v, i = vals.topk(min(k, vals.shape[1]), dim=1, largest=largest)
+    return v, toks.gather(1, i)
 
 
 def logit_effects(rows_MD: torch.Tensor, W_U_DV: torch.Tensor, k: int = 10, chunk: int = 8192
@@ -68,25 +69,29 @@ def logit_effects(rows_MD: torch.Tensor, W_U_DV: torch.Tensor, k: int = 10, chun
     strongest first (bottom: most negative first); token -1 and NaN past the number of tokens.
     Columns of W_U that are not finite are left out. Computed `chunk` vocabulary columns at a time
     (memory M x chunk), in float32 on W_U's device; ties in any order."""
-    valid = torch.isfinite(W_U_DV).all(0)
+    valid = torch.isfinite(W_U_DV.sum(0))  # a NaN column sums to NaN (one pass; isfinite(W).all(0) is ~20x slower)
     ids = torch.arange(W_U_DV.shape[1], device=W_U_DV.device)
     if not bool(valid.all()):
         W_U_DV, ids = W_U_DV[:, valid], ids[valid]
     rows = rows_MD.to(device=W_U_DV.device, dtype=torch.float32)
     M, V = rows.shape[0], W_U_DV.shape[1]
-    top = bottom = (None, None)
+    top = bottom = None
     for s in range(0, V, chunk):
         scores = rows @ W_U_DV[:, s:s + chunk]  # [M, c]
-        t = ids[s:s + chunk].expand(M, -1)
-        top = _merge(*top, scores, t, k)
-        bottom = _merge(*bottom, -scores, t, k)
+        c = min(k, scores.shape[1])
+        for largest in (True, False):  # each chunk's own k best first: only [M, 2k] values are merged
+            v, i = scores.topk(c, dim=1, largest=largest)
+            if largest:
+                top = _merge(top, v, ids[s + i], k, True)
+            else:
+                bottom = _merge(bottom, v, ids[s + i], k, False)
     out = {}
-    for name, (vals, toks), sign in (("top", top, 1.0), ("bottom", bottom, -1.0)):
+    for name, best in (("top", top), ("bottom", bottom)):
         v = np.full((M, k), np.nan, dtype=np.float32)
         i = np.full((M, k), -1, dtype=np.int32)
-        if vals is not None:
-            n = vals.shape[1]
-            v[:, :n] = (sign * vals).cpu().numpy()
-            i[:, :n] = toks.cpu().numpy()
+        if best is not None:
+            n = best[0].shape[1]
+            v[:, :n] = best[0].cpu().numpy()
+            i[:, :n] = best[1].cpu().numpy()
         out[f"{name}_tokens"], out[f"{name}_values"] = i, v
     return out
