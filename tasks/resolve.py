@@ -98,5 +98,5 @@ def check_resources(out: str, s: RunSettings, n_rows: int, n_units: int, d_input
                  f"{d_input} inputs{each})", "lower --k, select fewer --layers, or use fewer --workers", device)
     if new_store:
         sizes = schema.sizes(n_rows, n_units, d_input, d_embed, s.k, s.n_sequences, s.ctx_len, d_vocab, scan_blocks)
-        check_disk(schema.nbytes(sizes, s.embedding_dtype, gated), out, "the store",
+        check_disk(schema.nbytes(sizes, s.embedding_dtype, gated, logits=True), out, "the store",
                    "choose an --out on a bigger disk, or lower --k, --n-sequences or the number of --layers")
