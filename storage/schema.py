@@ -118,7 +118,8 @@ CONTRACT = tuple(a.path for a in ARRAYS if a.contract)
 def sizes(n_layers: int, d_mlp: int, d_model: int, d_embed: int, k: int, n_sequences: int, ctx_len: int,
           d_vocab: int, n_blocks: int, d_resid: int | None = None) -> dict[str, int]:
     """The size of every dimension for a run (`d_resid`: the model's residual width, default d_model)."""
-    return {"d_resid": d_model if d_resid is None else d_resid, "logit_rank": N_LOGITS,"sequence": n_sequences, "position": ctx_len, "token": d_vocab, "layer": n_layers, "neuron": d_mlp,
+    return {"d_resid": d_model if d_resid is None else d_resid, "logit_rank": N_LOGITS,
+            "sequence": n_sequences, "position": ctx_len, "token": d_vocab, "layer": n_layers, "neuron": d_mlp,
             "example": k, "cluster": k, "link": k - 1, "link_field": 4, "d_model": d_model, "d_embed": d_embed,
             "offset": sum(WINDOW) + 1,
             "block": n_blocks, "neighbour": N_SIMILAR, "neighbour_field": 3}
