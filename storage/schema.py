@@ -16,6 +16,7 @@ import numpy as np
 SCHEMA_VERSION = "neuron-embeddings/2"
 READABLE_VERSIONS = ("neuron-embeddings/1", SCHEMA_VERSION)  # version 1: no d_embed, gated or BOS attributes
 N_SIMILAR = 5  # nearest clusters of other neurons stored per cluster (similar/*)
+N_LOGITS = 10  # tokens stored per unit and direction in logits/* (most promoted, most suppressed)
 WINDOW = (24, 8)  # activation window recorded around each example's max token: tokens before, after
 
 # the dimension vocabulary: name -> what it counts
@@ -36,6 +37,10 @@ DIMS = {
     "neighbour_field": "(row, neuron, cluster) of a neighbour",
     # the SAE activation cache (storage.activations)
     "row": "cached token (sequence x position, flattened)", "d_in": "component of the hook's activation",
+    # logit effects (tasks/logits.py)
+    "d_resid": "component of the model's residual stream (its d_model; not `d_model` in SAE stores whose hook "
+               "is not the residual stream)",
+    "logit_rank": "token rank of a unit's logit effect, strongest first",
 }
 
 
@@ -48,7 +53,8 @@ class ArraySpec:
     compress: bool | str = True  # True: Zarr's default (zstd); "fast": blosc lz4 + shuffle; False: none
     chunking: str = "shard"  # "shard" (1 per layer/block, a shard of neurons, the rest whole), "rows" or "whole"
     contract: bool = False  # named in the public contract (CONTRACT.md)
-    requires: str = ""  # only in stores with this feature (`features`): "gated" MLP neurons, "strata" on
+    requires: str = ""  # only in stores with this feature (`features`): "gated" MLP neurons, "strata" on,
+    # "logits" (the root attribute `logit_effects`: a model with an unembedding)
     optional: bool = False  # absent from stores made before it (readers and repairs do without it)
 
 
@@ -79,6 +85,15 @@ B_IN = _a("weights/b_in", "float32", "layer neuron", 0)
 W_GATE = _a("weights/W_gate", "float32", "layer d_model neuron", 0, compress=False, requires="gated")
 B_GATE = _a("weights/b_gate", "float32", "layer neuron", 0, requires="gated")
 WEIGHTS = {"W_in": W_IN, "b_in": B_IN, "W_gate": W_GATE, "b_gate": B_GATE}
+# not in the contract: logit effects (tasks/logits.py, core/logits.py), only in stores of models with an
+# unembedding: what each unit writes to the residual stream, the folded unembedding, and per unit the
+# N_LOGITS tokens of largest and of smallest W_out[j] @ W_U (tokens -1 and values NaN until computed)
+W_OUT = _a("weights/W_out", "float32", "layer neuron d_resid", 0, compress=False, requires="logits", optional=True)
+W_U = _a("weights/W_U", "float32", "d_resid token", np.nan, compress=False, chunking="whole", requires="logits",
+         optional=True)
+LOGITS = {name: _a(f"logits/{name}", "int32" if name.endswith("tokens") else "float32", "layer neuron logit_rank",
+                   -1 if name.endswith("tokens") else np.nan, requires="logits", optional=True)
+          for name in ("top_tokens", "top_values", "bottom_tokens", "bottom_values")}
 SCAN_FIELDS = ("key", "act", "seq", "pos", "x", "win")  # a scan block's partial top-k table, by slot
 SCAN = {
     "key": _a("scan/key", "float64", "block layer neuron example", -np.inf),
@@ -135,14 +150,15 @@ COSINE = _a("similar/cosine", "float32", "layer neuron cluster neighbour", np.na
 ARRAYS: tuple[ArraySpec, ...] = (
     LAYER, OFFSET, TOKENS, VOCAB, TOPK_ACT, TOPK_SEQ, TOPK_POS, EMBEDDINGS, TOPK_WINDOW, LABELS, LINKAGE,
     *METRIC_ARRAYS.values(), W_IN, B_IN, W_GATE, B_GATE, *SCAN.values(), SCAN_MAX,
-    CENTROIDS, TOP_TOKEN, TOP_COUNT, NEIGHBOURS, COSINE, *STRATA_ARRAYS)
+    CENTROIDS, TOP_TOKEN, TOP_COUNT, NEIGHBOURS, COSINE, W_OUT, W_U, *LOGITS.values(), *STRATA_ARRAYS)
 BY_PATH = {a.path: a for a in ARRAYS}
 CONTRACT = tuple(a.path for a in ARRAYS if a.contract)
 
 
 def features(attrs: dict) -> set[str]:
     """The optional parts a store with these root attributes has (`ArraySpec.requires`)."""
-    return {name for name, on in (("gated", attrs.get("gated", False)), ("strata", attrs.get("strata"))) if on}
+    return {name for name, on in (("gated", attrs.get("gated", False)), ("strata", attrs.get("strata")),
+                                  ("logits", attrs.get("logit_effects", False))) if on}
 
 
 def has(spec: ArraySpec, feats: set[str]) -> bool:
@@ -150,10 +166,13 @@ def has(spec: ArraySpec, feats: set[str]) -> bool:
 
 
 def sizes(n_layers: int, d_mlp: int, d_model: int, d_embed: int, k: int, n_sequences: int, ctx_len: int,
-          d_vocab: int, n_blocks: int, n_strata: int = 0, strata_k: int = 0, hist_bins: int = 0) -> dict[str, int]:
-    """The size of every dimension for a run."""
+          d_vocab: int, n_blocks: int, n_strata: int = 0, strata_k: int = 0, hist_bins: int = 0,
+          d_resid: int | None = None) -> dict[str, int]:
+    """The size of every dimension for a run (`d_resid`: the model's residual width, default d_model)."""
     return {"stratum_example": n_strata * strata_k, "spectrum_example": k + n_strata * strata_k,
-            "spectrum_cluster": k + n_strata * strata_k, "source": 1 + n_strata, "bin": hist_bins,"sequence": n_sequences, "position": ctx_len, "token": d_vocab, "layer": n_layers, "neuron": d_mlp,
+            "spectrum_cluster": k + n_strata * strata_k, "source": 1 + n_strata, "bin": hist_bins,
+            "d_resid": d_model if d_resid is None else d_resid, "logit_rank": N_LOGITS,
+            "sequence": n_sequences, "position": ctx_len, "token": d_vocab, "layer": n_layers, "neuron": d_mlp,
             "example": k, "cluster": k, "link": k - 1, "link_field": 4, "d_model": d_model, "d_embed": d_embed,
             "offset": sum(WINDOW) + 1,
             "block": n_blocks, "neighbour": N_SIMILAR, "neighbour_field": 3}

@@ -408,7 +408,8 @@ def dim_sizes(attrs: dict) -> dict[str, int]:
     return schema.sizes(int(attrs["n_layers"]), int(attrs["d_mlp"]), int(attrs["d_model"]),
                         int(attrs.get("d_embed", attrs["d_model"])), int(attrs["k"]), int(attrs["n_sequences"]),
                         int(attrs["ctx_len"]), int(attrs["d_vocab"]), int(attrs["scan_blocks"]),
-                        len(attrs.get("strata") or ()), int(attrs.get("strata_k", 0)), int(attrs.get("hist_bins", 0)))
+                        len(attrs.get("strata") or ()), int(attrs.get("strata_k", 0)), int(attrs.get("hist_bins", 0)),
+                        int(attrs["d_resid"]) if "d_resid" in attrs else None)
 
 
 def _create_array(g: zarr.Group, spec: schema.ArraySpec, attrs: dict, overwrite: bool = False) -> zarr.Array:
@@ -530,12 +531,16 @@ def shard_region(shard: NeuronShard) -> tuple:
 
 def write_prepared(store: Store, tokens_ST: np.ndarray, vocab: list[str], weights: dict[str, np.ndarray]) -> None:
     """The prepare stage's arrays: tokens, vocabulary, and the weights the embeddings multiply x by
-    (by name: W_in [rows, d_model, units], b_in [rows, units], and W_gate, b_gate for gated MLPs)."""
+    (by name: W_in [rows, d_model, units], b_in [rows, units], and W_gate, b_gate for gated MLPs;
+    W_out [rows, units, d_resid] and W_U [d_resid, tokens] for the logit effects)."""
     write(store, schema.TOKENS, (slice(None), slice(None)), tokens_ST)
     write(store, schema.VOCAB, (slice(None),), np.array(vocab, dtype=object).astype(str))
     for name in ("W_in", "b_in", "W_gate", "b_gate"):
         if name in weights:
             write(store, schema.WEIGHTS[name], (slice(None),), weights[name])
+    for spec, name in ((schema.W_OUT, "W_out"), (schema.W_U, "W_U")):
+        if name in weights:
+            write(store, spec, (slice(None),), weights[name])
 
 
 def read_tokens(store: Store, start: int | None = None, stop: int | None = None) -> np.ndarray:
@@ -681,6 +686,29 @@ def write_centroids(store: Store, region: tuple, centroids: np.ndarray, top_toke
 def write_similar(store: Store, region: tuple, neighbours: np.ndarray, cosine: np.ndarray) -> None:
     write(store, schema.NEIGHBOURS, region, neighbours)
     write(store, schema.COSINE, region, cosine)
+
+
+def has_logits(store: Store) -> bool:
+    """Whether the store has the logit effects' arrays (a model with an unembedding, made by a version
+    that computes them)."""
+    return bool(store.attrs.get("logit_effects", False))
+
+
+def read_output_rows(store: Store, region: tuple) -> np.ndarray:
+    """float32 [S, d_resid]: what a shard region's units write to the residual stream (weights/W_out)."""
+    return read(store, schema.W_OUT, region)
+
+
+def read_unembedding(store: Store) -> np.ndarray:
+    """float32 [d_resid, tokens]: the folded unembedding (weights/W_U; NaN columns: tokens the model
+    cannot output)."""
+    return read(store, schema.W_U)
+
+
+def write_logits(store: Store, region: tuple, effects: dict[str, np.ndarray]) -> None:
+    """The logits stage's arrays for a shard region, by name (`schema.LOGITS`: top_tokens, top_values,
+    bottom_tokens, bottom_values, each [S, N_LOGITS])."""
+    write_many(store, region, {schema.LOGITS[name]: effects[name] for name in schema.LOGITS})
 
 
 def read_metrics(store: Store, names: tuple[str, ...] = METRICS, region: tuple = ()) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from neuron_embeddings.core.datasets import iter_documents, pack_tokens, vocab_strings
+from neuron_embeddings.core.logits import to_vocab, unembedding
 from neuron_embeddings.core.models import LoadedModel
 from neuron_embeddings.core.plan import neuron_shards, scan_blocks
 from neuron_embeddings.core.settings import RunSettings
@@ -43,14 +44,26 @@ def prepare_store(out: str, settings: RunSettings, lm: LoadedModel) -> dict:
     def work(store: st.Store) -> dict:
         if int(tokens.max()) >= lm.bridge.cfg.d_vocab:
             raise AssertionError("tokenizer produced ids outside the model's vocabulary")
-        st.create_store(out, settings, units.info(), len(vocab))
         weights = units.weights(list(settings.layers))
+        logits = logit_weights(lm, units, list(settings.layers), len(vocab))  # the logits stage's input
+        st.create_store(out, settings, {**units.info(), "logit_effects": bool(logits),
+                                        **({"d_resid": lm.d_model} if logits else {})}, len(vocab))
+        weights.update(logits)
         st.write_prepared(store, tokens, vocab, {name: w.numpy() for name, w in weights.items()})
         return {"tokens": int(tokens.size)}
 
     run_unit(out, "prepare", "all", work)
     st.Store(out).write_plan(plan_units(settings, units.n_units))
     return plan_record(settings, units.n_units)
+
+
+def logit_weights(lm: LoadedModel, units, layers: list[int], n_vocab: int) -> dict:
+    """{"W_out": [rows, units, d_model], "W_U": [d_model, n_vocab]} for the logits stage (core.logits), or
+    {} when the model has no unembedding or the units write no residual-stream vector."""
+    w_u, rows = unembedding(lm), units.output_rows(layers)
+    if w_u is None or rows is None:
+        return {}
+    return {"W_out": rows, "W_U": to_vocab(w_u, n_vocab)}
 
 
 @task(name="prepare", cache_policy=NO_CACHE)

@@ -24,6 +24,7 @@ from neuron_embeddings.storage.store import Store
 from neuron_embeddings.tasks.centroids import centroid_shard
 from neuron_embeddings.tasks.cluster import cluster_store_shard
 from neuron_embeddings.tasks.embed import embed_shard
+from neuron_embeddings.tasks.logits import logits_shard
 from neuron_embeddings.tasks.maxima import maxima_block
 from neuron_embeddings.tasks.prepare import prepare_task
 from neuron_embeddings.tasks.scan import scan_block
@@ -56,6 +57,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("embed", ("scan",), "shards", embed_shard, batched=True),
     Stage("cluster", ("embed",), "shards", cluster_store_shard, barrier=False, batched=True),
     Stage("centroids", ("cluster",), "shards", centroid_shard, barrier=False, batched=True),
+    Stage("logits", ("prepare",), "shards", logits_shard, barrier=False, batched=True),
     Stage("similar", ("centroids",), "shards", similar_shard, when=lambda s: s.similar),
 )
 BY_NAME = {s.name: s for s in STAGES}

@@ -100,6 +100,6 @@ def check_resources(out: str, s: RunSettings, n_rows: int, n_units: int, d_input
     if new_store:
         sizes = schema.sizes(n_rows, n_units, d_input, d_embed, s.k, s.n_sequences, s.ctx_len, d_vocab, scan_blocks,
                              len(s.strata), s.strata_k, HIST_BINS)
-        feats = {"gated"} if gated else set()
-        check_disk(schema.nbytes(sizes, s.embedding_dtype, feats | ({"strata"} if s.strata else set())), out, "the store",
+        feats = {"logits"} | ({"gated"} if gated else set()) | ({"strata"} if s.strata else set())
+        check_disk(schema.nbytes(sizes, s.embedding_dtype, feats), out, "the store",
                    "choose an --out on a bigger disk, or lower --k, --n-sequences or the number of --layers")

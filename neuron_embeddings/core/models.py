@@ -310,6 +310,12 @@ def gate_weights(model: LoadedModel, layers: list[int]) -> tuple[torch.Tensor, t
     return w, _stacked(model, "b_gate", layers, zeros_like=w)
 
 
+def out_weights(model: LoadedModel, layers: list[int]) -> torch.Tensor:
+    """float32 [n_rows, d_mlp, d_model]: each MLP neuron's output row W_out[j] (the down projection's
+    for gated MLPs), as the bridge holds it (centred over d_model where the final norm is a LayerNorm)."""
+    return _stacked(model, "W_out", layers)
+
+
 def versions() -> dict:
     """The installed versions the store records (from the distributions' metadata: TransformerLens
     4 has no `__version__`)."""

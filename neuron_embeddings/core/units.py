@@ -21,9 +21,11 @@ import torch
 
 from neuron_embeddings.core.errors import UserError
 from neuron_embeddings.core.models import (HOOK_ACTIVATION, HOOK_INPUT, HOOK_PRE, HOOK_PRE_LINEAR, LoadedModel, capture,
-                                          gate_weights, is_gated, mlp_weights, versions)
+                                          gate_weights, is_gated, mlp_weights, out_weights, versions)
 
 _SAE_CACHE: dict[str, object] = {}
+RESIDUAL_HOOK = re.compile(r"(^|\.)hook_(resid_pre|resid_mid|resid_post|mlp_out|attn_out)$")  # hooks in d_model
+MLP_POST_HOOK = re.compile(r"(^|\.)mlp\.hook_post$")
 _LOCK = threading.Lock()
 
 
@@ -113,6 +115,11 @@ class UnitSource:
         """The store's attributes about the units."""
         raise NotImplementedError
 
+    def output_rows(self, layers: list[int]) -> torch.Tensor | None:
+        """float32 [rows, M, d_model]: what each unit writes to the residual stream per unit of its
+        activation (core.logits), or None where that is not a residual-stream vector."""
+        return None
+
 
 class MLPNeurons(UnitSource):
     """A model's MLP neurons: x at `mlp.hook_in`, activation at `mlp.hook_post`, weights W_in, b_in."""
@@ -140,6 +147,9 @@ class MLPNeurons(UnitSource):
     def weights(self, layers):
         w, b = mlp_weights(self.lm, list(layers))
         return {"W_in": w, "b_in": b}
+
+    def output_rows(self, layers):
+        return out_weights(self.lm, list(layers))
 
     def info(self) -> dict:
         lm = self.lm
@@ -190,6 +200,16 @@ class SAEFeatures(UnitSource):
     def weights(self, layers):
         w, b = sae_weights_for_store(self.sae)
         return {"W_in": w, "b_in": b}
+
+    def output_rows(self, layers):
+        """The decoder rows W_dec[j] of an SAE on the residual stream (hook_resid_*, hook_mlp_out,
+        hook_attn_out), W_dec[j] @ W_out of one on mlp.hook_post; None on any other hook."""
+        w_dec, hook = self.sae.W_dec.detach().float().cpu(), self.sae.hook_name
+        if MLP_POST_HOOK.search(hook):
+            w_dec = w_dec @ self.mlp.output_rows([self.sae.layer])[0]
+        elif not RESIDUAL_HOOK.search(hook):
+            return None
+        return w_dec[None] if w_dec.shape[-1] == self.mlp.lm.d_model else None
 
     def info(self) -> dict:
         return {**self.mlp.info(), **sae_model_info(self.sae, self.path)}

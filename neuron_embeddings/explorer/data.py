@@ -218,6 +218,7 @@ class NeuronView:
     leaf_labels: np.ndarray  # int [n]
     leaf_names: list[str]  # the max token of each clustered example
     similar_state: str  # "ready", "pending" (not computed yet), "off" (--no-similar), "absent" (no similar/*)
+    logits: dict | None = None  # {"top": [(token text, value)], "bottom": [...]} where the store has them
 
 
 @dataclass
@@ -273,6 +274,7 @@ class ExplorerData:
         self.has_window = self._has(schema.TOPK_WINDOW)
         self.has_similar = self._has(schema.NEIGHBOURS)
         self.has_strata = bool(attrs.get("strata")) and self._has(schema.SPECTRUM_LABELS)
+        self.has_logits = bool(attrs.get("logit_effects")) and self._has(schema.LOGITS["top_tokens"])
         self._lock = threading.Lock()
         self.refresh_s = REFRESH_S
         self.version = 0  # counts refreshes: the app's own caches key on it
@@ -476,6 +478,8 @@ class ExplorerData:
             specs.append(schema.TOPK_WINDOW)
         if self.has_similar:
             specs += [schema.NEIGHBOURS, schema.COSINE]
+        if self.has_logits:
+            specs += list(schema.LOGITS.values())
         return {spec: self._read(spec.path, (row, j)) for spec in specs}
 
     def similar_state(self, row: int, j: int) -> str:
@@ -590,7 +594,16 @@ class ExplorerData:
         m = {k: self.metrics[k][row, neuron].item() for k in METRICS}
         return NeuronView(row, layer, neuron, m, max_act, clusters, unclustered,
                           np.asarray(a[schema.LINKAGE][:max(n - 1, 0)], dtype=np.float64),
-                          leaf_slots, labels[leaf_slots], names, sim_state)
+                          leaf_slots, labels[leaf_slots], names, sim_state, self.logit_view(a))
+
+    def logit_view(self, a: dict) -> dict | None:
+        """The unit's most promoted and most suppressed tokens with their values (logits/*), or None
+        where the store has none or they are not computed yet."""
+        if schema.LOGITS["top_tokens"] not in a or not (a[schema.LOGITS["top_tokens"]] >= 0).any():
+            return None
+        return {side: [(str(self.vocab[t]), float(x)) for t, x in zip(a[schema.LOGITS[f"{side}_tokens"]],
+                                                                       a[schema.LOGITS[f"{side}_values"]]) if t >= 0]
+                for side in ("top", "bottom")}
 
     # --- overview ---
 

@@ -109,7 +109,7 @@ def test_status_lists_states(capsys, tiny_gpt2, tmp_path):
     lines = text.strip().splitlines()
     assert "failed  cluster/L01-N00064: RuntimeError: boom" in text
     assert "pending cluster/L01-N00000" in text
-    assert lines[-1] == "32 complete, 1 failed, 1 pending"
+    assert lines[-1] == "40 complete, 1 failed, 1 pending"
 
 
 def test_damaged_root_metadata_is_one_line_and_left_alone(capsys, tiny_gpt2, tmp_path):

@@ -73,6 +73,6 @@ def test_progress_bars_close_stage_by_stage(tiny_gpt2, tmp_path, capsys):
         for name in names:
             bar = monitor.bars[name]
             assert bar.n == bar.total == (settings.n_sequences if name == "scan" else len(plan["shards"]))
-    assert closed() == {"scan", "embed", "cluster", "centroids", "similar"}
+    assert closed() == {"scan", "embed", "cluster", "centroids", "logits", "similar"}
     err = capsys.readouterr().err
     assert "seq/s" in err and "shard/s" in err  # each closed bar's line keeps its rate

@@ -14,6 +14,8 @@ from scipy.cluster import hierarchy
 from zarr.storage import LocalStore, WrapperStore
 
 from neuron_embeddings.cli import main
+from neuron_embeddings.core.models import load_model
+from neuron_embeddings.core.sae_io import load_sae
 from neuron_embeddings.explorer.app import create_app
 from neuron_embeddings.explorer.data import (Example, ExplorerData, Token, central_first, centrality, display_texts,
                                              distinct_windows, is_wordpiece)
@@ -145,7 +147,8 @@ def test_neuron_page_reads_only_its_chunks(store):
     d.neuron(1, 70)  # row 1, shard of neurons 64-127 (shard size 64)
     chunks = {k for k in counting.keys if not k.endswith("zarr.json")}
     per_neuron = {"topk/act", "topk/seq", "topk/pos", "topk/window", "clusters/labels", "clusters/linkage",
-                  "embeddings", "similar/neighbours", "similar/cosine"}
+                  "embeddings", "similar/neighbours", "similar/cosine", "logits/top_tokens", "logits/top_values",
+                  "logits/bottom_tokens", "logits/bottom_values"}
     want = {f"{n}/c/1/1/" + "/".join(["0"] * (zarr.open_array(f"{store}/{n}").ndim - 2)) for n in per_neuron}
     assert chunks - {"tokens/c/0/0"} == want  # one chunk per array, the one holding the neuron
     assert "tokens/c/0/0" in chunks
@@ -271,6 +274,27 @@ def test_pages(client, data):
     assert client.get("/importance/0/0/0").status_code == 404  # no --model
 
 
+def test_neuron_page_shows_the_logit_effects_where_the_store_has_them(client, data, store, tmp_path):
+    from markupsafe import escape
+
+    from neuron_embeddings.explorer.app import show_token
+
+    g = zarr.open_group(store, mode="r")
+    page = client.get("/neuron/1/70").text
+    for side in ("top", "bottom"):
+        table = re.search(rf'id="logits-{side}">(.*?)</table>', page, re.S).group(1)
+        shown = re.findall(r"<code>(.*?)</code></td><td>(.*?)</td>", table)
+        want = g[f"logits/{side}_tokens"][1, 70]
+        assert [t for t, _ in shown] == [str(escape(show_token(data.vocab[t]))) for t in want]
+        np.testing.assert_allclose([float(x) for _, x in shown], g[f"logits/{side}_values"][1, 70], rtol=1e-2)
+    copy = tmp_path / "nologits.zarr"
+    copy_store(store, copy)
+    shutil.rmtree(copy / "logits")  # a store made before the logits stage
+    zarr.open_group(str(copy), mode="r+").attrs["logit_effects"] = False
+    assert ExplorerData(str(copy)).neuron(1, 70).logits is None
+    assert "logits-top" not in TestClient(create_app(ExplorerData(str(copy)))).get("/neuron/1/70").text
+
+
 def test_a_window_seen_twice_is_shown_once_with_its_count(store, tmp_path):
     """The same passage in two sequences of the corpus: one line in the cluster, marked x2."""
     out = str(tmp_path / "dup.zarr")
@@ -350,3 +374,9 @@ def test_sae_store_pages_and_importance(tiny_gpt2, tmp_path):
     assert client.get(f"/importance/1/{j}/0").status_code == 200
     r = client.app.state.explorer.cache.get(1, j, 0)
     assert r["original"] == pytest.approx(float(g["topk/act"][0, j, 0]), rel=1e-4, abs=1e-5)  # the SAE's activation
+    # an SAE on mlp.hook_post writes W_dec[j] @ W_out to the residual stream: its logit effects
+    w_dec = load_sae(str(tmp_path / "sae")).W_dec.double().numpy()
+    lm = load_model(tiny_gpt2, "cpu")
+    effect = w_dec @ lm.bridge.W_out[1].detach().double().numpy() @ lm.bridge.W_U.detach().double().numpy()
+    np.testing.assert_array_equal(g["logits/top_tokens"][0], np.argsort(-effect, 1)[:, :10])
+    assert 'id="logits-bottom"' in page.text and "the decoder row" in page.text

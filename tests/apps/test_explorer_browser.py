@@ -70,6 +70,7 @@ def test_browse_overview_neuron_similar_search(server, page, tmp_path):
     layer, neuron = map(int, page.url.rsplit("/", 2)[1:])
     assert page.locator("h1").inner_text().startswith(f"Layer {layer} · Neuron {neuron}")
     assert page.locator("svg.dendrogram line.threshold").count() == 1
+    assert page.locator("#logits-top tr").count() == page.locator("#logits-bottom tr").count() == 11  # 10 + header
 
     # clusters, largest first, with highlighted tokens; the max token's activation on hover
     g = zarr.open_group(store, mode="r")

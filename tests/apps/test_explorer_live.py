@@ -80,14 +80,14 @@ def test_the_explorer_follows_a_live_run(tiny_gpt2, tmp_path, reference):
     assert want_hits
 
     page = client.get("/").text
-    assert "This store is incomplete: 10 of 34 shards complete" in page  # prepare, scan, 8 embed of 34
+    assert "This store is incomplete: 10 of 42 shards complete" in page  # prepare, scan, 8 embed of 42
     r = client.get(f"/neuron/{layer}/{j}")
     assert r.status_code == 200 and "is not computed yet" in r.text and "not clustered" in r.text
     assert client.get(f"/search?token={token}").status_code == 200
     assert client.app.state.explorer.data.search(token)[1] == []  # nothing clustered yet
 
     with writer_lock(out, run_name="test run"):
-        assert "A run is writing this store: 10 of 34 shards complete" in client.get("/").text
+        assert "A run is writing this store: 10 of 42 shards complete" in client.get("/").text
         run_stages(out, **opts)  # the run finishes while the explorer is open
     page = client.get("/").text
     assert "shards complete" not in page and "damaged" not in page

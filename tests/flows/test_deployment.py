@@ -117,10 +117,10 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(prefect_server, tiny_
     after = _marker_mtimes(out)
     changed = {k for k in after if before.get(k) != after[k]}
     assert {k for k in changed if not k.startswith("similar/")} == {
-        "embed/L01-N00064.done", "cluster/L01-N00064.done", "centroids/L01-N00064.done"}
+        "embed/L01-N00064.done", "cluster/L01-N00064.done", "centroids/L01-N00064.done", "logits/L01-N00064.done"}
 
     st = run_status(str(out))
-    assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 * 4, st
+    assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 * 5, st
     assert not (out / "_faults").exists() and (flags / "embed-L01-N00064").exists()  # nothing of it in the store
     _check_cards_on_the_run(flow_run_id)
 
@@ -139,7 +139,7 @@ def _check_cards_on_the_run(flow_run_id: str) -> None:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     keys = [a.key for a in arts if a.key]  # unkeyed: Prefect's records of persisted results
     progress = sorted(k for k in keys if k.endswith("-progress"))
-    assert progress == sorted(f"{s}-progress" for s in ("scan", "embed", "cluster", "centroids", "similar")), \
+    assert progress == sorted(f"{s}-progress" for s in ("scan", "embed", "cluster", "centroids", "logits", "similar")), \
         [(a.key, a.type, a.description) for a in arts]
     assert all(float(a.data) == 100.0 for a in arts if a.key in progress)
     assert {"layer-summary", "polysemanticity-report"} <= set(keys), keys

@@ -27,7 +27,7 @@ def test_flow_run_then_resume(prefect_server, tiny_gpt2, tmp_path, reference):
     state = neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS, return_state=True)
     summary = state.result()
     st = run_status(out)
-    assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 * 4  # prepare, scan, 8 shards x 4 stages
+    assert st.failed == 0 and st.pending == 0 and st.complete == 1 + 1 + 8 * 5  # prepare, scan, 8 shards x 5 stages
     assert [r["layer"] for r in summary["layers"]] == [0, 1]
     assert_same_arrays(reference, contract_arrays(out))  # the flow writes what the stages compute
     _check_artifacts(summary, state.state_details.flow_run_id)
@@ -68,7 +68,7 @@ def _check_artifacts(summary: dict, flow_run_id) -> None:
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     by_key = {a.key: a for a in arts}
-    stages = ("scan", "embed", "cluster", "centroids", "similar")
+    stages = ("scan", "embed", "cluster", "centroids", "logits", "similar")
     assert {f"{s}-progress" for s in stages} | {"layer-summary", "polysemanticity-report"} <= set(by_key), sorted(by_key)
     for stage in stages:
         card = by_key[f"{stage}-progress"]
@@ -146,13 +146,14 @@ def test_failed_shard_is_named_and_only_it_is_rerun(prefect_server, tiny_gpt2, t
     assert st.units["embed"]["L01-N00064"] == "failed"
     assert st.units["cluster"]["L01-N00064"] == "pending"
     assert st.units["centroids"]["L01-N00064"] == "pending"
-    assert st.failed == 1 and st.pending == 2 + 8  # every other shard completed; similar needs them all
+    assert st.failed == 1 and st.pending == 3 + 8  # every other shard completed; similar needs them all
     assert not _consolidated(out)  # consolidated only once complete
     before = _marker_mtimes(out)
     neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)
     after = _marker_mtimes(out)
     changed = {k for k in after if before.get(k) != after[k]}
-    assert changed == {"embed/L01-N00064.done", "cluster/L01-N00064.done", "centroids/L01-N00064.done"} | {
+    assert changed == {"embed/L01-N00064.done", "cluster/L01-N00064.done", "centroids/L01-N00064.done",
+                       "logits/L01-N00064.done"} | {
         f"similar/{u}.done" for u in st.units["similar"]}
     assert run_status(out).failed == 0 and _consolidated(out)
     assert_same_arrays(reference, contract_arrays(out))
@@ -193,7 +194,7 @@ def test_no_similar_leaves_that_stage_out(prefect_server, tiny_gpt2, tmp_path, r
     neuron_embeddings_run(out=out, model=tiny_gpt2, similar=False, **FLOW_OPTS)
     st = run_status(out)
     assert st.units["similar"] == {} and st.failed == 0 and st.pending == 0
-    assert st.complete == 1 + 1 + 8 * 3  # prepare, scan, 8 shards x (embed, cluster, centroids)
+    assert st.complete == 1 + 1 + 8 * 4  # prepare, scan, 8 shards x (embed, cluster, centroids, logits)
     assert (zarr.open_group(out, mode="r")["similar/neighbours"][...] == -1).all()
     assert_same_arrays(reference, contract_arrays(out))
 

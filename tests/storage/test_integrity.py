@@ -171,7 +171,7 @@ def test_a_store_with_markers_in_the_old_place_resumes(tiny_gpt2, tmp_path, refe
     run_stages(out, **opts)
     assert_identical(all_arrays(out), reference[1])
     assert {p: p.read_bytes() for p in Path(out, "_markers").rglob("*.done")} == before  # nothing redone
-    assert {p.parent.name for p in marker_root(out).rglob("*.done")} == {"cluster", "centroids", "similar"}
+    assert {p.parent.name for p in marker_root(out).rglob("*.done")} == {"cluster", "centroids", "logits", "similar"}
     st = run_status(out)
     assert st.pending == 0 and st.failed == 0
     # damage in the old layout's shards is found too (they have records) and repaired

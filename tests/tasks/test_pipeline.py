@@ -8,6 +8,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
 from neuron_embeddings.core.models import load_model
+from neuron_embeddings.tasks.registry import run_status
 from tests.helpers import assert_same_arrays, at_examples, contract_arrays, options, run_stages
 
 
@@ -49,6 +50,8 @@ def test_identity_minilm(minilm_path, tmp_path):
     g = run_stages(str(tmp_path / "m.zarr"), **options(minilm_path, layers="0,5", n_sequences=12, ctx_len=24,
                                                         shard_size=512))
     assert g.attrs["weights"] == "raw"  # post-LayerNorm: nothing to fold
+    assert g.attrs["logit_effects"] is False and "logits" not in g and "weights/W_U" not in g  # an encoder
+    assert run_status(str(tmp_path / "m.zarr")).count("complete", "logits") == 6  # 2 rows x 3 shards, nothing written
     _check_identity(minilm_path, g, rtol=1e-5)
 
 

@@ -15,17 +15,17 @@ def _names(s: RunSettings) -> list[list[str]]:
 
 
 def test_phases_follow_the_settings():
-    assert _names(_settings()) == [["scan"], ["embed", "cluster", "centroids"], ["similar"]]
-    assert _names(_settings(selection="band:0.5")) == [["maxima"], ["scan"], ["embed", "cluster", "centroids"],
-                                                       ["similar"]]
-    assert _names(_settings(similar=False)) == [["scan"], ["embed", "cluster", "centroids"]]
+    assert _names(_settings()) == [["scan"], ["embed", "cluster", "centroids", "logits"], ["similar"]]
+    assert _names(_settings(selection="band:0.5")) == [["maxima"], ["scan"],
+                                                       ["embed", "cluster", "centroids", "logits"], ["similar"]]
+    assert _names(_settings(similar=False)) == [["scan"], ["embed", "cluster", "centroids", "logits"]]
 
 
 def test_units_per_stage():
     units = plan_units(_settings(), d_mlp=250)  # 2 rows x 3 shards of up to 100 neurons; 2 scan blocks
     assert units["prepare"] == ["all"] and units["maxima"] == [] and units["scan"] == ["B0000", "B0001"]
     assert units["embed"] == ["L00-N00000", "L00-N00100", "L00-N00200", "L03-N00000", "L03-N00100", "L03-N00200"]
-    assert units["similar"] == units["embed"] and stage_units("similar", _settings(similar=False), 250) == []
+    assert units["similar"] == units["embed"] == units["logits"] and stage_units("similar", _settings(similar=False), 250) == []
     assert set(units) == {s.name for s in STAGES}
 
 
