@@ -269,9 +269,15 @@ class HnswIndex:
         self.refs.search_ND = None  # the graph holds its own float32 copy
         self.index = faiss.IndexHNSWFlat(refs.c_ND.shape[1], m, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = ef_construction
-        with _faiss_threads(faiss, 1):
-            for a in range(0, len(refs), block):
-                self.index.add(np.ascontiguousarray(refs.unit(slice(a, a + block)).cpu().numpy()))
+        try:
+            with _faiss_threads(faiss, 1):
+                for a in range(0, len(refs), block):
+                    self.index.add(np.ascontiguousarray(refs.unit(slice(a, a + block)).cpu().numpy()))
+        except (RuntimeError, MemoryError) as e:  # FAISS reports its failures (allocation too) as RuntimeError
+            raise UserError(f"similar clusters: building the HNSW graph of {len(refs):,} clusters failed "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}); free memory "
+                            f"(about {len(refs) * (4 * refs.c_ND.shape[1] + 320) / 1e9:.1f} GB needed) "
+                            "or run with --no-similar") from e
         own = refs.owner_N.cpu()  # ascending: a neuron's clusters are one run
         self.max_own = int(torch.unique_consecutive(own, return_counts=True)[1].max()) if len(own) else 0
 

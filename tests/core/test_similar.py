@@ -224,3 +224,25 @@ def test_without_faiss_a_large_store_fails_with_the_fix_and_marks_nothing_comple
         similar_shard.fn(str(copy), {**sh.__dict__, "id": sh.id}, "cpu")
     assert not st.is_complete("similar", sh.id)
     assert np.array_equal(zarr.open_group(str(copy), mode="r")["similar/neighbours"][:], before)
+
+
+def test_a_failed_graph_build_fails_in_one_line_and_marks_nothing_complete(store, tmp_path, monkeypatch):
+    import faiss
+
+    copy = tmp_path / "s.zarr"
+    copy_store(store.store.root, copy)
+    monkeypatch.setattr(similar, "EXACT_MAX", 0)
+
+    def fail(self, x):  # as FAISS reports a failed allocation
+        raise RuntimeError("Error in void* faiss::allocate: failed to allocate 1234 bytes\nmore detail")
+
+    monkeypatch.setattr(faiss.IndexHNSWFlat, "add", fail)
+    st = Store(str(copy))
+    sh = neuron_shards(st.settings(), int(st.attrs["d_mlp"]))[0]
+    st.clear_marker("similar", sh.id)
+    before = zarr.open_group(str(copy), mode="r")["similar/neighbours"][:]
+    with pytest.raises(UserError, match="building the HNSW graph .* failed .*--no-similar") as e:
+        similar_shard.fn(str(copy), {**sh.__dict__, "id": sh.id}, "cpu")
+    assert "\n" not in str(e.value)
+    assert not st.is_complete("similar", sh.id)
+    assert np.array_equal(zarr.open_group(str(copy), mode="r")["similar/neighbours"][:], before)
