@@ -211,6 +211,18 @@ def test_similar_stage_through_the_hnsw_graph_matches_the_exact_one(store, tmp_p
     np.testing.assert_allclose(got["similar/cosine"][:], store["similar/cosine"][:], atol=1e-6)
 
 
+def test_similar_stage_streaming_the_shards_matches_the_cached_one(store, tmp_path, monkeypatch):
+    from neuron_embeddings.tasks import similar as similar_task
+
+    copy = tmp_path / "s.zarr"
+    copy_store(store.store.root, copy)
+    monkeypatch.setattr(similar_task, "CACHE_BYTES", 0)  # too big to keep: every shard read per query shard
+    assert {r["search"] for r in _rerun_similar(str(copy))} == {"exact"}
+    got = zarr.open_group(str(copy), mode="r")
+    assert np.array_equal(got["similar/neighbours"][:], store["similar/neighbours"][:])
+    np.testing.assert_array_equal(got["similar/cosine"][:], store["similar/cosine"][:])
+
+
 def test_without_faiss_a_large_store_fails_with_the_fix_and_marks_nothing_complete(store, tmp_path, monkeypatch):
     copy = tmp_path / "s.zarr"
     copy_store(store.store.root, copy)
