@@ -10,6 +10,7 @@ For each size (`--base` clusters x each of `--scales`), in one run:
 - hnsw: `HnswIndex` built over all clusters (one thread, as the stage builds it) and searched for
   the sample with each `--ef` (FAISS's threads; projected to all clusters like the exact search);
   recall@5 of its neighbours against the exact ones;
+- ivf (`--ivf NLIST`): FAISS IVF-Flat, nprobe 8 to 128, the same way;
 - the neighbour structure: median cosine of the 1st and 5th exact neighbour, against
   sqrt(2 ln N / d), about the largest cosine among N random unit vectors in d dimensions. Where the
   neighbours are barely above it, nothing in the data tells a search which clusters it may skip.
@@ -37,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from neuron_embeddings.core.similar import (ClusterSet, HnswIndex, hnsw_ef_search, nearest_clusters,  # noqa: E402
-                                            search_dtype)
+from neuron_embeddings.core.similar import (HNSW_EF_CONSTRUCTION, HNSW_M, ClusterSet, HnswIndex,  # noqa: E402
+                                            hnsw_ef_search, nearest_clusters, search_dtype)
 
 N_SIMILAR = 5
 
@@ -78,7 +79,8 @@ def subset(cs: ClusterSet, n: int, seed: int) -> ClusterSet:
     return ClusterSet(cs.c_ND[at], cs.inv_N[at], cs.owner_N[at], cs.id_N[at])
 
 
-def measure(cs: ClusterSet, n_queries: int, seed: int, faiss_flat: bool, efs: list[int], hnsw_max: int) -> dict:
+def measure(cs: ClusterSet, n_queries: int, seed: int, faiss_flat: bool, efs: list[int] | None, hnsw_max: int,
+            m: int, ef_construction: int, ivf: int) -> dict:
     N = len(cs)
     sample = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(N, min(n_queries, N), replace=False)))
     q = ClusterSet(cs.c_ND[sample], cs.inv_N[sample], cs.owner_N[sample], cs.id_N[sample])
@@ -106,10 +108,12 @@ def measure(cs: ClusterSet, n_queries: int, seed: int, faiss_flat: bool, efs: li
         t = time.perf_counter() - t0
         out.update(faiss_flat_sample_s=round(t, 2), faiss_flat_projected_s=round(t * N / len(sample), 1))
         del flat
+    if ivf:
+        out["ivf"] = ivf_flat(cs, q, exact_id, ivf, seed)
     if N > hnsw_max:
         return out
     t0 = time.perf_counter()
-    index = HnswIndex(cs)
+    index = HnswIndex(cs, m=m, ef_construction=ef_construction)
     out["hnsw_build_s"] = round(time.perf_counter() - t0, 1)
     out["hnsw_GB"] = round(index.nbytes / 1e9, 2)
     out["hnsw"] = []
@@ -118,11 +122,44 @@ def measure(cs: ClusterSet, n_queries: int, seed: int, faiss_flat: bool, efs: li
             t0 = time.perf_counter()
             got_id, _ = index.search(q, N_SIMILAR, ef_search=ef)
             t = time.perf_counter() - t0
-        found = [len(set(g) & set(w) - {-1}) / max(1, len(set(w) - {-1})) for g, w in zip(got_id.tolist(), exact_id.tolist())]
         search_s = t * N / len(sample)
-        out["hnsw"].append({"ef_search": ef, "search_projected_s": round(search_s, 1), "recall_at_5": round(float(np.mean(found)), 4),
+        out["hnsw"].append({"ef_search": ef, "search_projected_s": round(search_s, 1), "recall_at_5": recall_at_5(got_id, exact_id),
                             "hnsw_over_exact": round((out["hnsw_build_s"] + search_s) / out["exact_projected_s"], 3)})
     return out
+
+
+def recall_at_5(got_id: torch.Tensor, exact_id: torch.Tensor) -> float:
+    found = [len(set(g) & set(w) - {-1}) / max(1, len(set(w) - {-1})) for g, w in zip(got_id.tolist(), exact_id.tolist())]
+    return round(float(np.mean(found)), 4)
+
+
+def ivf_flat(cs: ClusterSet, q: ClusterSet, exact_id: torch.Tensor, nlist: int, seed: int) -> list[dict]:
+    """FAISS IVF-Flat (inner product; k-means on a sample of 64 x nlist clusters, seeded): build
+    seconds, and per nprobe the search seconds projected to all clusters and recall@5 (the
+    candidates re-ranked by their exact cosines, the query's own neuron dropped, as the graph's)."""
+    import faiss
+
+    N, d = cs.c_ND.shape
+    u = np.concatenate([cs.unit(slice(a, a + 65536)).numpy() for a in range(0, N, 65536)])
+    t0 = time.perf_counter()
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed + 1234
+    index.train(u[np.random.default_rng(seed + 1).choice(N, min(N, 64 * nlist), replace=False)])
+    index.add(u)
+    build = time.perf_counter() - t0
+    m = N_SIMILAR + int(torch.unique_consecutive(cs.owner_N, return_counts=True)[1].max())
+    qu, rows = q.unit(), []
+    for nprobe in (8, 16, 32, 64, 128):
+        index.nprobe = nprobe
+        t0 = time.perf_counter()
+        at = torch.from_numpy(index.search(np.ascontiguousarray(qu.numpy()), m)[1])
+        t = time.perf_counter() - t0
+        ok = (at >= 0) & (cs.owner_N[at.clamp_min(0)] != q.owner_N[:, None])
+        cos = torch.where(ok, torch.einsum("qd,qmd->qm", qu, torch.from_numpy(u)[at.clamp_min(0)]), torch.tensor(-torch.inf))
+        got = cs.id_N[at.clamp_min(0).gather(1, cos.topk(N_SIMILAR, dim=1).indices)]
+        rows.append({"nlist": nlist, "nprobe": nprobe, "build_s": round(build, 1),
+                     "search_projected_s": round(t * N / len(q), 1), "recall_at_5": recall_at_5(got, exact_id)})
+    return rows
 
 
 def main() -> None:
@@ -135,6 +172,9 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=3000, help="exact search: sample of query clusters")
     ap.add_argument("--ef", type=int, nargs="+", default=None,
                     help="HNSW efSearch values to compare (default: the stage's, hnsw_ef_search of the size)")
+    ap.add_argument("--m", type=int, default=HNSW_M, help="HNSW links per node")
+    ap.add_argument("--ef-construction", type=int, default=HNSW_EF_CONSTRUCTION)
+    ap.add_argument("--ivf", type=int, default=0, help="also FAISS IVF-Flat with this many lists, nprobe 8-128")
     ap.add_argument("--hnsw-max", type=int, default=10**9, help="build no graph above this many clusters (exact only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-json")
@@ -146,7 +186,8 @@ def main() -> None:
           f"read in {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     rows = []
     for i, s in enumerate(a.scales):
-        r = {"scale": s, **measure(subset(every, int(a.base * s), a.seed), a.queries, a.seed, i == 0, a.ef, a.hnsw_max)}
+        r = {"scale": s, **measure(subset(every, int(a.base * s), a.seed), a.queries, a.seed, i == 0, a.ef, a.hnsw_max,
+                                   a.m, a.ef_construction, a.ivf)}
         r["load_average"] = round(os.getloadavg()[0], 1)
         rows.append(r)
         print(json.dumps(r), flush=True)
@@ -159,6 +200,10 @@ def main() -> None:
             print(head + (" - | - | - | - |" if h is None else
                           f" {h['ef_search']} | {r['hnsw_build_s']:.0f} + {h['search_projected_s']:.0f} | "
                           f"{h['hnsw_over_exact']:.2f} | {h['recall_at_5']:.3f} |") + f" {r['load_average']} |")
+    for r in rows:
+        for v in r.get("ivf", []):
+            print(f"IVF-Flat at {r['clusters']:,} clusters, {v['nlist']} lists, nprobe {v['nprobe']}: build {v['build_s']:.0f} s + "
+                  f"search {v['search_projected_s']:.0f} s, recall@5 {v['recall_at_5']:.3f}")
     if "faiss_flat_projected_s" in rows[0]:
         print(f"\nFAISS IndexFlatIP (exact, float32) at {rows[0]['clusters']:,} clusters: {rows[0]['faiss_flat_projected_s']:.0f} s "
               f"projected, against {rows[0]['exact_projected_s']:.0f} s for today's search ({rows[0]['exact_dtype']})")
