@@ -8,15 +8,20 @@ For each size (`--base` clusters x each of `--scales`), in one run:
 - FAISS IndexFlatIP (exact, float32) for the same sample at the first size (the library's exact
   search, for comparison);
 - hnsw: `HnswIndex` built over all clusters (one thread, as the stage builds it) and searched for
-  every cluster (FAISS's threads); recall@5 of its neighbours against the exact ones on the sample.
+  the sample with each `--ef` (FAISS's threads; projected to all clusters like the exact search);
+  recall@5 of its neighbours against the exact ones;
+- ivf (`--ivf NLIST`): FAISS IVF-Flat, nprobe 8 to 128, the same way;
+- the neighbour structure: median cosine of the 1st and 5th exact neighbour, against
+  sqrt(2 ln N / d), about the largest cosine among N random unit vectors in d dimensions. Where the
+  neighbours are barely above it, nothing in the data tells a search which clusters it may skip.
 
 Clusters come from a store (`--store`: every cluster of >= 2 examples, as the stage reads them;
 smaller sizes are random subsets of neurons) or are synthetic (`--synthetic`: bench_explorer's
 GPT-2-small shape, 1-20 planted clusters per neuron with independent random centres in d 768, so
 no cluster is much nearer than the rest: the hardest case for an approximate search).
 
-    .venv/bin/python benchmarks/bench_similar.py --store /tmp/smol-full.zarr --base 43000 --scales 1 2 4
-    .venv/bin/python benchmarks/bench_similar.py --synthetic --base 60000 --scales 1
+    .venv/bin/python benchmarks/bench_similar.py --store smol.zarr --base 40000 --scales 1 2 4 --ef 192 384 768
+    .venv/bin/python benchmarks/bench_similar.py --synthetic --base 240000 --scales 1 2 4 --hnsw-max 0
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from neuron_embeddings.core.similar import ClusterSet, HnswIndex, nearest_clusters, search_dtype  # noqa: E402
+from neuron_embeddings.core.similar import (HNSW_EF_CONSTRUCTION, HNSW_M, ClusterSet, HnswIndex,  # noqa: E402
+                                            hnsw_ef_search, nearest_clusters, search_dtype)
 
 N_SIMILAR = 5
 
@@ -73,7 +79,8 @@ def subset(cs: ClusterSet, n: int, seed: int) -> ClusterSet:
     return ClusterSet(cs.c_ND[at], cs.inv_N[at], cs.owner_N[at], cs.id_N[at])
 
 
-def measure(cs: ClusterSet, n_queries: int, seed: int, faiss_flat: bool) -> dict:
+def measure(cs: ClusterSet, n_queries: int, seed: int, faiss_flat: bool, efs: list[int] | None, hnsw_max: int,
+            m: int, ef_construction: int, ivf: int) -> dict:
     N = len(cs)
     sample = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(N, min(n_queries, N), replace=False)))
     q = ClusterSet(cs.c_ND[sample], cs.inv_N[sample], cs.owner_N[sample], cs.id_N[sample])
@@ -82,11 +89,15 @@ def measure(cs: ClusterSet, n_queries: int, seed: int, faiss_flat: bool) -> dict
     with torch.inference_mode():
         t0 = time.perf_counter()
         refs = cs.searchable(dt)
-        exact_id, _ = nearest_clusters(q, [refs], N_SIMILAR, search_dtype=dt)
+        exact_id, exact_cos = nearest_clusters(q, [refs], N_SIMILAR, search_dtype=dt)
         t = time.perf_counter() - t0
         del refs
+    # neighbour structure: the exact cosines of the 1st and 5th neighbour against the largest cosine
+    # N random unit vectors in d would reach (~sqrt(2 ln N / d)): near it, no search can skip much
     out.update(exact_sample_s=round(t, 2), exact_projected_s=round(t * N / len(sample), 1),
-               exact_dtype=str(dt).removeprefix("torch."))
+               exact_dtype=str(dt).removeprefix("torch."), cos1=round(float(exact_cos[:, 0].nanmedian()), 3),
+               cos5=round(float(exact_cos[:, -1].nanmedian()), 3),
+               random_max_cos=round(float(np.sqrt(2 * np.log(N) / cs.c_ND.shape[1])), 3))
     if faiss_flat:
         import faiss
         t0 = time.perf_counter()
@@ -97,19 +108,58 @@ def measure(cs: ClusterSet, n_queries: int, seed: int, faiss_flat: bool) -> dict
         t = time.perf_counter() - t0
         out.update(faiss_flat_sample_s=round(t, 2), faiss_flat_projected_s=round(t * N / len(sample), 1))
         del flat
+    if ivf:
+        out["ivf"] = ivf_flat(cs, q, exact_id, ivf, seed)
+    if N > hnsw_max:
+        return out
     t0 = time.perf_counter()
-    index = HnswIndex(cs)
+    index = HnswIndex(cs, m=m, ef_construction=ef_construction)
     out["hnsw_build_s"] = round(time.perf_counter() - t0, 1)
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        index.search(cs, N_SIMILAR)  # every cluster, as the stage's shards do together
-        out["hnsw_search_s"] = round(time.perf_counter() - t0, 1)
-        got_id, _ = index.search(q, N_SIMILAR)
-    out["hnsw_s"] = round(out["hnsw_build_s"] + out["hnsw_search_s"], 1)
-    found = [len(set(g) & set(w) - {-1}) / max(1, len(set(w) - {-1})) for g, w in zip(got_id.tolist(), exact_id.tolist())]
-    out["recall_at_5"] = round(float(np.mean(found)), 4)
     out["hnsw_GB"] = round(index.nbytes / 1e9, 2)
+    out["hnsw"] = []
+    for ef in efs or [hnsw_ef_search(N)]:  # the search is linear in the queries: the sample's seconds, projected to all clusters
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            got_id, _ = index.search(q, N_SIMILAR, ef_search=ef)
+            t = time.perf_counter() - t0
+        search_s = t * N / len(sample)
+        out["hnsw"].append({"ef_search": ef, "search_projected_s": round(search_s, 1), "recall_at_5": recall_at_5(got_id, exact_id),
+                            "hnsw_over_exact": round((out["hnsw_build_s"] + search_s) / out["exact_projected_s"], 3)})
     return out
+
+
+def recall_at_5(got_id: torch.Tensor, exact_id: torch.Tensor) -> float:
+    found = [len(set(g) & set(w) - {-1}) / max(1, len(set(w) - {-1})) for g, w in zip(got_id.tolist(), exact_id.tolist())]
+    return round(float(np.mean(found)), 4)
+
+
+def ivf_flat(cs: ClusterSet, q: ClusterSet, exact_id: torch.Tensor, nlist: int, seed: int) -> list[dict]:
+    """FAISS IVF-Flat (inner product; k-means on a sample of 64 x nlist clusters, seeded): build
+    seconds, and per nprobe the search seconds projected to all clusters and recall@5 (the
+    candidates re-ranked by their exact cosines, the query's own neuron dropped, as the graph's)."""
+    import faiss
+
+    N, d = cs.c_ND.shape
+    u = np.concatenate([cs.unit(slice(a, a + 65536)).numpy() for a in range(0, N, 65536)])
+    t0 = time.perf_counter()
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed + 1234
+    index.train(u[np.random.default_rng(seed + 1).choice(N, min(N, 64 * nlist), replace=False)])
+    index.add(u)
+    build = time.perf_counter() - t0
+    m = N_SIMILAR + int(torch.unique_consecutive(cs.owner_N, return_counts=True)[1].max())
+    qu, rows = q.unit(), []
+    for nprobe in (8, 16, 32, 64, 128):
+        index.nprobe = nprobe
+        t0 = time.perf_counter()
+        at = torch.from_numpy(index.search(np.ascontiguousarray(qu.numpy()), m)[1])
+        t = time.perf_counter() - t0
+        ok = (at >= 0) & (cs.owner_N[at.clamp_min(0)] != q.owner_N[:, None])
+        cos = torch.where(ok, torch.einsum("qd,qmd->qm", qu, torch.from_numpy(u)[at.clamp_min(0)]), torch.tensor(-torch.inf))
+        got = cs.id_N[at.clamp_min(0).gather(1, cos.topk(N_SIMILAR, dim=1).indices)]
+        rows.append({"nlist": nlist, "nprobe": nprobe, "build_s": round(build, 1),
+                     "search_projected_s": round(t * N / len(q), 1), "recall_at_5": recall_at_5(got, exact_id)})
+    return rows
 
 
 def main() -> None:
@@ -120,6 +170,12 @@ def main() -> None:
     ap.add_argument("--base", type=int, default=60000, help="clusters at scale 1")
     ap.add_argument("--scales", type=float, nargs="+", default=[1, 2, 4])
     ap.add_argument("--queries", type=int, default=3000, help="exact search: sample of query clusters")
+    ap.add_argument("--ef", type=int, nargs="+", default=None,
+                    help="HNSW efSearch values to compare (default: the stage's, hnsw_ef_search of the size)")
+    ap.add_argument("--m", type=int, default=HNSW_M, help="HNSW links per node")
+    ap.add_argument("--ef-construction", type=int, default=HNSW_EF_CONSTRUCTION)
+    ap.add_argument("--ivf", type=int, default=0, help="also FAISS IVF-Flat with this many lists, nprobe 8-128")
+    ap.add_argument("--hnsw-max", type=int, default=10**9, help="build no graph above this many clusters (exact only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-json")
     a = ap.parse_args()
@@ -130,16 +186,24 @@ def main() -> None:
           f"read in {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     rows = []
     for i, s in enumerate(a.scales):
-        r = {"scale": s, **measure(subset(every, int(a.base * s), a.seed), a.queries, a.seed, faiss_flat=i == 0)}
-        r["hnsw_over_exact"] = round(r["hnsw_s"] / r["exact_projected_s"], 3)
+        r = {"scale": s, **measure(subset(every, int(a.base * s), a.seed), a.queries, a.seed, i == 0, a.ef, a.hnsw_max,
+                                   a.m, a.ef_construction, a.ivf)}
         r["load_average"] = round(os.getloadavg()[0], 1)
         rows.append(r)
         print(json.dumps(r), flush=True)
-    print(f"\n| scale | clusters | exact (today), s | HNSW build + search, s | HNSW / exact | recall@5 | load |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| scale | clusters | cos 1st / 5th (random) | exact (today), s | efSearch | HNSW build + search, s | HNSW / exact | recall@5 | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['scale']:g}x | {r['clusters']:,} | {r['exact_projected_s']:.0f} | {r['hnsw_build_s']:.0f} + "
-              f"{r['hnsw_search_s']:.0f} | {r['hnsw_over_exact']:.2f} | {r['recall_at_5']:.3f} | {r['load_average']} |")
+        head = (f"| {r['scale']:g}x | {r['clusters']:,} | {r['cos1']:.2f} / {r['cos5']:.2f} ({r['random_max_cos']:.2f}) | "
+                f"{r['exact_projected_s']:.0f} |")
+        for h in r.get("hnsw") or [None]:
+            print(head + (" - | - | - | - |" if h is None else
+                          f" {h['ef_search']} | {r['hnsw_build_s']:.0f} + {h['search_projected_s']:.0f} | "
+                          f"{h['hnsw_over_exact']:.2f} | {h['recall_at_5']:.3f} |") + f" {r['load_average']} |")
+    for r in rows:
+        for v in r.get("ivf", []):
+            print(f"IVF-Flat at {r['clusters']:,} clusters, {v['nlist']} lists, nprobe {v['nprobe']}: build {v['build_s']:.0f} s + "
+                  f"search {v['search_projected_s']:.0f} s, recall@5 {v['recall_at_5']:.3f}")
     if "faiss_flat_projected_s" in rows[0]:
         print(f"\nFAISS IndexFlatIP (exact, float32) at {rows[0]['clusters']:,} clusters: {rows[0]['faiss_flat_projected_s']:.0f} s "
               f"projected, against {rows[0]['exact_projected_s']:.0f} s for today's search ({rows[0]['exact_dtype']})")

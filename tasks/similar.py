@@ -28,16 +28,15 @@ def _shard_clusters(store: st.Store, sh, d_mlp: int, device: str) -> ClusterSet:
                    sh.row, sh.start, d_mlp, device=device)
 
 
-def _all_clusters(store: st.Store, shards, d_mlp: int, device: str, dtype: torch.dtype) -> ClusterSet | None:
-    """Every shard's clusters as one set ready to search, kept for the process's next shards
-    (keyed by the centroid markers: recomputed centroids are read again); None when they would
-    not fit in CACHE_BYTES."""
+def _all_clusters(store: st.Store, shards, d_mlp: int, device: str, dtype: torch.dtype, n_all: int) -> ClusterSet | None:
+    """Every shard's `n_all` clusters as one set ready to search, kept for the process's next
+    shards (keyed by the centroid markers: recomputed centroids are read again); None when they
+    would not fit in CACHE_BYTES."""
     key = _key(store, shards, "exact", device, dtype)
     if key not in _CACHE:
         d_embed = store.array(schema.CENTROIDS).shape[-1]
-        upper = int(st.read_metrics(store, ("n_clusters",))["n_clusters"].sum()) * d_embed * (
-            st.centroid_dtype(store).itemsize + 4)
-        if upper > CACHE_BYTES:
+        size = n_all * (d_embed * (st.centroid_dtype(store).itemsize + dtype.itemsize) + 20)  # + its search copy
+        if size > CACHE_BYTES:
             return None
         _keep(key, ClusterSet.concat([_shard_clusters(store, sh, d_mlp, device) for sh in shards]).searchable(dtype))
     return _CACHE[key]
@@ -100,7 +99,7 @@ def similar_shard(out: str, shard: dict, device: str = "cpu", batch_size: int = 
                 ids, cos = index.search(query, st.n_similar(store))
             how = {"search": "hnsw"}
         else:
-            every = _all_clusters(store, shards, d_mlp, dev, dtype)
+            every = _all_clusters(store, shards, d_mlp, dev, dtype, n_all)
             if every is not None:
                 a, b = (int(torch.searchsorted(every.owner_N, v)) for v in (lo, hi))
                 query, refs = every.rows(slice(a, b)), [every]

@@ -9,7 +9,9 @@ as similar as the cosine between their centroids. Two stages over the neuron sha
   the largest centroid cosine to each cluster of the shard. Up to `EXACT_MAX` clusters in the store
   the search is exact (`nearest_clusters`: a blockwise matrix product against all clusters, memory
   bounded by the block sizes); beyond, approximate (`HnswIndex`: a FAISS HNSW graph, built once per
-  process; the cosines it returns are exact). Both break ties by the lower cluster id.
+  process; the cosines it returns are exact). Both break ties by the lower cluster id. Up to
+  EXACT_MAX the graph is not cheaper at recall@5 >= 0.95: centroids have little neighbour structure
+  (the nearest is barely nearer than the rest), so a graph search must visit a large share of them.
 
 Clusters of a single example (MIN_CLUSTER_SIZE) are left out on both sides: an outlier example is
 not a behaviour worth linking, and they are ~40 % of all clusters (the demo store), so leaving them
@@ -218,10 +220,17 @@ def _best_first(id_QM: torch.Tensor, cos_QM: torch.Tensor, n: int | None = None)
     return ids.masked_fill(none, -1), cos.masked_fill(none, torch.nan)
 
 
-EXACT_MAX = 150_000  # clusters in the store up to which the search is exact; beyond, HNSW (docs/performance.md)
-HNSW_M = 32  # graph links per node (FAISS IndexHNSWFlat)
-HNSW_EF_CONSTRUCTION = 64  # candidate list while building the graph
-HNSW_EF_SEARCH = 192  # candidate list while searching (at least the candidates asked for)
+EXACT_MAX = 500_000  # clusters in the store up to which the search is exact; beyond, HNSW (docs/performance.md)
+HNSW_M = 48  # graph links per node (FAISS IndexHNSWFlat)
+HNSW_EF_CONSTRUCTION = 128  # candidate list while building the graph
+HNSW_EF_SEARCH = 512  # candidate list while searching, at HNSW_EF_AT clusters (recall@5 0.957 on real centroids)
+HNSW_EF_AT = 160_000  # ... and in proportion beyond: the list a given recall needs grew ~linearly with the clusters
+
+
+def hnsw_ef_search(n_clusters: int) -> int:
+    """efSearch for a graph of `n_clusters`: HNSW_EF_SEARCH, grown in proportion beyond HNSW_EF_AT
+    clusters (on real centroids the list for recall@5 0.95 grew from 256 at 40k to 1024 at 160k)."""
+    return max(HNSW_EF_SEARCH, -(-HNSW_EF_SEARCH * n_clusters // HNSW_EF_AT))
 
 
 def exact_search(n_clusters: int, device: str, exact_max: int | None = None) -> bool:
@@ -269,21 +278,29 @@ class HnswIndex:
         self.refs.search_ND = None  # the graph holds its own float32 copy
         self.index = faiss.IndexHNSWFlat(refs.c_ND.shape[1], m, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = ef_construction
-        with _faiss_threads(faiss, 1):
-            for a in range(0, len(refs), block):
-                self.index.add(np.ascontiguousarray(refs.unit(slice(a, a + block)).cpu().numpy()))
+        try:
+            with _faiss_threads(faiss, 1):
+                for a in range(0, len(refs), block):
+                    self.index.add(np.ascontiguousarray(refs.unit(slice(a, a + block)).cpu().numpy()))
+        except (RuntimeError, MemoryError) as e:  # FAISS reports its failures (allocation too) as RuntimeError
+            raise UserError(f"similar clusters: building the HNSW graph of {len(refs):,} clusters failed "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}); free memory "
+                            f"(about {len(refs) * (4 * refs.c_ND.shape[1] + 10 * m) / 1e9:.1f} GB needed) "
+                            "or run with --no-similar") from e
         own = refs.owner_N.cpu()  # ascending: a neuron's clusters are one run
         self.max_own = int(torch.unique_consecutive(own, return_counts=True)[1].max()) if len(own) else 0
 
-    def search(self, query: ClusterSet, n: int, ef_search: int = HNSW_EF_SEARCH) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, query: ClusterSet, n: int, ef_search: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """As `nearest_clusters(query, [refs], n)`, approximately: the graph's n + (the most clusters
-        of one neuron) best candidates, those of the query's own neuron dropped. Their cosines are
+        of one neuron) best candidates, those of the query's own neuron dropped (`ef_search`: by
+        default `hnsw_ef_search` of the graph's size). Their cosines are
         exact (float32 products of the unit centroids); only which candidates are found is approximate."""
         Q, R = len(query), len(self.refs)
         if Q == 0 or R == 0:
             return _best_first(torch.full((Q, n), -1), torch.full((Q, n), torch.nan))
         m = min(n + self.max_own, R)
-        params = _faiss().SearchParametersHNSW(efSearch=max(ef_search, m))  # per call: threads may share the graph
+        ef = hnsw_ef_search(R) if ef_search is None else ef_search
+        params = _faiss().SearchParametersHNSW(efSearch=max(ef, m))  # per call: threads may share the graph
         x_QD = np.ascontiguousarray(query.unit().cpu().numpy())
         cos_QM, at_QM = (torch.from_numpy(a) for a in self.index.search(x_QD, m, params=params))
         own, ids = self.refs.owner_N.cpu(), self.refs.id_N.cpu()

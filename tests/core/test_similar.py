@@ -211,6 +211,18 @@ def test_similar_stage_through_the_hnsw_graph_matches_the_exact_one(store, tmp_p
     np.testing.assert_allclose(got["similar/cosine"][:], store["similar/cosine"][:], atol=1e-6)
 
 
+def test_similar_stage_streaming_the_shards_matches_the_cached_one(store, tmp_path, monkeypatch):
+    from neuron_embeddings.tasks import similar as similar_task
+
+    copy = tmp_path / "s.zarr"
+    copy_store(store.store.root, copy)
+    monkeypatch.setattr(similar_task, "CACHE_BYTES", 0)  # too big to keep: every shard read per query shard
+    assert {r["search"] for r in _rerun_similar(str(copy))} == {"exact"}
+    got = zarr.open_group(str(copy), mode="r")
+    assert np.array_equal(got["similar/neighbours"][:], store["similar/neighbours"][:])
+    np.testing.assert_array_equal(got["similar/cosine"][:], store["similar/cosine"][:])
+
+
 def test_without_faiss_a_large_store_fails_with_the_fix_and_marks_nothing_complete(store, tmp_path, monkeypatch):
     copy = tmp_path / "s.zarr"
     copy_store(store.store.root, copy)
@@ -222,5 +234,27 @@ def test_without_faiss_a_large_store_fails_with_the_fix_and_marks_nothing_comple
     before = zarr.open_group(str(copy), mode="r")["similar/neighbours"][:]
     with pytest.raises(UserError, match="pip install faiss-cpu"):
         similar_shard.fn(str(copy), {**sh.__dict__, "id": sh.id}, "cpu")
+    assert not st.is_complete("similar", sh.id)
+    assert np.array_equal(zarr.open_group(str(copy), mode="r")["similar/neighbours"][:], before)
+
+
+def test_a_failed_graph_build_fails_in_one_line_and_marks_nothing_complete(store, tmp_path, monkeypatch):
+    import faiss
+
+    copy = tmp_path / "s.zarr"
+    copy_store(store.store.root, copy)
+    monkeypatch.setattr(similar, "EXACT_MAX", 0)
+
+    def fail(self, x):  # as FAISS reports a failed allocation
+        raise RuntimeError("Error in void* faiss::allocate: failed to allocate 1234 bytes\nmore detail")
+
+    monkeypatch.setattr(faiss.IndexHNSWFlat, "add", fail)
+    st = Store(str(copy))
+    sh = neuron_shards(st.settings(), int(st.attrs["d_mlp"]))[0]
+    st.clear_marker("similar", sh.id)
+    before = zarr.open_group(str(copy), mode="r")["similar/neighbours"][:]
+    with pytest.raises(UserError, match="building the HNSW graph .* failed .*--no-similar") as e:
+        similar_shard.fn(str(copy), {**sh.__dict__, "id": sh.id}, "cpu")
+    assert "\n" not in str(e.value)
     assert not st.is_complete("similar", sh.id)
     assert np.array_equal(zarr.open_group(str(copy), mode="r")["similar/neighbours"][:], before)
