@@ -52,8 +52,12 @@ def complete_records(store: Store, stages: list[str] | None = None) -> tuple[dic
                 records[(stage, unit)] = rec if isinstance(rec, dict) else {}
             except (OSError, ValueError):
                 bad[(stage, unit)] = "its marker is unreadable"
-    released = {key for (stage, _), rec in records.items() if stage == "embed" for key in rec.get("releases", ())}
-    if released:  # scratch deleted on purpose once its shard was embedded (listed in its marker): not damage
+    # deleted on purpose, listed in the marker of the unit after which they may go: the scan's partial
+    # tables once their shard is embedded; the centroids once the similar stage is complete (its
+    # shards recompute any missing centroids from the embeddings): not damage
+    released = {key for (stage, _), rec in records.items() if stage in ("embed", "similar")
+                for key in rec.get("releases", ())}
+    if released:
         for rec in records.values():
             if rec.get("chunks"):
                 rec["chunks"] = {k: v for k, v in rec["chunks"].items() if k not in released}

@@ -581,11 +581,28 @@ def scratch_keys(store: Store, region: tuple) -> list[str]:
     return keys
 
 
+def centroid_keys(store: Store, region: tuple) -> list[str]:
+    """Chunk keys of `similar/centroids` for one shard's region (row, neuron slice): what only the
+    similar stage reads; released once every similar shard is complete."""
+    a = store.array(schema.CENTROIDS)
+    row, neurons = region
+    key = a.metadata.encode_chunk_key((row, neurons.start // a.chunks[1], *(0,) * (a.ndim - 2)))
+    return [f"{schema.CENTROIDS.path}/{key}"]
+
+
+def read_centroids(store: Store, region: tuple) -> np.ndarray | None:
+    """A shard region's `similar/centroids`, or None when they were released (or never written)."""
+    if not all(store.fs.exists(f"{store.root}/{key}") for key in centroid_keys(store, region)):
+        return None
+    return read(store, schema.CENTROIDS, region)
+
+
 def release_scratch(store: Store, keys: list[str], midway=None) -> int:
-    """Delete the scan's partial tables `keys` of a shard whose embeddings are durable: only after
-    its embed marker, which lists them (`releases`), is written; again on every later run (a kill
-    midway leaves the rest). `midway()` is called halfway (tests inject a fault there). Returns
-    how many chunks were deleted."""
+    """Delete chunks that were only an intermediate (the scan's partial tables of a shard whose
+    embeddings are durable; the centroids once every similar shard is complete): only after a
+    marker that lists them (`releases`) is written; again on every later run (a kill midway leaves
+    the rest). `midway()` is called halfway (tests inject a fault there). Returns how many chunks
+    were deleted."""
     n = 0
     for i, key in enumerate(keys):
         if midway is not None and i == len(keys) // 2:
@@ -621,10 +638,14 @@ def write_clusters(store: Store, region: tuple, labels: np.ndarray, linkage: np.
                                **{schema.METRIC_ARRAYS[m]: metrics[m] for m in schema.METRICS}})
 
 
-def write_centroids(store: Store, region: tuple, centroids: np.ndarray, top_token: np.ndarray,
+def write_centroids(store: Store, region: tuple, centroids: np.ndarray | None, top_token: np.ndarray,
                     top_count: np.ndarray) -> None:
-    write_many(store, region, {schema.CENTROIDS: centroids, schema.TOP_TOKEN: top_token,
-                               schema.TOP_COUNT: top_count})
+    """The centroids stage's arrays for a shard region (`centroids` None: only the top tokens, for a
+    run without the similar stage, which alone reads the centroids)."""
+    arrays = {schema.TOP_TOKEN: top_token, schema.TOP_COUNT: top_count}
+    if centroids is not None:
+        arrays[schema.CENTROIDS] = centroids
+    write_many(store, region, arrays)
 
 
 def write_similar(store: Store, region: tuple, neighbours: np.ndarray, cosine: np.ndarray) -> None:
