@@ -484,11 +484,36 @@ def _path(name: str | schema.ArraySpec) -> str:
     return name.path if isinstance(name, schema.ArraySpec) else name
 
 
+def _per_chunk(a: zarr.Array, sel: tuple, data) -> list[tuple[tuple, object]]:
+    """A chunk-aligned write `a[sel] = data` as one write per chunk, each selecting its chunk with
+    slices and given data of the chunk's shape: Zarr then encodes the data as it is (its path for
+    complete chunks) instead of filling a chunk-sized buffer and copying the data into it (a
+    quarter of the I/O thread's time in the scan's and embed's writes, profiled)."""
+    if not isinstance(data, np.ndarray) or any(not isinstance(s, (slice, int, np.integer)) for s in sel):
+        return [(sel, data)]
+    full = tuple(sel) + (slice(None),) * (a.ndim - len(sel))
+    spans, view, axis = [], data, 0
+    for dim, s in enumerate(full):
+        n, c = a.shape[dim], a.chunks[dim]
+        if isinstance(s, slice):
+            start, stop = s.start or 0, n if s.stop is None else s.stop
+        else:
+            start, stop = int(s), int(s) + 1
+            view = np.expand_dims(view, axis)
+        axis += 1
+        spans.append([(b, min(b + c, stop)) for b in range(start, stop, c)])
+    if view.shape != tuple(sp[-1][1] - sp[0][0] for sp in spans):
+        return [(sel, data)]  # a broadcast value: as it is
+    import itertools
+
+    return [(tuple(slice(b, e) for b, e in combo),
+             view[tuple(slice(b - sp[0][0], e - sp[0][0]) for (b, e), sp in zip(combo, spans))])
+            for combo in itertools.product(*spans)]
+
+
 def write(store: Store, name: str | schema.ArraySpec, sel: tuple, data: np.ndarray) -> None:
     """Write a region that covers whole chunks (asserted) of array `name`."""
-    a = store.group("r+")[_path(name)]
-    _check_aligned(a, sel)
-    a[sel] = data
+    write_many(store, sel, {name: data})
 
 
 def write_many(store: Store, sel: tuple, arrays: dict) -> None:
@@ -508,7 +533,8 @@ def write_many(store: Store, sel: tuple, arrays: dict) -> None:
     async def _all() -> None:
         import asyncio
 
-        await asyncio.gather(*(a.async_array.setitem(sel, data) for a, data in targets))
+        await asyncio.gather(*(a.async_array.setitem(part, piece) for a, data in targets
+                               for part, piece in _per_chunk(a, sel, data)))
 
     sync(_all())
 
