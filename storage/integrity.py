@@ -23,6 +23,9 @@ from neuron_embeddings.storage import schema
 from neuron_embeddings.storage.store import Store, array_specs, crc32c, dim_sizes, schema_metadata
 
 Unit = tuple[str, str]  # (stage, unit id)
+# an intermediate whose chunks the similar stage deletes once it is complete, and whose shards
+# recompute from the embeddings where they are missing: a missing chunk is not damage
+RELEASED_WHEN_DONE = f"{schema.CENTROIDS.path}/"
 
 
 @dataclass
@@ -52,12 +55,8 @@ def complete_records(store: Store, stages: list[str] | None = None) -> tuple[dic
                 records[(stage, unit)] = rec if isinstance(rec, dict) else {}
             except (OSError, ValueError):
                 bad[(stage, unit)] = "its marker is unreadable"
-    # deleted on purpose, listed in the marker of the unit after which they may go: the scan's partial
-    # tables once their shard is embedded; the centroids once the similar stage is complete (its
-    # shards recompute any missing centroids from the embeddings): not damage
-    released = {key for (stage, _), rec in records.items() if stage in ("embed", "similar")
-                for key in rec.get("releases", ())}
-    if released:
+    released = {key for (stage, _), rec in records.items() if stage == "embed" for key in rec.get("releases", ())}
+    if released:  # scratch deleted on purpose once its shard was embedded (listed in its marker): not damage
         for rec in records.values():
             if rec.get("chunks"):
                 rec["chunks"] = {k: v for k, v in rec["chunks"].items() if k not in released}
@@ -95,6 +94,8 @@ def check_records(store: Store, records: dict[Unit, dict], checksums: bool = Fal
         _, size, crc = last[key]
         got = sizes.get(key)
         if got is None:
+            if key.startswith(RELEASED_WHEN_DONE):  # deleted once the similar stage is complete; recomputed if needed
+                continue
             problem = f"chunk {key} is missing"
         elif got != size:
             problem = f"chunk {key} has {got} bytes, {size} were written"

@@ -118,20 +118,19 @@ def similar_shard(out: str, shard: dict, device: str = "cpu", batch_size: int = 
                 ids, cos = nearest_clusters(query, refs, st.n_similar(store), search_dtype=dtype)
             how = {"search": "exact", "search_dtype": str(dtype).removeprefix("torch.")}
         nb, cs = scatter_neighbours(query, ids, cos, me.stop - me.start, s.k, d_mlp, me.start)
-        region = (me.row, slice(me.start, me.stop))
-        st.write_similar(store, region, nb, cs)
-        # this shard's centroids, deleted once every similar shard is complete (release_centroids)
-        return {"clusters": len(query), "store_clusters": n_all, **how, "releases": st.centroid_keys(store, region)}
+        st.write_similar(store, (me.row, slice(me.start, me.stop)), nb, cs)
+        return {"clusters": len(query), "store_clusters": n_all, **how}
 
     record = run_unit(out, "similar", shard["id"], work)
     release_centroids(out)  # also after a skip: a kill may have left some
-    return {k: v for k, v in record.items() if k != "releases"}
+    return record
 
 
 def release_centroids(out: str) -> int:
     """Once every similar shard is complete, nothing reads `similar/centroids` again (the explorer
-    reads the top tokens and the neighbours): delete its chunks, which the similar markers list as
-    released. Idempotent; a kill midway leaves the rest to the next run. Returns chunks deleted."""
+    reads the top tokens and the neighbours; a similar shard rerun later recomputes them): delete
+    its chunks (storage.integrity does not count them as missing). Idempotent; a kill midway leaves
+    the rest to the next run. Returns chunks deleted."""
     store = st.Store(out)
     s, d_mlp = store.settings(), int(store.attrs["d_mlp"])
     shards = neuron_shards(s, d_mlp)
