@@ -165,7 +165,7 @@ def ivf_flat(cs: ClusterSet, q: ClusterSet, exact_id: torch.Tensor, nlist: int, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--store", help="a store whose centroids stage is complete")
+    src.add_argument("--store", help="a store whose centroids stage is complete (released centroids are recomputed)")
     src.add_argument("--synthetic", action="store_true")
     ap.add_argument("--base", type=int, default=60000, help="clusters at scale 1")
     ap.add_argument("--scales", type=float, nargs="+", default=[1, 2, 4])

@@ -23,6 +23,9 @@ from neuron_embeddings.storage import schema
 from neuron_embeddings.storage.store import Store, array_specs, crc32c, dim_sizes, schema_metadata
 
 Unit = tuple[str, str]  # (stage, unit id)
+# an intermediate whose chunks the similar stage deletes once it is complete, and whose shards
+# recompute from the embeddings where they are missing: a missing chunk is not damage
+RELEASED_WHEN_DONE = f"{schema.CENTROIDS.path}/"
 
 
 @dataclass
@@ -91,6 +94,8 @@ def check_records(store: Store, records: dict[Unit, dict], checksums: bool = Fal
         _, size, crc = last[key]
         got = sizes.get(key)
         if got is None:
+            if key.startswith(RELEASED_WHEN_DONE):  # deleted once the similar stage is complete; recomputed if needed
+                continue
             problem = f"chunk {key} is missing"
         elif got != size:
             problem = f"chunk {key} has {got} bytes, {size} were written"

@@ -13,8 +13,9 @@ from neuron_embeddings.tasks.common import handed_over, run_unit
 
 @task(name="centroids-shard", task_run_name="centroids-{shard[id]}", cache_policy=NO_CACHE)
 def centroid_shard(out: str, shard: dict, device: str = "auto", batch_size: int = 16) -> dict:
-    """A shard's cluster centroids and top tokens (whole chunks of similar/centroids, similar/top_token).
-    (`device` and `batch_size`: the stages' common signature; unused here.)"""
+    """A shard's cluster centroids and top tokens (whole chunks of similar/centroids, similar/top_token;
+    no centroids in a run without the similar stage, and they are deleted once it is complete:
+    tasks.similar). (`device` and `batch_size`: the stages' common signature; unused here.)"""
     def work(store: st.Store) -> dict:
         if not store.is_complete("cluster", shard["id"]):
             raise RuntimeError(f"centroids shard {shard['id']}: its cluster shard is not complete")
@@ -25,7 +26,9 @@ def centroid_shard(out: str, shard: dict, device: str = "auto", batch_size: int 
             return kept if kept is not None else st.read(store, spec, region)
 
         labels = get("labels", schema.LABELS)
-        cent = cluster_centroids(get("embeddings", schema.EMBEDDINGS), labels, st.centroid_dtype(store))
+        cent = None  # only the similar stage reads the centroids: a run without it keeps the top tokens only
+        if store.settings().similar:
+            cent = cluster_centroids(get("embeddings", schema.EMBEDDINGS), labels, st.centroid_dtype(store))
         top, cnt = cluster_top_tokens(labels, peak_tokens(store, region, get("seq", schema.TOPK_SEQ),
                                                           get("pos", schema.TOPK_POS)))
         st.write_centroids(store, region, cent, top, cnt)

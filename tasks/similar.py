@@ -1,6 +1,7 @@
 """The `similar` stage: for every cluster of a shard, the nearest clusters of other neurons, against
 every shard's centroids (core.similar), which must all be complete: exact up to `EXACT_MAX` clusters
-in the store (or on a GPU), else through an HNSW graph that each process builds once."""
+in the store (or on a GPU), else through an HNSW graph that each process builds once. Once every
+similar shard is complete, the centroids are deleted (only this stage reads them)."""
 from __future__ import annotations
 
 import threading
@@ -11,11 +12,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from neuron_embeddings.core.plan import neuron_shards
-from neuron_embeddings.core.similar import (MIN_CLUSTER_SIZE, ClusterSet, HnswIndex, cluster_sizes, compact,
-                                            exact_search, nearest_clusters, scatter_neighbours, search_dtype)
+from neuron_embeddings.core.similar import (MIN_CLUSTER_SIZE, ClusterSet, HnswIndex, cluster_centroids, cluster_sizes,
+                                            compact, exact_search, nearest_clusters, scatter_neighbours, search_dtype)
 from neuron_embeddings.storage import schema
 from neuron_embeddings.storage import store as st
-from neuron_embeddings.tasks.common import run_unit, task_logger
+from neuron_embeddings.tasks.common import maybe_fault, run_unit, task_logger
 
 _CACHE: dict[tuple, ClusterSet | HnswIndex | int] = {}
 _BUILD = threading.Lock()  # one graph build per process at a time
@@ -23,9 +24,15 @@ CACHE_BYTES = 2 * 2**30  # per process, exact search: all of a store's clusters,
 
 
 def _shard_clusters(store: st.Store, sh, d_mlp: int, device: str) -> ClusterSet:
+    """A shard's clusters: its stored centroids, or, where they were released (a rerun of this
+    stage after it completed, e.g. a damaged shard), the same centroids recomputed from the
+    embeddings and labels as the centroids stage computes them."""
     region = (sh.row, slice(sh.start, sh.stop))
-    return compact(st.read(store, schema.CENTROIDS, region), cluster_sizes(st.read(store, schema.LABELS, region)),
-                   sh.row, sh.start, d_mlp, device=device)
+    labels = st.read(store, schema.LABELS, region)
+    cent = st.read_centroids(store, region)
+    if cent is None:
+        cent = cluster_centroids(st.read(store, schema.EMBEDDINGS, region), labels, st.centroid_dtype(store))
+    return compact(cent, cluster_sizes(labels), sh.row, sh.start, d_mlp, device=device)
 
 
 def _all_clusters(store: st.Store, shards, d_mlp: int, device: str, dtype: torch.dtype, n_all: int) -> ClusterSet | None:
@@ -113,4 +120,21 @@ def similar_shard(out: str, shard: dict, device: str = "cpu", batch_size: int = 
         st.write_similar(store, (me.row, slice(me.start, me.stop)), nb, cs)
         return {"clusters": len(query), "store_clusters": n_all, **how}
 
-    return run_unit(out, "similar", shard["id"], work)
+    record = run_unit(out, "similar", shard["id"], work)
+    release_centroids(out)  # also after a skip: a kill may have left some
+    return record
+
+
+def release_centroids(out: str) -> int:
+    """Once every similar shard is complete, nothing reads `similar/centroids` again (the explorer
+    reads the top tokens and the neighbours; a similar shard rerun later recomputes them): delete
+    its chunks (storage.integrity does not count them as missing). Idempotent; a kill midway leaves
+    the rest to the next run. Returns chunks deleted."""
+    store = st.Store(out)
+    s, d_mlp = store.settings(), int(store.attrs["d_mlp"])
+    shards = neuron_shards(s, d_mlp)
+    states = store.marker_states("similar")
+    if not all(states.get(sh.id) == "complete" for sh in shards):
+        return 0
+    keys = [k for sh in shards for k in st.centroid_keys(store, (sh.row, slice(sh.start, sh.stop)))]
+    return st.release_scratch(store, keys, midway=lambda: maybe_fault("release-centroids", "all"))

@@ -200,3 +200,59 @@ def test_a_damaged_embedding_after_the_release_rescans(tiny_gpt2, tmp_path):
     victim.unlink()
     run_stages(out, **opts)
     assert_same_arrays(contract_arrays(ref), contract_arrays(out))
+
+
+SIMILAR_ARRAYS = ["similar/neighbours", "similar/cosine", "similar/top_token", "similar/top_count"]
+
+
+def _centroid_chunks(store) -> list:
+    return [p for p in (store / "similar" / "centroids").rglob("*") if p.is_file() and p.name != "zarr.json"]
+
+
+def test_centroids_are_released_once_similar_is_complete_and_a_fault_during_the_release_resumes(tiny_gpt2, tmp_path,
+                                                                                                monkeypatch):
+    """The centroids are an intermediate of the similar stage: once every similar shard is complete
+    they are deleted (a run without similar never writes them, and keeps the same top tokens); a
+    fault halfway through the release resumes to the store of an uninterrupted run, with nothing
+    reported damaged."""
+    from neuron_embeddings.storage import integrity
+    from neuron_embeddings.storage.store import Store
+
+    opts = options(tiny_gpt2, n_sequences=24, ctx_len=16, k=4, shard_size=32)
+    ref = str(tmp_path / "ref.zarr")
+    run_stages(ref, **opts)
+    assert _centroid_chunks(tmp_path / "ref.zarr") == []
+    assert (zarr_group := run_stages(ref, **opts))["similar/neighbours"][...].max() >= 0  # resumable, neighbours kept
+    assert integrity.verify(Store(ref)).ok
+    out = str(tmp_path / "cut.zarr")
+    monkeypatch.setenv("NE_TEST_FAULT", "release-centroids/all")
+    with pytest.raises(Exception, match="fault injected"):
+        run_stages(out, **opts)
+    assert _centroid_chunks(tmp_path / "cut.zarr")  # part of them is still there
+    assert integrity.verify(Store(out)).ok
+    monkeypatch.delenv("NE_TEST_FAULT")
+    run_stages(out, **opts)
+    assert _centroid_chunks(tmp_path / "cut.zarr") == []
+    assert integrity.verify(Store(out)).ok
+    assert_same_arrays(contract_arrays(ref, SIMILAR_ARRAYS), contract_arrays(out, SIMILAR_ARRAYS))
+    bare = str(tmp_path / "no-similar.zarr")
+    g = run_stages(bare, **options(tiny_gpt2, n_sequences=24, ctx_len=16, k=4, shard_size=32, similar=False))
+    assert _centroid_chunks(tmp_path / "no-similar.zarr") == []
+    np.testing.assert_array_equal(g["similar/top_token"][...], zarr_group["similar/top_token"][...])
+    assert integrity.verify(Store(bare)).ok
+
+
+def test_a_damaged_similar_shard_after_the_release_recomputes_the_centroids(tiny_gpt2, tmp_path):
+    """The centroids a similar shard needs are gone once the stage is complete: when one of its
+    shards is damaged, the rerun recomputes them from the embeddings and ends with the identical
+    store (zeros read in their place would give other neighbours)."""
+    opts = options(tiny_gpt2, n_sequences=24, ctx_len=16, k=4, shard_size=32)
+    ref, out = str(tmp_path / "ref.zarr"), str(tmp_path / "out.zarr")
+    run_stages(ref, **opts)
+    run_stages(out, **opts)
+    victim = next(p for p in sorted((tmp_path / "out.zarr" / "similar" / "neighbours").rglob("*"))
+                  if p.is_file() and p.name != "zarr.json")
+    victim.unlink()
+    run_stages(out, **opts)
+    assert _centroid_chunks(tmp_path / "out.zarr") == []
+    assert_same_arrays(contract_arrays(ref, SIMILAR_ARRAYS), contract_arrays(out, SIMILAR_ARRAYS))
