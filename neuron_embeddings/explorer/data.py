@@ -503,7 +503,9 @@ class ExplorerData:
         if not self.has_strata:
             return None
         row = self.check(layer, neuron)
-        a = self.read_neuron(row, neuron)
+        # the top-k's fields its examples need (not the embeddings, linkage or similar/* the page reads)
+        a = {spec: self._read(spec.path, (row, neuron))
+             for spec in (schema.TOPK_ACT, schema.TOPK_SEQ, schema.TOPK_POS, schema.TOPK_WINDOW)}
         st_ = {spec: self._read(spec.path, (row, neuron)) for spec in (
             schema.STRATA_ACT, schema.STRATA_SEQ, schema.STRATA_POS, schema.STRATUM, schema.STRATA_WINDOW,
             schema.SPECTRUM_LABELS, schema.SPECTRUM_COUNTS, schema.SPECTRUM_CLUSTERS, schema.SPECTRUM_DISTANCE,
