@@ -16,7 +16,9 @@ machine's drift hits all alike):
 
 Reported: the median over rounds of each path's speed relative to `bare` (bare seconds / path
 seconds: 1.0 = as fast as the bare forward), and of `strata` relative to `top`; and inside
-one `strata` scan the seconds spent in the strata's table updates and in the histograms.
+one `strata` scan the seconds spent in the strata's table updates and in the histograms: on the
+CPU (compiled bookkeeping) `sequence_maxima` is the one pass over the activations that finds each
+sequence's max and fills the histograms, and `add_distribution` (the torch path's) stays 0.
 """
 from __future__ import annotations
 
@@ -92,38 +94,40 @@ def main(argv=None) -> int:
             secs[name].append(time.perf_counter() - t)
             print(f"round {r} {name}: {secs[name][-1]:.1f} s", flush=True)
 
-    # inside one strata scan: the strata's table updates and the histograms
-    inner = {"strata_update_slots": 0.0, "add_distribution": 0.0}
-    orig_update, orig_dist, orig_keys = scan_mod.update_slots, scan_mod.add_distribution, scan_mod.strata_keys
+    # inside one strata scan: the strata's table updates, and the histograms (the torch path) or the
+    # one pass that finds the maxima and fills the histograms (the compiled path, the CPU's)
+    inner = {"strata_update_slots": 0.0, "add_distribution": 0.0, "sequence_maxima": 0.0}
+    patched = [(scan_mod, "update_slots"), (scan_mod, "update_slots_compiled"), (scan_mod, "add_distribution"),
+               (scan_mod, "strata_keys"), (scan_mod.kernels, "sequence_maxima")]
+    originals = {(mod, name): getattr(mod, name) for mod, name in patched}
     in_strata = {"on": False}
 
-    def keys(*args, **kw):
-        in_strata["on"] = True
-        return orig_keys(*args, **kw)
+    def timed(mod, name, bucket=None, strata_only=False, flag=None):
+        orig = originals[mod, name]
 
-    def update(*args, **kw):
-        t = time.perf_counter()
-        try:
-            return orig_update(*args, **kw)
-        finally:
-            if in_strata["on"]:
-                inner["strata_update_slots"] += time.perf_counter() - t
+        def fn(*args, **kw):
+            if flag is not None:
+                in_strata["on"] = flag
+            t = time.perf_counter()
+            try:
+                return orig(*args, **kw)
+            finally:
+                if bucket and (in_strata["on"] or not strata_only):
+                    inner[bucket] += time.perf_counter() - t
+        return fn
 
-    def dist(*args, **kw):
-        in_strata["on"] = False
-        t = time.perf_counter()
-        try:
-            return orig_dist(*args, **kw)
-        finally:
-            inner["add_distribution"] += time.perf_counter() - t
-
-    scan_mod.update_slots, scan_mod.add_distribution, scan_mod.strata_keys = update, dist, keys
+    scan_mod.update_slots = timed(scan_mod, "update_slots", "strata_update_slots", strata_only=True)
+    scan_mod.update_slots_compiled = timed(scan_mod, "update_slots_compiled", "strata_update_slots", strata_only=True)
+    scan_mod.add_distribution = timed(scan_mod, "add_distribution", "add_distribution", flag=False)
+    scan_mod.strata_keys = timed(scan_mod, "strata_keys", flag=True)
+    scan_mod.kernels.sequence_maxima = timed(scan_mod.kernels, "sequence_maxima", "sequence_maxima", flag=False)
     try:
         t = time.perf_counter()
         scan(gmax=gmax, spectrum=new_spectrum())
         inner["strata_scan"] = time.perf_counter() - t
     finally:
-        scan_mod.update_slots, scan_mod.add_distribution, scan_mod.strata_keys = orig_update, orig_dist, orig_keys
+        for (mod, name), orig in originals.items():
+            setattr(mod, name, orig)
 
     rel = {name: statistics.median(b / s for b, s in zip(secs["bare"], secs[name])) for name in names if name != "bare"}
     res = {"model": model, "tokens": int(tokens.size), "rounds": a.rounds, "strata": a.strata,

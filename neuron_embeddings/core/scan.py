@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from neuron_embeddings.core import scan_kernels as kernels
 from neuron_embeddings.core.models import run_until
 from neuron_embeddings.core.settings import HIST_BINS
 from neuron_embeddings.core.units import MLPNeurons, UnitSource
@@ -32,19 +33,93 @@ MASK32 = 0xFFFFFFFF
 
 # --- pure functions ---------------------------------------------------------------------------
 
+class XPool:
+    """MLP inputs [rows, D] (the embedding dtype; row 0 = zeros) that slot tables refer to by row.
+
+    Many neurons pick the same token (while a table fills, nearly every token of a batch enters
+    for some neuron), and a layer's top-k and strata tables pick the same tokens, so each token's x
+    is stored once per layer, here. The pool starts small and doubles as tokens enter, up to `cap`
+    rows; when it is full at its cap, rows no table refers to are dropped. Memory is bounded by the
+    tables' `nbytes` whatever the number of tokens (the run checks it fits before it starts), and a
+    short run never allocates it all."""
+
+    INITIAL_ROWS = 4096
+
+    def __init__(self, cap: int, d_model: int, dtype: torch.dtype, device="cpu", initial_rows: int | None = None):
+        self.cap = cap
+        self.data = torch.empty((max(1, min(cap, initial_rows or self.INITIAL_ROWS)), d_model), dtype=dtype,
+                                device=device)
+        self.data[0] = 0
+        self.used = 1  # rows in use (row 0 always)
+        self.compactions = 0
+        self.tables: list[SlotTable] = []  # whose xref point here
+
+    @staticmethod
+    def share(tables: list["SlotTable"]) -> "XPool":
+        """One pool for fresh tables (nothing entered yet), its cap the sum of theirs."""
+        assert all(t.pool.used == 1 for t in tables), "only fresh tables share a pool"
+        first = tables[0].pool
+        pool = XPool(sum(t.pool.cap for t in tables), first.data.shape[1], first.data.dtype, first.data.device)
+        for t in tables:
+            t.pool = pool
+        pool.tables = list(tables)
+        return pool
+
+    def add_rows(self, rows_ND: torch.Tensor) -> int:
+        """Append rows; returns the index of the first."""
+        self.reserve(rows_ND.shape[0])
+        at = self.used
+        self.data[at:at + rows_ND.shape[0]] = rows_ND
+        self.used += rows_ND.shape[0]
+        return at
+
+    def take_rows(self, src_ND: torch.Tensor, idx_n: torch.Tensor) -> int:
+        """Append rows idx_n of src_ND (in the pool's dtype); returns the index of the first."""
+        n = idx_n.numel()
+        self.reserve(n)
+        at = self.used
+        torch.index_select(src_ND, 0, idx_n, out=self.data[at:at + n])
+        self.used += n
+        return at
+
+    def reserve(self, n: int, chunk: int = 8192) -> None:
+        """Make room for n more rows: below the cap, grow (doubling); at it, keep only the rows some
+        table refers to (and row 0), in order, and renumber the tables' xref."""
+        if self.used + n <= self.data.shape[0]:
+            return
+        if self.data.shape[0] < self.cap:
+            self._grow(min(self.cap, max(2 * self.data.shape[0], self.used + n)))
+            if self.used + n <= self.data.shape[0]:
+                return
+        refs = [t.xref.reshape(-1) for t in self.tables]
+        zero = torch.zeros(1, dtype=torch.int64, device=self.data.device)
+        live, inv = torch.unique(torch.cat([zero, *refs]), sorted=True, return_inverse=True)
+        for a in range(0, live.numel(), chunk):  # live[i] >= i: copying forward in chunks is safe
+            src = live[a:a + chunk]
+            self.data[a:a + src.numel()] = self.data.index_select(0, src)
+        at = 1
+        for t, r in zip(self.tables, refs):
+            t.xref = inv[at:at + r.numel()].view(t.xref.shape)
+            at += r.numel()
+        self.used = live.numel()
+        self.compactions += 1
+        if self.used + n > self.data.shape[0]:  # only with a cap smaller than the tables' entries + n
+            self._grow(self.used + n)
+
+    def _grow(self, rows: int) -> None:
+        grown = torch.empty((rows, self.data.shape[1]), dtype=self.data.dtype, device=self.data.device)
+        grown[:self.used] = self.data[:self.used]
+        self.data = grown
+
+
 @dataclass
 class SlotTable:
     """The k best entries of every neuron of one layer, kept in rank order (key desc, seq asc).
 
     Each entry has one of k fixed slots per neuron; `slot` says which slot holds each ranked entry's
-    x and window, so a merge moves small fields only. Empty entries have key -inf.
-
-    The MLP inputs are not copied per entry: many neurons pick the same token (while the table
-    fills, nearly every token of a batch enters for some neuron), so each token's x is stored once,
-    in a pool of rows, and a slot holds the row's index (`xref`; row 0 is the zero vector). When the
-    pool is full, rows no slot refers to are dropped (`_reserve`). The pool has M * k + a margin rows,
-    allocated and touched up front: memory is the same for any number of tokens, and a run that
-    would not fit fails at its start.
+    x and window, so a merge moves small fields only. Empty entries have key -inf. The MLP inputs
+    are rows of a pool (`XPool`, shared by a layer's tables during a scan), and a slot holds its
+    row's index (`xref`; row 0 is the zero vector).
     """
 
     key: torch.Tensor  # float64 [M, k] ranking key, larger is better, descending along k
@@ -53,18 +128,20 @@ class SlotTable:
     pos: torch.Tensor  # int64 [M, k] position of the sequence's max token
     slot: torch.Tensor  # int64 [M, k] slot holding each ranked entry's x and window
     xref: torch.Tensor  # int64 [M, k] by slot: the pool row holding that slot's MLP input
-    pool: torch.Tensor  # [rows, D] MLP inputs in the embedding dtype; row 0 = zeros
+    pool: XPool  # the MLP inputs [rows, D]
     win: torch.Tensor  # float32 [M, k, W] activations at positions pos-before .. pos+after, by slot
     before: int = 0  # tokens of the window before the max token (W = before + 1 + after)
-    used: int = 1  # pool rows in use (row 0 always)
 
     @classmethod
     def empty(cls, d_mlp: int, k: int, d_model: int, dtype: torch.dtype, device="cpu",
-              window: tuple[int, int] = (0, 0), pool_rows: int | None = None) -> "SlotTable":
-        rows = pool_rows or cls.default_pool_rows(d_mlp, k)
-        pool = torch.empty((rows, d_model), dtype=dtype, device=device)
-        pool.zero_()  # touched now (see the class docstring)
-        return cls(
+              window: tuple[int, int] = (0, 0), pool_rows: int | None = None,
+              initial_rows: int | None = None) -> "SlotTable":
+        """An empty table with a pool of its own: its cap `pool_rows` (default `default_pool_rows`),
+        its first allocation `initial_rows` (default: the cap where pool_rows is given, else at most
+        XPool.INITIAL_ROWS)."""
+        cap = pool_rows or cls.default_pool_rows(d_mlp, k)
+        pool = XPool(cap, d_model, dtype, device, initial_rows or (cap if pool_rows else None))
+        table = cls(
             key=torch.full((d_mlp, k), -torch.inf, dtype=torch.float64, device=device),
             act=torch.full((d_mlp, k), torch.nan, dtype=torch.float32, device=device),
             seq=torch.full((d_mlp, k), NO_SEQ, dtype=torch.int64, device=device),
@@ -75,6 +152,8 @@ class SlotTable:
             win=torch.full((d_mlp, k, window[0] + 1 + window[1]), torch.nan, dtype=torch.float32, device=device),
             before=window[0],
         )
+        pool.tables.append(table)
+        return table
 
     @staticmethod
     def default_pool_rows(d_mlp: int, k: int) -> int:
@@ -82,8 +161,8 @@ class SlotTable:
 
     @classmethod
     def nbytes(cls, d_mlp: int, k: int, d_model: int, itemsize: int, window: tuple[int, int] = (0, 0)) -> int:
-        """Bytes that `empty` allocates: the pool and the per-entry fields (key, act, seq, pos,
-        slot, xref, win)."""
+        """Bytes a table holds at most: its share of a pool at its cap, and the per-entry fields
+        (key, act, seq, pos, slot, xref, win)."""
         per_entry = 8 + 4 + 8 + 8 + 8 + 8 + 4 * (window[0] + 1 + window[1])
         return cls.default_pool_rows(d_mlp, k) * d_model * itemsize + d_mlp * k * per_entry
 
@@ -91,36 +170,12 @@ class SlotTable:
     def x(self) -> torch.Tensor:
         """[M, k, D] the MLP input of each slot (a new tensor, in the embedding dtype)."""
         M, k = self.xref.shape
-        return self.pool.index_select(0, self.xref.view(-1)).view(M, k, -1)
+        return self.pool.data.index_select(0, self.xref.view(-1)).view(M, k, -1)
 
     def by_slot(self, name: str) -> torch.Tensor:
         """Field `name` rearranged into slot order, to go with `x` ([M, k])."""
         field = getattr(self, name)
         return torch.empty_like(field).scatter_(1, self.slot, field)
-
-    def add_rows(self, rows_ND: torch.Tensor) -> int:
-        """Append rows to the pool; returns the index of the first."""
-        self._reserve(rows_ND.shape[0])
-        at = self.used
-        self.pool[at:at + rows_ND.shape[0]] = rows_ND
-        self.used += rows_ND.shape[0]
-        return at
-
-    def _reserve(self, n: int, chunk: int = 8192) -> None:
-        """Make room for n more rows: keep only the rows some slot refers to (and row 0), in order."""
-        if self.used + n <= self.pool.shape[0]:
-            return
-        zero = torch.zeros(1, dtype=torch.int64, device=self.xref.device)
-        live, inv = torch.unique(torch.cat([zero, self.xref.view(-1)]), sorted=True, return_inverse=True)
-        for a in range(0, live.numel(), chunk):  # live[i] >= i: copying forward in chunks is safe
-            src = live[a:a + chunk]
-            self.pool[a:a + src.numel()] = self.pool.index_select(0, src)
-        self.xref = inv[1:].view(self.xref.shape)
-        self.used = live.numel()
-        if self.used + n > self.pool.shape[0]:  # only with a pool smaller than M * k + n rows
-            grown = torch.empty((self.used + n, self.pool.shape[1]), dtype=self.pool.dtype, device=self.pool.device)
-            grown[:self.used] = self.pool[:self.used]
-            self.pool = grown
 
 
 def _mix32(h: torch.Tensor) -> torch.Tensor:
@@ -212,11 +267,43 @@ def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, p
     used_t = torch.zeros(B * T, dtype=torch.bool, device=tok_n.device)
     used_t[tok_n] = True
     tok_u = torch.nonzero(used_t).squeeze(1)  # each token that entered, once
-    first = table.add_rows(x_BTD.reshape(-1, D).index_select(0, tok_u).to(table.pool.dtype))
+    first = table.pool.add_rows(x_BTD.reshape(-1, D).index_select(0, tok_u).to(table.pool.data.dtype))
     row_t = torch.zeros(B * T, dtype=torch.int64, device=tok_n.device)
     row_t[tok_u] = torch.arange(first, first + tok_u.numel(), device=tok_n.device)
     table.xref.view(-1).index_copy_(0, tgt_n, row_t[tok_n])
     table.win.view(-1, win_nW.shape[1]).index_copy_(0, tgt_n, win_nW)
+    return n
+
+
+def update_slots_compiled(table: SlotTable, key_BM: np.ndarray, act_BM: np.ndarray, arg_BM: np.ndarray,
+                          seq_B: np.ndarray, post_BTM: np.ndarray, x_ND: torch.Tensor,
+                          row_of_tok: np.ndarray | None = None) -> int:
+    """`update_slots` on the CPU through core.scan_kernels, with each candidate's max position
+    (arg_BM, from `sequence_maxima`) known: the same table, entry for entry (slots may differ).
+    key_BM float64, act_BM float32, seq_B int64, post_BTM float32 [B, T, M], x_ND the batch's MLP
+    inputs as rows [B * T, D] in the pool's dtype. `row_of_tok` (int64 [B * T], -1 where not yet
+    in the pool) lets the tables sharing a pool store each of the batch's tokens once; whoever
+    passes it has reserved B * T rows first, so no compaction renumbers them midway. Returns how
+    many slots took an entrant of this batch."""
+    M, k = table.key.shape
+    new_b_MK = np.full((M, k), -1, dtype=np.int64)
+    new_pos_MK = np.full((M, k), -1, dtype=np.int64)
+    n = kernels.merge_candidates(key_BM, act_BM, arg_BM, seq_B, table.key.numpy(), table.act.numpy(),
+                                 table.seq.numpy(), table.pos.numpy(), table.slot.numpy(), new_b_MK, new_pos_MK)
+    if n == 0:
+        return 0
+    B, T = post_BTM.shape[:2]
+    pool = table.pool
+    if row_of_tok is None:
+        pool.reserve(B * T)
+        row_of_tok = np.full(B * T, -1, dtype=np.int64)
+    tokens = np.empty(B * T, dtype=np.int64)
+    n_tok = kernels.entrant_tokens(new_b_MK, new_pos_MK, T, row_of_tok, pool.used, tokens)
+    if n_tok:
+        compactions = pool.compactions
+        pool.take_rows(x_ND, torch.from_numpy(tokens[:n_tok]))
+        assert pool.compactions == compactions, "the pool was not reserved for the batch"
+    kernels.fill_entrants(new_b_MK, new_pos_MK, row_of_tok, post_BTM, table.before, table.xref.numpy(), table.win.numpy())
     return n
 
 
@@ -455,14 +542,16 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
                    emb_dtype: torch.dtype, batch_size: int, device: str, mode: str = "top",
                    gmax_LM: torch.Tensor | None = None, fraction: float | None = None, seed: int = 0,
                    progress=None, window: tuple[int, int] = (0, 0), units: UnitSource | None = None,
-                   excluded_ids: tuple[int, ...] = (), spectrum: Spectrum | None = None) -> list[SlotTable] | torch.Tensor:
+                   excluded_ids: tuple[int, ...] = (), spectrum: Spectrum | None = None,
+                   compiled: bool | None = None) -> list[SlotTable] | torch.Tensor:
     """Run the model over tokens (sequence indices seq_start + row) and return one SlotTable per
     layer, or for mode="max" the per-unit maximum [n_layers, M] (first pass of band selection).
 
     `units` (default: the model's MLP neurons) says which hooks feed each row and how the captured
     tensors become the activations and x (core.units); the forward stops after the last row's hooks.
     Tokens in `excluded_ids` (e.g. BOS, EOS) are never an example's max token. With `spectrum`
-    (mode top or band; needs `gmax_LM`) the strata tables and distributions are filled too."""
+    (mode top or band; needs `gmax_LM`) the strata tables and distributions are filled too.
+    `compiled` (default: on the CPU) runs the bookkeeping through core.scan_kernels, else torch."""
     units = units or MLPNeurons.for_bridge(bridge)
     M, D = units.n_units, units.d_input
     need_x = mode != "max"
@@ -472,6 +561,8 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
     excluded = torch.tensor(sorted(excluded_ids), dtype=torch.int64, device=device) if excluded_ids else None
     if spectrum is not None:
         assert mode != "max" and gmax_LM is not None, "strata need each unit's maximum"
+        for row in range(len(layers)):  # a token's x once per layer, whichever tables it enters
+            XPool.share([tables[row], *spectrum.tables[row]])
         scale_LM = torch.stack([histogram_scale(gmax_LM[row]) for row in range(len(layers))]).to(device)
     state: dict = {}
     threads = torch.get_num_threads()  # the forward's
@@ -493,6 +584,8 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
         the forward, layer by layer: holding every layer's activations until the end of the
         forward made the forward itself ~9 % slower (its buffers could not be reused)."""
         with torch_threads(1):
+            if compiled:
+                return bookkeeping_compiled(row, layer, post, x)
             val = batch_candidates(post, state["excluded"])
             if mode == "max":
                 gmax[row] = torch.maximum(gmax[row], val.max(dim=0).values)
@@ -512,6 +605,42 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
                 if row == 0:
                     spectrum.count += counted
 
+    def bookkeeping_compiled(row: int, layer: int, post: torch.Tensor, x: torch.Tensor | None) -> None:
+        """`bookkeeping` through core.scan_kernels (the CPU): one pass over the activations finds
+        each sequence's max and its position (and fills the histogram), then each table merges."""
+        post_BTM = post.float().contiguous().numpy()  # a copy only for a reduced-precision forward
+        B, T, _ = post_BTM.shape
+        excluded_BT = state["excluded"]
+        max_BM = np.empty((B, M), dtype=np.float32)
+        arg_BM = np.empty((B, M), dtype=np.int64)
+        if spectrum is not None:
+            hist_HM, sum_M, scale_M = np.zeros((HIST_BINS, M), np.int32), spectrum.sum[row].numpy(), scale_LM[row].numpy()
+        else:
+            hist_HM, sum_M, scale_M = np.zeros((1, 1), np.int32), np.zeros(1), np.zeros(1, np.float32)
+        kernels.sequence_maxima(post_BTM, np.zeros((B, T), bool) if excluded_BT is None else excluded_BT.numpy(),
+                                scale_M, spectrum is not None, max_BM, arg_BM, hist_HM, sum_M)
+        val = torch.from_numpy(max_BM)
+        if mode == "max":
+            gmax[row] = torch.maximum(gmax[row], val.max(dim=0).values)
+            return
+        seq_B = state["seq"].numpy()
+        x_ND = x.reshape(B * T, -1).to(emb_dtype)  # once for every table of the row
+        tables[row].pool.reserve(B * T)  # every token of the batch fits: the row's tables share its rows
+        row_of_tok = np.full(B * T, -1, dtype=np.int64)
+        if mode == "top":
+            key_BM = max_BM.astype(np.float64)
+        else:
+            key_BM = band_keys(val, gmax_LM[row], fraction, seed, layer, neurons, state["seq"]).numpy()
+        update_slots_compiled(tables[row], key_BM, max_BM, arg_BM, seq_B, post_BTM, x_ND, row_of_tok)
+        if spectrum is not None:
+            keys = strata_keys(val, gmax_LM[row], spectrum.intervals, seed, layer, neurons, state["seq"])
+            for table, key in zip(spectrum.tables[row], keys):
+                update_slots_compiled(table, key.numpy(), max_BM, arg_BM, seq_B, post_BTM, x_ND, row_of_tok)
+            spectrum.hist[row] += torch.from_numpy(hist_HM.T)
+            if row == 0:
+                spectrum.count += B * T - (0 if excluded_BT is None else int(excluded_BT.sum()))
+
+    compiled = torch.device(device).type == "cpu" if compiled is None else compiled
     hooks = []
     for row, layer in enumerate(layers):
         taps = units.taps(layer, need_x)

@@ -6,19 +6,39 @@ import pytest
 import torch
 
 from neuron_embeddings.core.models import load_model
-from neuron_embeddings.core.scan import (SlotTable, band_priority, merge_blocks, neuron_embeddings, rank_order, scan_sequences,
-                        update_slots)
+from neuron_embeddings.core.scan import (SlotTable, XPool, band_priority, merge_blocks, neuron_embeddings, rank_order, scan_sequences,
+                                         update_slots, update_slots_compiled)
+from neuron_embeddings.core.scan_kernels import sequence_maxima
 
 
 def _oracle_order(key: np.ndarray, seq: np.ndarray) -> np.ndarray:
     return np.lexsort((seq, -key))
 
 
-@pytest.mark.parametrize("pool_rows", [None, 7 * 5 + 2, 3])  # default; pool compacted often; pool grown
-def test_update_slots_matches_sorting_the_union(pool_rows):
+BOOKKEEPING = [pytest.param(True, id="compiled"), pytest.param(False, id="torch")]  # the CPU's and other devices'
+
+
+def _update(table, key, post, seq, x, compiled):
+    """One batch into the table, by either bookkeeping path (candidates: the per-sequence max)."""
+    if not compiled:
+        return update_slots(table, torch.from_numpy(key), torch.from_numpy(key), torch.from_numpy(post),
+                            torch.from_numpy(seq), torch.from_numpy(x))
+    B, T, M = post.shape
+    max_BM, arg_BM = np.empty((B, M), np.float32), np.empty((B, M), np.int64)
+    sequence_maxima(post, np.zeros((B, T), bool), np.zeros(1, np.float32), False, max_BM, arg_BM,
+                    np.zeros((1, 1), np.int32), np.zeros(1))
+    np.testing.assert_array_equal(max_BM, key)
+    return update_slots_compiled(table, key.astype(np.float64), max_BM, arg_BM, seq.astype(np.int64), post,
+                                 torch.from_numpy(x).reshape(B * T, -1))
+
+
+@pytest.mark.parametrize("compiled", BOOKKEEPING)
+@pytest.mark.parametrize("pool_rows,initial_rows", [(None, None), (None, 2), (7 * 5 + 2, None), (3, None)])
+def test_update_slots_matches_sorting_the_union(pool_rows, initial_rows, compiled):
+    """Default pool; one that starts at 2 rows and doubles; one compacted often; one grown past its cap."""
     rng = np.random.default_rng(0)
     M, k, D, T = 7, 5, 3, 4
-    table = SlotTable.empty(M, k, D, torch.float32, pool_rows=pool_rows)
+    table = SlotTable.empty(M, k, D, torch.float32, pool_rows=pool_rows, initial_rows=initial_rows)
     all_key, all_seq, all_x, all_pos = [], [], [], []
     seq0 = 0
     for B in (2, 6, 1, 9, 3):
@@ -28,8 +48,7 @@ def test_update_slots_matches_sorting_the_union(pool_rows):
         x = rng.normal(size=(B, T, D)).astype(np.float32)
         seq = np.arange(seq0, seq0 + B)
         seq0 += B
-        update_slots(table, torch.from_numpy(key), torch.from_numpy(key), torch.from_numpy(post),
-                     torch.from_numpy(seq), torch.from_numpy(x))
+        _update(table, key, post, seq, x, compiled)
         all_pos.append(pos)
         all_key.append(key)
         all_x.append(x)
@@ -55,8 +74,14 @@ def test_update_slots_matches_sorting_the_union(pool_rows):
                                                   xs[sq, int(table.pos[m, i])])
                 else:  # an empty slot's x is the zero vector
                     assert not table.x[m, table.slot[m, i]].any()
-        if pool_rows is not None and pool_rows > 3:  # compacted: no row beyond those referred to
-            assert table.used <= M * k + 1 + B * T
+        # compacted: no more rows than those referred to and room for a batch (the compiled
+        # path makes room for all of a batch's tokens before it adds any)
+        most = M * k + 1 + max(b * T for b in (2, 6, 1, 9, 3)[:len(all_key)])
+        if pool_rows is not None and pool_rows > 3:
+            assert table.pool.used <= most
+        assert table.pool.data.shape[0] <= max(table.pool.cap, most)
+    if initial_rows is not None:
+        assert 2 < table.pool.data.shape[0] <= table.pool.cap  # it grew, within its cap
 
 
 def test_rank_order_breaks_ties_by_sequence():
@@ -100,10 +125,11 @@ def scanned(tiny_gpt2):
     return lm, tokens, xs, posts
 
 
-def test_top_selection_equals_brute_force(scanned):
+@pytest.mark.parametrize("compiled", BOOKKEEPING)
+def test_top_selection_equals_brute_force(scanned, compiled):
     lm, tokens, xs, posts = scanned
     k = 6
-    tops = _scan_and_merge(lm, tokens, [0, 1], k, blocks=1, batch=16)
+    tops = _scan_and_merge(lm, tokens, [0, 1], k, blocks=1, batch=16, compiled=compiled)
     for row, layer in enumerate([0, 1]):
         mx, arg = posts[layer].max(axis=1), posts[layer].argmax(axis=1)  # [S, M]
         for j in range(lm.d_mlp):
@@ -114,16 +140,17 @@ def test_top_selection_equals_brute_force(scanned):
             np.testing.assert_allclose(tops[row].x[j], xs[layer][order, arg[order, j]], rtol=1e-6)
 
 
+@pytest.mark.parametrize("compiled", BOOKKEEPING)
 @pytest.mark.parametrize("fraction", [0.5, 0.9])
-def test_band_selection_equals_brute_force(scanned, fraction):
+def test_band_selection_equals_brute_force(scanned, fraction, compiled):
     lm, tokens, xs, posts = scanned
     k, seed = 5, 7
     gmax = torch.from_numpy(np.stack([posts[l].max(axis=(0, 1)) for l in (0, 1)]))
     # the first pass, as the pipeline does it, must find the same maxima
-    g2 = scan_sequences(lm.bridge, tokens, 0, [0, 1], k, torch.float32, 8, "cpu", mode="max")
+    g2 = scan_sequences(lm.bridge, tokens, 0, [0, 1], k, torch.float32, 8, "cpu", mode="max", compiled=compiled)
     np.testing.assert_allclose(g2.numpy(), gmax.numpy(), rtol=1e-6)
     tops = _scan_and_merge(lm, tokens, [0, 1], k, blocks=3, batch=5, mode="band", gmax_LM=gmax,
-                           fraction=fraction, seed=seed)
+                           fraction=fraction, seed=seed, compiled=compiled)
     S = len(tokens)
     for row, layer in enumerate([0, 1]):
         mx, arg = posts[layer].max(axis=1), posts[layer].argmax(axis=1)
@@ -145,11 +172,13 @@ def test_band_priority_is_uniform_and_sharding_free():
     np.testing.assert_array_equal(part, p[100:150])
 
 
-@pytest.mark.parametrize("blocks,batch", [(2, 3), (4, 7), (37, 1)])
-def test_same_selection_for_any_block_and_batch_size(scanned, blocks, batch):
+@pytest.mark.parametrize("blocks,batch,compiled", [(2, 3, True), (4, 7, True), (37, 1, True), (4, 7, False)])
+def test_same_selection_for_any_block_and_batch_size(scanned, blocks, batch, compiled):
+    """Any block and batch size, either bookkeeping path: the same selection as one block of 16
+    through the compiled path."""
     lm, tokens, _, _ = scanned
     ref = _scan_and_merge(lm, tokens, [1], 8, blocks=1, batch=16)[0]
-    got = _scan_and_merge(lm, tokens, [1], 8, blocks=blocks, batch=batch)[0]
+    got = _scan_and_merge(lm, tokens, [1], 8, blocks=blocks, batch=batch, compiled=compiled)[0]
     for name in ("act", "seq", "pos", "x"):
         np.testing.assert_array_equal(getattr(got, name), getattr(ref, name))
 
@@ -201,7 +230,88 @@ def test_batch_candidates_equal_the_masked_max(pattern) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_slot_table_nbytes_is_what_empty_allocates(dtype):
+def test_slot_table_nbytes_is_what_a_full_table_holds(dtype):
+    """nbytes (what the run checks fits before it starts) is a table's memory with its pool at its
+    cap; an empty table holds less."""
+    def held(t):
+        return sum(getattr(t, f).nbytes for f in ("key", "act", "seq", "pos", "slot", "xref", "win")) + t.pool.data.nbytes
+
+    full = SlotTable.empty(300, 7, 24, dtype, window=(3, 2), pool_rows=SlotTable.default_pool_rows(300, 7))
+    assert SlotTable.nbytes(300, 7, 24, dtype.itemsize, (3, 2)) == held(full)
     t = SlotTable.empty(300, 7, 24, dtype, window=(3, 2))
-    allocated = sum(getattr(t, f).nbytes for f in ("key", "act", "seq", "pos", "slot", "xref", "pool", "win"))
-    assert SlotTable.nbytes(300, 7, 24, dtype.itemsize, (3, 2)) == allocated
+    assert t.pool.cap == full.pool.cap and held(t) < SlotTable.nbytes(300, 7, 24, dtype.itemsize, (3, 2))
+    t.pool.reserve(full.pool.cap - 1)  # room for the cap: the pool grows to it, and no further
+    assert t.pool.data.shape == full.pool.data.shape
+
+
+@pytest.mark.parametrize("mode", ["top", "band"])
+def test_compiled_and_torch_bookkeeping_give_the_same_tables(scanned, mode):
+    """Entry for entry (rank order), with activation windows and excluded tokens: the compiled
+    bookkeeping (the CPU's) equals the torch one (other devices')."""
+    lm, tokens, _, posts = scanned
+    tokens = tokens.copy()
+    tokens[:, 0] = 3  # a BOS-like first token, and one further on
+    tokens[5, 9] = 3
+    gmax = torch.from_numpy(np.stack([posts[layer].max(axis=(0, 1)) for layer in (0, 1)]))
+    kw = dict(mode=mode, gmax_LM=gmax, fraction=0.4, seed=5, window=(3, 2), excluded_ids=(3,))
+    got, want = (scan_sequences(lm.bridge, tokens, 0, [0, 1], 5, torch.float32, 6, "cpu", compiled=c, **kw)
+                 for c in (True, False))
+    for g, w in zip(got, want):
+        for name in ("key", "act", "seq", "pos"):
+            torch.testing.assert_close(getattr(g, name), getattr(w, name), rtol=0, atol=0, equal_nan=True)
+        assert (g.seq < np.iinfo(np.int64).max).sum() > g.seq.numel() // 2  # mostly full tables
+        for name in ("x", "win"):
+            ranked = lambda t, f: torch.gather(f, 1, t.slot.view(*t.slot.shape, *[1] * (f.dim() - 2)).expand(  # noqa: E731
+                *t.slot.shape, *f.shape[2:]))
+            field = lambda t: t.x if name == "x" else t.win  # noqa: E731
+            torch.testing.assert_close(ranked(g, field(g)), ranked(w, field(w)), rtol=0, atol=0, equal_nan=True)
+        assert torch.isnan(g.win).any() and torch.isfinite(g.win).any()  # windows reach past the ends
+
+
+@pytest.mark.parametrize("compiled", BOOKKEEPING)
+def test_tables_sharing_a_pool_keep_their_own_x_through_compaction(compiled):
+    """Three tables of different k on one pool whose cap forces compaction every few batches (as the
+    scan shares one between a layer's top-k and strata tables, storing each token once per batch on
+    the compiled path): each keeps the x of its own entries, as the same tables on pools of their own do."""
+    rng = np.random.default_rng(3)
+    M, D, T, ks = 6, 4, 5, (4, 2, 3)
+    shared = [SlotTable.empty(M, k, D, torch.float32, pool_rows=M * k + 12) for k in ks]
+    pool = XPool.share(shared)  # cap M * 9 + 36 rows, a batch up to 35 tokens: compacted every few batches
+    alone = [SlotTable.empty(M, k, D, torch.float32) for k in ks]
+    seq0, rows_added = 0, 0
+    for B in (3, 5, 2, 6, 4, 7) * 4:
+        post = rng.normal(size=(B, T, M)).astype(np.float32)
+        x = rng.normal(size=(B, T, D)).astype(np.float32)
+        seq = np.arange(seq0, seq0 + B)
+        seq0 += B
+        row_of_tok = None
+        if compiled:
+            pool.reserve(B * T)
+            row_of_tok = np.full(B * T, -1, dtype=np.int64)
+        used = pool.used
+        for i, (a, b) in enumerate(zip(shared, alone)):
+            key = post.max(axis=1) if i == 0 else -rng.random((B, M))  # a top-k table and two samples
+            _update_keyed(a, key, post, seq, x, compiled, row_of_tok)
+            _update_keyed(b, key, post, seq, x, compiled)
+        rows_added += pool.used - used
+        for a, b in zip(shared, alone):
+            torch.testing.assert_close(a.seq, b.seq, rtol=0, atol=0)
+            ranked = lambda t: t.x[torch.arange(M)[:, None], t.slot]  # noqa: E731
+            torch.testing.assert_close(ranked(a), ranked(b), rtol=0, atol=0)
+        if compiled:  # each token of the batch stored once, whichever tables it entered
+            assert pool.used - used <= B * T
+    assert pool.compactions >= 2 and pool.data.shape[0] <= pool.cap
+    assert all(t.pool is pool for t in shared)
+
+
+def _update_keyed(table, key, post, seq, x, compiled, row_of_tok=None):
+    """A batch into the table with the given keys (act: the per-sequence max)."""
+    B, T, M = post.shape
+    if not compiled:
+        return update_slots(table, torch.from_numpy(key), torch.from_numpy(post.max(axis=1)), torch.from_numpy(post),
+                            torch.from_numpy(seq), torch.from_numpy(x))
+    max_BM, arg_BM = np.empty((B, M), np.float32), np.empty((B, M), np.int64)
+    sequence_maxima(post, np.zeros((B, T), bool), np.zeros(1, np.float32), False, max_BM, arg_BM,
+                    np.zeros((1, 1), np.int32), np.zeros(1))
+    return update_slots_compiled(table, key.astype(np.float64), max_BM, arg_BM, seq.astype(np.int64), post,
+                                 torch.from_numpy(x).reshape(B * T, -1), row_of_tok)

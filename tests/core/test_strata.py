@@ -23,14 +23,14 @@ def _posts(lm, tokens):
     return {layer: cache[f"blocks.{layer}.mlp.hook_post"].numpy() for layer in LAYERS}
 
 
-def _scan(lm, tokens, gmax, blocks, batch, k, seed, excluded_ids=()):
+def _scan(lm, tokens, gmax, blocks, batch, k, seed, excluded_ids=(), compiled=None):
     """Scan in `blocks` blocks with strata; per row the merged strata, their stratum, and the distribution."""
     edges = np.linspace(0, len(tokens), blocks + 1).round().astype(int)
     specs = []
     for a, b in zip(edges[:-1], edges[1:]):
         spec = Spectrum.empty(strata_intervals(FRACTIONS), len(LAYERS), lm.d_mlp, k, lm.d_model, torch.float32)
         scan_sequences(lm.bridge, tokens[a:b], int(a), LAYERS, 4, torch.float32, batch, "cpu", gmax_LM=gmax,
-                       seed=seed, spectrum=spec, excluded_ids=excluded_ids)
+                       seed=seed, spectrum=spec, excluded_ids=excluded_ids, compiled=compiled)
         specs.append(spec)
     out = []
     for row in range(len(LAYERS)):
@@ -58,11 +58,15 @@ def scanned(tiny_gpt2):
     return lm, tokens, posts, gmax
 
 
+BOOKKEEPING = [pytest.param(True, id="compiled"), pytest.param(False, id="torch")]  # the CPU's and other devices'
+
+
+@pytest.mark.parametrize("compiled", BOOKKEEPING)
 @pytest.mark.parametrize("blocks,batch", [(1, 16), (3, 5)])
-def test_strata_equal_brute_force(scanned, blocks, batch):
+def test_strata_equal_brute_force(scanned, blocks, batch, compiled):
     lm, tokens, posts, gmax = scanned
     k, seed = 3, 11
-    got = _scan(lm, tokens, gmax, blocks, batch, k, seed)
+    got = _scan(lm, tokens, gmax, blocks, batch, k, seed, compiled=compiled)
     S = len(tokens)
     for row, layer in enumerate(LAYERS):
         top, stratum, _ = got[row]
@@ -88,11 +92,12 @@ def test_strata_equal_brute_force(scanned, blocks, batch):
         assert n_full > lm.d_mlp  # most strata are full: the comparison is not between empty tables
 
 
+@pytest.mark.parametrize("compiled", BOOKKEEPING)
 @pytest.mark.parametrize("blocks,batch", [(1, 16), (3, 5)])
-def test_distribution_equals_numpy_histogram(scanned, blocks, batch):
+def test_distribution_equals_numpy_histogram(scanned, blocks, batch, compiled):
     lm, tokens, posts, gmax = scanned
     for row, layer in enumerate(LAYERS):
-        _, _, dist = _scan(lm, tokens, gmax, blocks, batch, 2, 0)[row]
+        _, _, dist = _scan(lm, tokens, gmax, blocks, batch, 2, 0, compiled=compiled)[row]
         a_NM = posts[layer].reshape(-1, lm.d_mlp)
         for j in range(lm.d_mlp):
             a = a_NM[:, j]
@@ -105,7 +110,8 @@ def test_distribution_equals_numpy_histogram(scanned, blocks, batch):
         np.testing.assert_array_equal(dist.max, gmax[row].numpy())
 
 
-def test_excluded_tokens_are_left_out_of_strata_and_distribution(scanned):
+@pytest.mark.parametrize("compiled", BOOKKEEPING)
+def test_excluded_tokens_are_left_out_of_strata_and_distribution(scanned, compiled):
     lm, tokens, posts, gmax = scanned
     tokens = tokens.copy()
     tokens[:, 0] = 5  # a BOS-like leading token
@@ -113,7 +119,7 @@ def test_excluded_tokens_are_left_out_of_strata_and_distribution(scanned):
     posts = _posts(lm, tokens)
     keep = tokens != 5
     gmax = torch.from_numpy(np.stack([posts[layer][keep].max(axis=0) for layer in LAYERS]))  # over the kept tokens
-    _, _, dist = _scan(lm, tokens, gmax, 2, 4, 2, 0, excluded_ids=(5,))[0]
+    _, _, dist = _scan(lm, tokens, gmax, 2, 4, 2, 0, excluded_ids=(5,), compiled=compiled)[0]
     a_NM = posts[0][keep]  # [tokens kept, M]
     assert (posts[0][~keep] > 0).any()  # the excluded tokens would have counted
     for j in range(lm.d_mlp):

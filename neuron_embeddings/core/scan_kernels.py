@@ -1,0 +1,161 @@
+"""The scan's bookkeeping on the CPU, compiled (numba): the same results as core.scan's torch code,
+which stays the path for other devices.
+
+Per batch and layer the torch path runs some twenty memory-bound tensor operations over the
+activations [B, T, M] (per-sequence max, then for the few entrants their positions, windows and
+x rows; with `--strata` a histogram as five more passes and a bincount). Here one pass over the
+activations gives each sequence's max and first argmax (and, with `--strata`, the histogram and
+sum), and the slot tables take their entrants by insertion, one neuron at a time.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+ROWS_PER_COUNT = 8  # activation rows whose bin indices are counted together (see `_count_bins`)
+
+
+@njit(cache=True, nogil=True)
+def _count_bins(idx_RM, n_rows, hist_HM):
+    """Add the bins of `n_rows` rows of bin indices (int8, 0 = not counted) to hist_HM (bin j + 1
+    in row j): one comparison per bin, vectorised along M, R rows at a time."""
+    M = idx_RM.shape[1]
+    for q in range(n_rows, ROWS_PER_COUNT):
+        idx_RM[q, :] = 0
+    for j in range(hist_HM.shape[0]):
+        h = hist_HM[j]
+        jj = np.int8(j + 1)
+        for m in range(M):
+            c = np.int32(0)
+            for q in range(ROWS_PER_COUNT):  # a constant: unrolled, and vectorised along m
+                c += np.int32(idx_RM[q, m] == jj)
+            h[m] += c
+
+
+@njit(cache=True, nogil=True)
+def sequence_maxima(post_BTM, excluded_BT, scale_M, want_hist, max_BM, arg_BM, hist_HM, sum_M):
+    """One pass over a batch's activations (float32 [B, T, M]; positions where excluded_BT != 0
+    are skipped): each sequence's max and its first position (max_BM, arg_BM; -inf and 0 where
+    every position is excluded). With `want_hist`, also each unit's histogram (hist_HM int32
+    [H, M], row j: activations a with j < a * scale <= j + 1, float32; a * scale > H counts in the
+    last bin) and sum (sum_M float64: float32 over a sequence's positions, then float64)."""
+    B, T, M = post_BTM.shape
+    H = hist_HM.shape[0]
+    Hf = np.float32(H)
+    zero = np.float32(0.0)
+    idx_RM = np.zeros((ROWS_PER_COUNT, M), np.int8)
+    acc_M = np.zeros(M, np.float32)
+    filled = 0
+    for b in range(B):
+        mx = max_BM[b]
+        ar = arg_BM[b]
+        mx[:] = -np.inf
+        ar[:] = 0
+        if want_hist:
+            acc_M[:] = zero
+        for t in range(T):
+            if excluded_BT[b, t]:
+                continue
+            row = post_BTM[b, t]
+            for m in range(M):
+                v = row[m]
+                if v > mx[m]:
+                    mx[m] = v
+                    ar[m] = t
+            if want_hist:
+                iq = idx_RM[filled]
+                for m in range(M):
+                    v = row[m]
+                    acc_M[m] += v
+                    s = min(max(v * scale_M[m], zero), Hf)
+                    i = np.int32(s)
+                    iq[m] = np.int8(i + np.int32(np.float32(i) < s))
+                filled += 1
+                if filled == ROWS_PER_COUNT:
+                    _count_bins(idx_RM, filled, hist_HM)
+                    filled = 0
+        if want_hist:
+            for m in range(M):
+                sum_M[m] += np.float64(acc_M[m])
+    if want_hist and filled:
+        _count_bins(idx_RM, filled, hist_HM)
+
+
+@njit(cache=True, nogil=True)
+def merge_candidates(key_BM, act_BM, arg_BM, seq_B, key_MK, act_MK, seq_MK, pos_MK, slot_MK, new_b_MK, new_pos_MK):
+    """Insert one batch's candidates into a slot table (fields [M, K], rank order: key desc, seq
+    asc), in place. The batch's sequences come after the table's, in order, so a candidate enters
+    when its key beats the worst entry's (ties: the earlier sequence stays), and goes after every
+    entry with a key >= its own. An entrant takes the slot of the entry it evicts; new_b_MK and
+    new_pos_MK (by slot, -1 where the slot's entry is not from this batch) say where each slot's
+    entrant came from. Returns the number of slots holding an entrant of this batch."""
+    B, M = key_BM.shape
+    K = key_MK.shape[1]
+    n = 0
+    for m in range(M):
+        kr = key_MK[m]
+        worst = kr[K - 1]
+        for b in range(B):
+            kv = key_BM[b, m]
+            if not kv > worst:  # also NaN and -inf: never entered
+                continue
+            i = K - 1
+            while i > 0 and kr[i - 1] < kv:
+                i -= 1
+            freed = slot_MK[m, K - 1]
+            if new_b_MK[m, freed] < 0:
+                n += 1
+            for j in range(K - 1, i, -1):
+                kr[j] = kr[j - 1]
+                act_MK[m, j] = act_MK[m, j - 1]
+                seq_MK[m, j] = seq_MK[m, j - 1]
+                pos_MK[m, j] = pos_MK[m, j - 1]
+                slot_MK[m, j] = slot_MK[m, j - 1]
+            kr[i] = kv
+            act_MK[m, i] = act_BM[b, m]
+            seq_MK[m, i] = seq_B[b]
+            pos_MK[m, i] = arg_BM[b, m]
+            slot_MK[m, i] = freed
+            new_b_MK[m, freed] = b
+            new_pos_MK[m, freed] = arg_BM[b, m]
+            worst = kr[K - 1]
+    return n
+
+
+@njit(cache=True, nogil=True)
+def entrant_tokens(new_b_MK, new_pos_MK, T, row_of_tok, first_row, tokens_out):
+    """Give each entrant's token (b * T + pos) not yet in the pool (row_of_tok[tok] < 0) the next
+    pool row, first_row on: row_of_tok[tok] = that row, the token into tokens_out. Returns how many
+    tokens are new."""
+    M, K = new_b_MK.shape
+    n = 0
+    for m in range(M):
+        for s in range(K):
+            b = new_b_MK[m, s]
+            if b < 0:
+                continue
+            tok = b * T + new_pos_MK[m, s]
+            if row_of_tok[tok] < 0:
+                row_of_tok[tok] = first_row + n
+                tokens_out[n] = tok
+                n += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def fill_entrants(new_b_MK, new_pos_MK, row_of_tok, post_BTM, before, xref_MK, win_MKW):
+    """Point each entrant's slot at its token's pool row and copy its activation window (positions
+    pos - before .., NaN past either end of the sequence)."""
+    M, K = new_b_MK.shape
+    T = post_BTM.shape[1]
+    W = win_MKW.shape[2]
+    for m in range(M):
+        for s in range(K):
+            b = new_b_MK[m, s]
+            if b < 0:
+                continue
+            pos = new_pos_MK[m, s]
+            xref_MK[m, s] = row_of_tok[b * T + pos]
+            for w in range(W):
+                t = pos - before + w
+                win_MKW[m, s, w] = post_BTM[b, t, m] if 0 <= t < T else np.nan
