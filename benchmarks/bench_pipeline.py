@@ -383,7 +383,7 @@ def _markers(store: Path, stage: str) -> list[tuple[float, float, dict]]:
 
 
 def stage_times(store: Path, t_start: float, t_end: float) -> dict:
-    st = {s: _markers(store, s) for s in ("prepare", "scan", "embed", "cluster", "centroids", "similar")}
+    st = {s: _markers(store, s) for s in ("prepare", "scan", "embed", "cluster", "centroids", "logits", "similar")}
 
     def span(ms):
         return (min(e - s for e, s, _ in ms), max(e for e, _, _ in ms)) if ms else (None, None)
@@ -394,7 +394,8 @@ def stage_times(store: Path, t_start: float, t_end: float) -> dict:
     clu_start, clu_end = span(st["cluster"])
     cen_start, cen_end = span(st["centroids"])
     sim_start, sim_end = span(st["similar"])
-    shard_end = max(x for x in (scan_end, emb_end, clu_end, cen_end) if x is not None)
+    _, log_end = span(st["logits"])
+    shard_end = max(x for x in (scan_end, emb_end, clu_end, cen_end, log_end) if x is not None)
     last = max(x for x in (shard_end, sim_end) if x is not None)
     r = {
         "units": {s: len(v) for s, v in st.items()},
@@ -405,6 +406,8 @@ def stage_times(store: Path, t_start: float, t_end: float) -> dict:
         "scan_span": round(scan_end - scan_start, 3),
         "scan_work_seconds": round(sum(s for _, s, _ in st["scan"]), 3),
         "scan_model_seconds": round(sum(float(rec.get("model_seconds", 0)) for _, _, rec in st["scan"]), 3),
+        "scan_bookkeeping_seconds": round(sum(float(rec.get("bookkeeping_seconds", 0)) for _, _, rec in st["scan"]), 3),
+        "logits_work_seconds": round(sum(s for _, s, _ in st["logits"]), 3),
         "embed_span": round(emb_end - emb_start, 3) if emb_end else None,
         "embed_work_seconds": round(sum(s for _, s, _ in st["embed"]), 3),
         "cluster_span": round(clu_end - clu_start, 3) if clu_end else None,

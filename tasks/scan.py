@@ -29,12 +29,12 @@ def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16
         if s.strata:
             spectrum = Spectrum.empty(strata_intervals(s.strata), len(s.layers), b.units.n_units, s.strata_k,
                                       b.units.d_input, emb_dtype, b.lm.device, st.window(store))
-        t0 = time.perf_counter()
+        t0, timings = time.perf_counter(), {}
         tables = scan_sequences(b.lm.bridge, tokens, block["start"], list(s.layers), s.k, emb_dtype, batch_size,
                                 b.lm.device, mode="top" if s.band_fraction is None else "band", gmax_LM=gmax,
                                 fraction=s.band_fraction, seed=s.seed, progress=b.report,
                                 window=st.window(store), units=b.units,
-                                excluded_ids=s.excluded_token_ids, spectrum=spectrum)
+                                excluded_ids=s.excluded_token_ids, spectrum=spectrum, timings=timings)
         t_model = time.perf_counter() - t0
         for row, table in enumerate(tables):  # layer by layer: one layer's x table at a time
             tables[row] = None
@@ -48,7 +48,8 @@ def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16
                 del strata
         if spectrum is not None:
             st.write_block_count(store, block["index"], spectrum.count)
-        return {"sequences": len(tokens), "tokens": int(tokens.size), "model_seconds": round(t_model, 3)}
+        return {"sequences": len(tokens), "tokens": int(tokens.size), "model_seconds": round(t_model, 3),
+                "bookkeeping_seconds": round(timings["bookkeeping_seconds"], 3)}
 
     return run_unit(out, "scan", block_id(block["index"]), work)
 

@@ -62,7 +62,7 @@ def _merge(best: tuple | None, vals: torch.Tensor, toks: torch.Tensor, k: int, l
     return v, toks.gather(1, i)
 
 
-def logit_effects(rows_MD: torch.Tensor, W_U_DV: torch.Tensor, k: int = 10, chunk: int = 8192
+def logit_effects(rows_MD: torch.Tensor, W_U_DV: torch.Tensor, k: int = 10, chunk: int = 16384
                   ) -> dict[str, np.ndarray]:
     """Per row w_j of `rows_MD`, the k tokens of largest and of smallest w_j @ W_U (module docstring):
     {"top_tokens", "bottom_tokens": int32 [M, k], "top_values", "bottom_values": float32 [M, k]},

@@ -9,6 +9,10 @@ x vector gathered, so the state is O(M * k * D) whatever the number of tokens.
 sequence), among the sequences whose max is at least F times the neuron's dataset maximum (known
 from a first pass): the k smallest hashes are a uniform sample that does not depend on how the
 sequences are split into blocks, batches or shards.
+
+The bookkeeping runs inside the forward, layer by layer. On the CPU it is compiled (core.scan_kernels:
+one pass over the activations, tables merged by insertion); elsewhere it is the torch code here
+(`batch_candidates`, `update_slots`, `add_distribution`). Both give the same tables (tested).
 """
 from __future__ import annotations
 
@@ -543,7 +547,7 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
                    gmax_LM: torch.Tensor | None = None, fraction: float | None = None, seed: int = 0,
                    progress=None, window: tuple[int, int] = (0, 0), units: UnitSource | None = None,
                    excluded_ids: tuple[int, ...] = (), spectrum: Spectrum | None = None,
-                   compiled: bool | None = None) -> list[SlotTable] | torch.Tensor:
+                   compiled: bool | None = None, timings: dict | None = None) -> list[SlotTable] | torch.Tensor:
     """Run the model over tokens (sequence indices seq_start + row) and return one SlotTable per
     layer, or for mode="max" the per-unit maximum [n_layers, M] (first pass of band selection).
 
@@ -551,7 +555,8 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
     tensors become the activations and x (core.units); the forward stops after the last row's hooks.
     Tokens in `excluded_ids` (e.g. BOS, EOS) are never an example's max token. With `spectrum`
     (mode top or band; needs `gmax_LM`) the strata tables and distributions are filled too.
-    `compiled` (default: on the CPU) runs the bookkeeping through core.scan_kernels, else torch."""
+    `compiled` (default: on the CPU) runs the bookkeeping through core.scan_kernels, else torch.
+    `timings`, where given, gets the seconds spent in the bookkeeping (key "bookkeeping_seconds")."""
     units = units or MLPNeurons.for_bridge(bridge)
     M, D = units.n_units, units.d_input
     need_x = mode != "max"
@@ -565,6 +570,7 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
             XPool.share([tables[row], *spectrum.tables[row]])
         scale_LM = torch.stack([histogram_scale(gmax_LM[row]) for row in range(len(layers))]).to(device)
     state: dict = {}
+    spent = [0.0]  # seconds in the bookkeeping
     threads = torch.get_num_threads()  # the forward's
 
     def on_tap(row: int, layer: int, name: str, last: str):
@@ -575,7 +581,9 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
                 captured = {n: state.pop(("captured", row, n)) for n in taps}
                 post, x = units.read(captured, layer, need_x)
                 del captured
+                t0 = time.perf_counter()
                 bookkeeping(row, layer, post, x)  # now: this row's tensors are freed before the next runs
+                spent[0] += time.perf_counter() - t0
         return fn
 
     def bookkeeping(row: int, layer: int, post: torch.Tensor, x: torch.Tensor | None) -> None:
@@ -656,4 +664,6 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
             run_until(bridge, ids, hooks)
             if progress is not None:
                 progress(ids.shape[0], time.perf_counter() - t0)
+    if timings is not None:
+        timings["bookkeeping_seconds"] = timings.get("bookkeeping_seconds", 0.0) + spent[0]
     return gmax.cpu() if mode == "max" else tables
