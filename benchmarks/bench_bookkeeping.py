@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     import torch
 
     from neuron_embeddings.core import scan as S
+    from neuron_embeddings.core import scan_kernels as K
     from neuron_embeddings.core.settings import HIST_BINS
 
     torch.set_num_threads(1)
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     def compiled_maxima(hist: bool):
         max_BM, arg_BM = np.empty((B, M), np.float32), np.empty((B, M), np.int64)
         hist_HM = np.zeros((HIST_BINS, M), np.int32) if hist else np.zeros((1, 1), np.int32)
-        S.kernels.sequence_maxima(post_np, ex_np, scale.numpy() if hist else np.zeros(1, np.float32), hist,
+        K.sequence_maxima(post_np, ex_np, scale.numpy() if hist else np.zeros(1, np.float32), hist,
                                   max_BM, arg_BM, hist_HM, np.zeros(M) if hist else np.zeros(1))
         return max_BM, arg_BM
 
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
         p_np = p_i.numpy()
         ex = excluded.numpy()
         max_BM, arg_BM = np.empty((B, M), np.float32), np.empty((B, M), np.int64)
-        S.kernels.sequence_maxima(p_np, ex, np.zeros(1, np.float32), False, max_BM, arg_BM,
+        K.sequence_maxima(p_np, ex, np.zeros(1, np.float32), False, max_BM, arg_BM,
                                   np.zeros((1, 1), np.int32), np.zeros(1))
         x_ND = x_i.reshape(B * T, D).to(torch.float16)
         key = max_BM.astype(np.float64)

@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     import torch
 
     import neuron_embeddings.core.scan as scan_mod
+    import neuron_embeddings.core.scan_kernels as kernels_mod
     from neuron_embeddings.core.models import HOOK_ACTIVATION, load_model
     from neuron_embeddings.core.settings import parse_strata, strata_intervals
 
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     # one pass that finds the maxima and fills the histograms (the compiled path, the CPU's)
     inner = {"strata_update_slots": 0.0, "add_distribution": 0.0, "sequence_maxima": 0.0}
     patched = [(scan_mod, "update_slots"), (scan_mod, "update_slots_compiled"), (scan_mod, "add_distribution"),
-               (scan_mod, "strata_keys"), (scan_mod.kernels, "sequence_maxima")]
+               (scan_mod, "strata_keys"), (kernels_mod, "sequence_maxima")]
     originals = {(mod, name): getattr(mod, name) for mod, name in patched}
     in_strata = {"on": False}
 
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     scan_mod.update_slots_compiled = timed(scan_mod, "update_slots_compiled", "strata_update_slots", strata_only=True)
     scan_mod.add_distribution = timed(scan_mod, "add_distribution", "add_distribution", flag=False)
     scan_mod.strata_keys = timed(scan_mod, "strata_keys", flag=True)
-    scan_mod.kernels.sequence_maxima = timed(scan_mod.kernels, "sequence_maxima", "sequence_maxima", flag=False)
+    kernels_mod.sequence_maxima = timed(kernels_mod, "sequence_maxima", "sequence_maxima", flag=False)
     try:
         t = time.perf_counter()
         scan(gmax=gmax, spectrum=new_spectrum())

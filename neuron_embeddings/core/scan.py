@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from neuron_embeddings.core import scan_kernels as kernels
 from neuron_embeddings.core.models import run_until
 from neuron_embeddings.core.settings import HIST_BINS
 from neuron_embeddings.core.units import MLPNeurons, UnitSource
@@ -36,6 +35,14 @@ MASK32 = 0xFFFFFFFF
 
 
 # --- pure functions ---------------------------------------------------------------------------
+
+def _kernels():
+    """core.scan_kernels, imported on first use (importing numba takes ~0.5 s, and most commands
+    never scan)."""
+    from neuron_embeddings.core import scan_kernels
+
+    return scan_kernels
+
 
 class XPool:
     """MLP inputs [rows, D] (the embedding dtype; row 0 = zeros) that slot tables refer to by row.
@@ -292,6 +299,7 @@ def update_slots_compiled(table: SlotTable, key_BM: np.ndarray, act_BM: np.ndarr
     M, k = table.key.shape
     new_b_MK = np.full((M, k), -1, dtype=np.int64)
     new_pos_MK = np.full((M, k), -1, dtype=np.int64)
+    kernels = _kernels()
     n = kernels.merge_candidates(key_BM, act_BM, arg_BM, seq_B, table.key.numpy(), table.act.numpy(),
                                  table.seq.numpy(), table.pos.numpy(), table.slot.numpy(), new_b_MK, new_pos_MK)
     if n == 0:
@@ -625,7 +633,7 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
             hist_HM, sum_M, scale_M = np.zeros((HIST_BINS, M), np.int32), spectrum.sum[row].numpy(), scale_LM[row].numpy()
         else:
             hist_HM, sum_M, scale_M = np.zeros((1, 1), np.int32), np.zeros(1), np.zeros(1, np.float32)
-        kernels.sequence_maxima(post_BTM, np.zeros((B, T), bool) if excluded_BT is None else excluded_BT.numpy(),
+        _kernels().sequence_maxima(post_BTM, np.zeros((B, T), bool) if excluded_BT is None else excluded_BT.numpy(),
                                 scale_M, spectrum is not None, max_BM, arg_BM, hist_HM, sum_M)
         val = torch.from_numpy(max_BM)
         if mode == "max":

@@ -12,24 +12,27 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-ROWS_PER_COUNT = 8  # activation rows whose bin indices are counted together (see `_count_bins`)
+ROWS_PER_COUNT = 8  # activation rows whose bin indices are counted together (see `_count_bins`; < 128: int8 counts)
 
 
 @njit(cache=True, nogil=True)
-def _count_bins(idx_RM, n_rows, hist_HM):
+def _count_bins(idx_RM, n_rows, hist_HM, count_M):
     """Add the bins of `n_rows` rows of bin indices (int8, 0 = not counted) to hist_HM (bin j + 1
-    in row j): one comparison per bin, vectorised along M, R rows at a time."""
+    in row j): per bin, one comparison per row vectorised along M on int8 lanes into count_M
+    (int8 scratch [M]), then added to the histogram."""
     M = idx_RM.shape[1]
     for q in range(n_rows, ROWS_PER_COUNT):
         idx_RM[q, :] = 0
     for j in range(hist_HM.shape[0]):
         h = hist_HM[j]
         jj = np.int8(j + 1)
+        count_M[:] = 0
+        for q in range(ROWS_PER_COUNT):
+            r = idx_RM[q]
+            for m in range(M):
+                count_M[m] += np.int8(r[m] == jj)
         for m in range(M):
-            c = np.int32(0)
-            for q in range(ROWS_PER_COUNT):  # a constant: unrolled, and vectorised along m
-                c += np.int32(idx_RM[q, m] == jj)
-            h[m] += c
+            h[m] += count_M[m]
 
 
 @njit(cache=True, nogil=True)
@@ -44,6 +47,7 @@ def sequence_maxima(post_BTM, excluded_BT, scale_M, want_hist, max_BM, arg_BM, h
     Hf = np.float32(H)
     zero = np.float32(0.0)
     idx_RM = np.zeros((ROWS_PER_COUNT, M), np.int8)
+    count_M = np.zeros(M, np.int8)
     acc_M = np.zeros(M, np.float32)
     filled = 0
     for b in range(B):
@@ -72,13 +76,13 @@ def sequence_maxima(post_BTM, excluded_BT, scale_M, want_hist, max_BM, arg_BM, h
                     iq[m] = np.int8(i + np.int32(np.float32(i) < s))
                 filled += 1
                 if filled == ROWS_PER_COUNT:
-                    _count_bins(idx_RM, filled, hist_HM)
+                    _count_bins(idx_RM, filled, hist_HM, count_M)
                     filled = 0
         if want_hist:
             for m in range(M):
                 sum_M[m] += np.float64(acc_M[m])
     if want_hist and filled:
-        _count_bins(idx_RM, filled, hist_HM)
+        _count_bins(idx_RM, filled, hist_HM, count_M)
 
 
 @njit(cache=True, nogil=True)
