@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +44,28 @@ def _kernels():
     from neuron_embeddings.core import scan_kernels
 
     return scan_kernels
+
+
+_SPLIT_POOL: list = [None]  # the threads `over_units` hands its other ranges to, created on first use
+_SPLIT_LOCK = threading.Lock()
+MIN_SPLIT_UNITS = 256  # fewer units per range and handing them over costs more than it saves
+
+
+def over_units(parts: int, kernel, M: int, *args) -> list:
+    """`kernel(*args, m0, m1)` over the units 0..M-1 in `parts` contiguous ranges at once (the
+    compiled kernels release the GIL; the first range runs on this thread): their results, in
+    order. The forward's threads idle during the bookkeeping, so on the CPU it takes them all."""
+    parts = max(1, min(parts, M // MIN_SPLIT_UNITS))
+    if parts == 1:
+        return [kernel(*args, 0, M)]
+    bounds = [M * i // parts for i in range(parts + 1)]
+    with _SPLIT_LOCK:
+        if _SPLIT_POOL[0] is None or _SPLIT_POOL[0]._max_workers < parts - 1:
+            _SPLIT_POOL[0] = ThreadPoolExecutor(parts - 1, thread_name_prefix="ne-bookkeeping")
+        pool = _SPLIT_POOL[0]
+    futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    first = kernel(*args, bounds[0], bounds[1])
+    return [first] + [f.result() for f in futures]
 
 
 class XPool:
@@ -288,20 +312,22 @@ def update_slots(table: SlotTable, key_BM: torch.Tensor, act_BM: torch.Tensor, p
 
 def update_slots_compiled(table: SlotTable, key_BM: np.ndarray, act_BM: np.ndarray, arg_BM: np.ndarray,
                           seq_B: np.ndarray, post_BTM: np.ndarray, x_ND: torch.Tensor,
-                          row_of_tok: np.ndarray | None = None) -> int:
+                          row_of_tok: np.ndarray | None = None, parts: int = 1) -> int:
     """`update_slots` on the CPU through core.scan_kernels, with each candidate's max position
     (arg_BM, from `sequence_maxima`) known: the same table, entry for entry (slots may differ).
     key_BM float64, act_BM float32, seq_B int64, post_BTM float32 [B, T, M], x_ND the batch's MLP
     inputs as rows [B * T, D] in the pool's dtype. `row_of_tok` (int64 [B * T], -1 where not yet
     in the pool) lets the tables sharing a pool store each of the batch's tokens once; whoever
-    passes it has reserved B * T rows first, so no compaction renumbers them midway. Returns how
-    many slots took an entrant of this batch."""
+    passes it has reserved B * T rows first, so no compaction renumbers them midway. The merge and
+    the fill run on `parts` threads (`over_units`). Returns how many slots took an entrant of this
+    batch."""
     M, k = table.key.shape
     new_b_MK = np.full((M, k), -1, dtype=np.int64)
     new_pos_MK = np.full((M, k), -1, dtype=np.int64)
     kernels = _kernels()
-    n = kernels.merge_candidates(key_BM, act_BM, arg_BM, seq_B, table.key.numpy(), table.act.numpy(),
-                                 table.seq.numpy(), table.pos.numpy(), table.slot.numpy(), new_b_MK, new_pos_MK)
+    n = sum(over_units(parts, kernels.merge_candidates, M, key_BM, act_BM, arg_BM, seq_B, table.key.numpy(),
+                       table.act.numpy(), table.seq.numpy(), table.pos.numpy(), table.slot.numpy(), new_b_MK,
+                       new_pos_MK))
     if n == 0:
         return 0
     B, T = post_BTM.shape[:2]
@@ -315,7 +341,8 @@ def update_slots_compiled(table: SlotTable, key_BM: np.ndarray, act_BM: np.ndarr
         compactions = pool.compactions
         pool.take_rows(x_ND, torch.from_numpy(tokens[:n_tok]))
         assert pool.compactions == compactions, "the pool was not reserved for the batch"
-    kernels.fill_entrants(new_b_MK, new_pos_MK, row_of_tok, post_BTM, table.before, table.xref.numpy(), table.win.numpy())
+    over_units(parts, kernels.fill_entrants, M, new_b_MK, new_pos_MK, row_of_tok, post_BTM, table.before,
+               table.xref.numpy(), table.win.numpy())
     return n
 
 
@@ -623,7 +650,8 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
 
     def bookkeeping_compiled(row: int, layer: int, post: torch.Tensor, x: torch.Tensor | None) -> None:
         """`bookkeeping` through core.scan_kernels (the CPU): one pass over the activations finds
-        each sequence's max and its position (and fills the histogram), then each table merges."""
+        each sequence's max and its position (and fills the histogram), then each table merges;
+        the passes over units run on the forward's threads, which idle meanwhile (`over_units`)."""
         post_BTM = post.float().contiguous().numpy()  # a copy only for a reduced-precision forward
         B, T, _ = post_BTM.shape
         excluded_BT = state["excluded"]
@@ -633,8 +661,9 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
             hist_HM, sum_M, scale_M = np.zeros((HIST_BINS, M), np.int32), spectrum.sum[row].numpy(), scale_LM[row].numpy()
         else:
             hist_HM, sum_M, scale_M = np.zeros((1, 1), np.int32), np.zeros(1), np.zeros(1, np.float32)
-        _kernels().sequence_maxima(post_BTM, np.zeros((B, T), bool) if excluded_BT is None else excluded_BT.numpy(),
-                                scale_M, spectrum is not None, max_BM, arg_BM, hist_HM, sum_M)
+        over_units(threads, _kernels().sequence_maxima, M, post_BTM,
+                   np.zeros((B, T), bool) if excluded_BT is None else excluded_BT.numpy(),
+                   scale_M, spectrum is not None, max_BM, arg_BM, hist_HM, sum_M)
         val = torch.from_numpy(max_BM)
         if mode == "max":
             gmax[row] = torch.maximum(gmax[row], val.max(dim=0).values)
@@ -647,11 +676,11 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
             key_BM = max_BM.astype(np.float64)
         else:
             key_BM = band_keys(val, gmax_LM[row], fraction, seed, layer, neurons, state["seq"]).numpy()
-        update_slots_compiled(tables[row], key_BM, max_BM, arg_BM, seq_B, post_BTM, x_ND, row_of_tok)
+        update_slots_compiled(tables[row], key_BM, max_BM, arg_BM, seq_B, post_BTM, x_ND, row_of_tok, threads)
         if spectrum is not None:
             keys = strata_keys(val, gmax_LM[row], spectrum.intervals, seed, layer, neurons, state["seq"])
             for table, key in zip(spectrum.tables[row], keys):
-                update_slots_compiled(table, key.numpy(), max_BM, arg_BM, seq_B, post_BTM, x_ND, row_of_tok)
+                update_slots_compiled(table, key.numpy(), max_BM, arg_BM, seq_B, post_BTM, x_ND, row_of_tok, threads)
             spectrum.hist[row] += torch.from_numpy(hist_HM.T)
             if row == 0:
                 spectrum.count += B * T - (0 if excluded_BT is None else int(excluded_BT.sum()))

@@ -6,6 +6,9 @@ activations [B, T, M] (per-sequence max, then for the few entrants their positio
 x rows; with `--strata` a histogram as five more passes and a bincount). Here one pass over the
 activations gives each sequence's max and first argmax (and, with `--strata`, the histogram and
 sum), and the slot tables take their entrants by insertion, one neuron at a time.
+
+Every kernel works on the units m0 <= m < m1 only and releases the GIL, so a caller can run
+disjoint ranges of units on several threads at once (core.scan: `over_units`).
 """
 from __future__ import annotations
 
@@ -16,87 +19,93 @@ ROWS_PER_COUNT = 8  # activation rows whose bin indices are counted together (se
 
 
 @njit(cache=True, nogil=True)
-def _count_bins(idx_RM, n_rows, hist_HM, count_M):
-    """Add the bins of `n_rows` rows of bin indices (int8, 0 = not counted) to hist_HM (bin j + 1
-    in row j): per bin, one comparison per row vectorised along M on int8 lanes into count_M
-    (int8 scratch [M]), then added to the histogram."""
-    M = idx_RM.shape[1]
+def _count_bins(idx_RN, n_rows, hist_HM, count_N, m0):
+    """Add the bins of `n_rows` rows of bin indices (int8 [rows, N], 0 = not counted) of units
+    m0..m0+N-1 to hist_HM (bin j + 1 in row j): per bin, one comparison per row vectorised along the
+    units on int8 lanes into count_N (int8 scratch [N]), then added to the histogram."""
+    N = idx_RN.shape[1]
     for q in range(n_rows, ROWS_PER_COUNT):
-        idx_RM[q, :] = 0
+        idx_RN[q, :] = 0
     for j in range(hist_HM.shape[0]):
-        h = hist_HM[j]
+        h = hist_HM[j][m0:m0 + N]
         jj = np.int8(j + 1)
-        count_M[:] = 0
+        count_N[:] = 0
         for q in range(ROWS_PER_COUNT):
-            r = idx_RM[q]
-            for m in range(M):
-                count_M[m] += np.int8(r[m] == jj)
-        for m in range(M):
-            h[m] += count_M[m]
+            r = idx_RN[q]
+            for n in range(N):
+                count_N[n] += np.int8(r[n] == jj)
+        for n in range(N):
+            h[n] += count_N[n]
 
 
 @njit(cache=True, nogil=True)
-def sequence_maxima(post_BTM, excluded_BT, scale_M, want_hist, max_BM, arg_BM, hist_HM, sum_M):
+def sequence_maxima(post_BTM, excluded_BT, scale_M, want_hist, max_BM, arg_BM, hist_HM, sum_M, m0, m1):
     """One pass over a batch's activations (float32 [B, T, M]; positions where excluded_BT != 0
     are skipped): each sequence's max and its first position (max_BM, arg_BM; -inf and 0 where
     every position is excluded). With `want_hist`, also each unit's histogram (hist_HM int32
     [H, M], row j: activations a with j < a * scale <= j + 1, float32; a * scale > H counts in the
-    last bin) and sum (sum_M float64: float32 over a sequence's positions, then float64)."""
-    B, T, M = post_BTM.shape
-    H = hist_HM.shape[0]
-    Hf = np.float32(H)
+    last bin) and sum (sum_M float64: float32 over a sequence's positions, then float64). Units
+    m0..m1-1 only (rows sliced to them: loops over a slice's own indices vectorise, loops from m0
+    to m1 did not)."""
+    B, T, _ = post_BTM.shape
+    N = m1 - m0
+    Hf = np.float32(hist_HM.shape[0])
     zero = np.float32(0.0)
-    idx_RM = np.zeros((ROWS_PER_COUNT, M), np.int8)
-    count_M = np.zeros(M, np.int8)
-    acc_M = np.zeros(M, np.float32)
+    idx_RN = np.zeros((ROWS_PER_COUNT, N), np.int8)
+    count_N = np.zeros(N, np.int8)
+    acc_N = np.zeros(N, np.float32)
+    scale_N = scale_M[m0:m1] if want_hist else scale_M
     filled = 0
     for b in range(B):
-        mx = max_BM[b]
-        ar = arg_BM[b]
+        mx = max_BM[b][m0:m1]
+        ar = arg_BM[b][m0:m1]
         mx[:] = -np.inf
         ar[:] = 0
         if want_hist:
-            acc_M[:] = zero
+            acc_N[:] = zero
         for t in range(T):
             if excluded_BT[b, t]:
                 continue
-            row = post_BTM[b, t]
-            for m in range(M):
-                v = row[m]
-                if v > mx[m]:
-                    mx[m] = v
-                    ar[m] = t
+            row = post_BTM[b, t][m0:m1]
+            for n in range(N):
+                v = row[n]
+                if v > mx[n]:
+                    mx[n] = v
+                    ar[n] = t
             if want_hist:
-                iq = idx_RM[filled]
-                for m in range(M):
-                    v = row[m]
-                    acc_M[m] += v
-                    s = min(max(v * scale_M[m], zero), Hf)
+                iq = idx_RN[filled]
+                for n in range(N):
+                    v = row[n]
+                    acc_N[n] += v
+                    s = min(max(v * scale_N[n], zero), Hf)
                     i = np.int32(s)
-                    iq[m] = np.int8(i + np.int32(np.float32(i) < s))
+                    iq[n] = np.int8(i + np.int32(np.float32(i) < s))
                 filled += 1
                 if filled == ROWS_PER_COUNT:
-                    _count_bins(idx_RM, filled, hist_HM, count_M)
+                    _count_bins(idx_RN, filled, hist_HM, count_N, m0)
                     filled = 0
         if want_hist:
-            for m in range(M):
-                sum_M[m] += np.float64(acc_M[m])
+            sm = sum_M[m0:m1]
+            for n in range(N):
+                sm[n] += np.float64(acc_N[n])
     if want_hist and filled:
-        _count_bins(idx_RM, filled, hist_HM, count_M)
+        _count_bins(idx_RN, filled, hist_HM, count_N, m0)
 
 
 @njit(cache=True, nogil=True)
-def merge_candidates(key_BM, act_BM, arg_BM, seq_B, key_MK, act_MK, seq_MK, pos_MK, slot_MK, new_b_MK, new_pos_MK):
+def merge_candidates(key_BM, act_BM, arg_BM, seq_B, key_MK, act_MK, seq_MK, pos_MK, slot_MK, new_b_MK, new_pos_MK,
+                     m0, m1):
     """Insert one batch's candidates into a slot table (fields [M, K], rank order: key desc, seq
     asc), in place. The batch's sequences come after the table's, in order, so a candidate enters
     when its key beats the worst entry's (ties: the earlier sequence stays), and goes after every
     entry with a key >= its own. An entrant takes the slot of the entry it evicts; new_b_MK and
     new_pos_MK (by slot, -1 where the slot's entry is not from this batch) say where each slot's
-    entrant came from. Returns the number of slots holding an entrant of this batch."""
-    B, M = key_BM.shape
+    entrant came from. Units m0..m1-1 only; returns their number of slots holding an entrant of
+    this batch."""
+    B = key_BM.shape[0]
     K = key_MK.shape[1]
     n = 0
-    for m in range(M):
+    for m in range(m0, m1):
         kr = key_MK[m]
         worst = kr[K - 1]
         for b in range(B):
@@ -147,13 +156,13 @@ def entrant_tokens(new_b_MK, new_pos_MK, T, row_of_tok, first_row, tokens_out):
 
 
 @njit(cache=True, nogil=True)
-def fill_entrants(new_b_MK, new_pos_MK, row_of_tok, post_BTM, before, xref_MK, win_MKW):
+def fill_entrants(new_b_MK, new_pos_MK, row_of_tok, post_BTM, before, xref_MK, win_MKW, m0, m1):
     """Point each entrant's slot at its token's pool row and copy its activation window (positions
-    pos - before .., NaN past either end of the sequence)."""
-    M, K = new_b_MK.shape
+    pos - before .., NaN past either end of the sequence). Units m0..m1-1 only."""
+    K = new_b_MK.shape[1]
     T = post_BTM.shape[1]
     W = win_MKW.shape[2]
-    for m in range(M):
+    for m in range(m0, m1):
         for s in range(K):
             b = new_b_MK[m, s]
             if b < 0:

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from neuron_embeddings.core.models import load_model
-from neuron_embeddings.core.scan import (SlotTable, XPool, band_priority, merge_blocks, neuron_embeddings, rank_order, scan_sequences,
-                                         update_slots, update_slots_compiled)
+from neuron_embeddings.core.scan import (MIN_SPLIT_UNITS, SlotTable, XPool, band_priority, histogram_scale, merge_blocks,
+                                         neuron_embeddings, over_units, rank_order, scan_sequences, update_slots,
+                                         update_slots_compiled)
 from neuron_embeddings.core.scan_kernels import sequence_maxima
 
 
@@ -236,6 +237,39 @@ def test_slot_table_nbytes_is_what_a_full_table_holds(dtype):
     assert t.pool.data.shape == full.pool.data.shape
 
 
+def test_bookkeeping_split_over_threads_equals_one_thread():
+    """The kernels run on several threads over disjoint ranges of units (`over_units`, the scan's
+    setting with the forward's threads): maxima, positions, histogram, sums and every table field
+    equal one thread's, bit for bit, batch after batch."""
+    rng = np.random.default_rng(3)
+    B, T, M, D, k = 6, 9, 3 * MIN_SPLIT_UNITS + 5, 4, 3
+    excluded = np.zeros((B, T), bool)
+    excluded[:, 0] = True
+    scale = histogram_scale(torch.full((M,), 3.0)).numpy()
+    tables = {parts: SlotTable.empty(M, k, D, torch.float32, "cpu", (2, 2)) for parts in (1, 3)}
+    for i in range(4):
+        post = rng.standard_normal((B, T, M)).astype(np.float32)
+        x = torch.from_numpy(rng.standard_normal((B * T, D)).astype(np.float32))
+        seq = np.arange(i * B, (i + 1) * B, dtype=np.int64)
+        got = {}
+        for parts, table in tables.items():
+            out = (np.empty((B, M), np.float32), np.empty((B, M), np.int64), np.zeros((20, M), np.int32), np.zeros(M))
+            ranges = over_units(parts, sequence_maxima, M, post, excluded, scale, True, *out)
+            assert len(ranges) == parts
+            n = update_slots_compiled(table, out[0].astype(np.float64), out[0], out[1], seq, post, x, parts=parts)
+            got[parts] = (*out, n)
+        for a, b in zip(got[1], got[3]):
+            np.testing.assert_array_equal(a, b)
+        assert got[1][2].sum() == (post[:, 1:] > 0).sum()  # each positive activation in one bin
+    one, split = tables[1], tables[3]
+    for name in ("key", "act", "seq", "pos"):
+        torch.testing.assert_close(getattr(one, name), getattr(split, name), rtol=0, atol=0)
+    for name in ("x", "win"):
+        field = lambda t: (t.x if name == "x" else t.win)  # noqa: E731
+        ranked = lambda t: torch.gather(field(t), 1, t.slot[..., None].expand(*t.slot.shape, field(t).shape[-1]))  # noqa: E731
+        torch.testing.assert_close(ranked(one), ranked(split), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("mode", ["top", "band"])
 def test_compiled_and_torch_bookkeeping_give_the_same_tables(scanned, mode):
     """Entry for entry (rank order), with activation windows and excluded tokens: the compiled
@@ -304,6 +338,6 @@ def _update_keyed(table, key, post, seq, x, compiled, row_of_tok=None):
                             torch.from_numpy(seq), torch.from_numpy(x))
     max_BM, arg_BM = np.empty((B, M), np.float32), np.empty((B, M), np.int64)
     sequence_maxima(post, np.zeros((B, T), bool), np.zeros(1, np.float32), False, max_BM, arg_BM,
-                    np.zeros((1, 1), np.int32), np.zeros(1))
+                    np.zeros((1, 1), np.int32), np.zeros(1), 0, M)
     return update_slots_compiled(table, key.astype(np.float64), max_BM, arg_BM, seq.astype(np.int64), post,
                                  torch.from_numpy(x).reshape(B * T, -1), row_of_tok)
