@@ -10,23 +10,24 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from neuron_embeddings.core.logits import logit_effects
+from neuron_embeddings.core.logits import finite_columns, logit_effects
 from neuron_embeddings.core.models import resolve_device
 from neuron_embeddings.storage import schema
 from neuron_embeddings.storage import store as st
 from neuron_embeddings.tasks.common import run_unit
 
-_UNEMBED: dict[tuple, torch.Tensor] = {}  # one store's W_U per process: (store, identity, device) -> W_U
+_UNEMBED: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (store, identity, device) -> W_U, ids
 _LOCK = threading.Lock()
 
 
-def unembedding_on(store: st.Store, device: str) -> torch.Tensor:
-    """The store's weights/W_U on `device`, read once per process (and store) and shared by its shards."""
+def unembedding_on(store: st.Store, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The store's weights/W_U on `device` without its non-finite columns, and their token ids
+    (`finite_columns`), read once per process (and store) and shared by its shards."""
     key = (store.url, store.identity(), device)
     with _LOCK:
         if key not in _UNEMBED:
             _UNEMBED.clear()  # one at a time: ~150 MB for GPT-2
-            _UNEMBED[key] = torch.from_numpy(st.read_unembedding(store)).to(device)
+            _UNEMBED[key] = finite_columns(torch.from_numpy(st.read_unembedding(store)).to(device))
         return _UNEMBED[key]
 
 
@@ -37,8 +38,8 @@ def logits_shard(out: str, shard: dict, device: str = "auto", batch_size: int = 
         if not st.has_logits(store):
             return {"neurons": 0}
         region = (shard["row"], slice(shard["start"], shard["stop"]))
-        w_u = unembedding_on(store, resolve_device(device))
-        effects = logit_effects(torch.from_numpy(st.read_output_rows(store, region)), w_u, schema.N_LOGITS)
+        w_u, ids = unembedding_on(store, resolve_device(device))
+        effects = logit_effects(torch.from_numpy(st.read_output_rows(store, region)), w_u, schema.N_LOGITS, ids_V=ids)
         st.write_logits(store, region, effects)
         return {"neurons": shard["stop"] - shard["start"]}
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuron_embeddings.core.logits import logit_effects, to_vocab
+from neuron_embeddings.core.logits import finite_columns, logit_effects, to_vocab
 
 
 def _brute(rows: np.ndarray, w_u: np.ndarray, k: int) -> dict[str, np.ndarray]:
@@ -16,12 +16,16 @@ def _brute(rows: np.ndarray, w_u: np.ndarray, k: int) -> dict[str, np.ndarray]:
             "bottom_tokens": valid[bottom], "bottom_values": np.take_along_axis(v, bottom, 1)}
 
 
+SELECTION = [pytest.param(True, id="compiled"), pytest.param(False, id="torch")]  # the CPU's and other devices'
+
+
+@pytest.mark.parametrize("compiled", SELECTION)
 @pytest.mark.parametrize("chunk", [7, 64, 10_000])
-def test_top_and_bottom_tokens_are_the_argsort_for_any_chunk(chunk):
+def test_top_and_bottom_tokens_are_the_argsort_for_any_chunk(chunk, compiled):
     rng = np.random.default_rng(0)
     rows, w_u = rng.normal(size=(13, 16)).astype(np.float32), rng.normal(size=(16, 300)).astype(np.float32)
     w_u[:, [5, 200]] = np.nan  # tokens the model has no column for: never ranked
-    got = logit_effects(torch.from_numpy(rows), torch.from_numpy(w_u), k=10, chunk=chunk)
+    got = logit_effects(torch.from_numpy(rows), torch.from_numpy(w_u), k=10, chunk=chunk, compiled=compiled)
     want = _brute(rows, w_u, 10)
     for name in ("top_tokens", "bottom_tokens"):
         assert got[name].dtype == np.int32 and np.array_equal(got[name], want[name]), name
@@ -31,10 +35,26 @@ def test_top_and_bottom_tokens_are_the_argsort_for_any_chunk(chunk):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
 
 
-def test_fewer_tokens_than_ranks_are_padded():
-    got = logit_effects(torch.ones(2, 3), torch.tensor([[1.0, 2.0, float("nan")]] * 3), k=4)
+@pytest.mark.parametrize("compiled", SELECTION)
+def test_fewer_tokens_than_ranks_are_padded(compiled):
+    got = logit_effects(torch.ones(2, 3), torch.tensor([[1.0, 2.0, float("nan")]] * 3), k=4, compiled=compiled)
     assert got["top_tokens"].tolist() == [[1, 0, -1, -1]] * 2 and got["bottom_tokens"].tolist() == [[0, 1, -1, -1]] * 2
     assert np.isnan(got["top_values"][:, 2:]).all() and got["top_values"][0, :2].tolist() == [6.0, 3.0]
+
+
+@pytest.mark.parametrize("compiled", SELECTION)
+def test_finite_columns_given_once_equal_finding_them_per_call(compiled):
+    """The stage finds W_U's finite columns once per process and passes them with their ids."""
+    rng = np.random.default_rng(1)
+    rows, w_u = torch.from_numpy(rng.normal(size=(5, 8)).astype(np.float32)), torch.from_numpy(
+        rng.normal(size=(8, 50)).astype(np.float32))
+    w_u[:, [0, 17, 49]] = float("nan")
+    kept, ids = finite_columns(w_u)
+    assert kept.shape == (8, 47) and not np.isin(ids.numpy(), [0, 17, 49]).any()
+    once, per_call = (logit_effects(rows, kept, 4, 16, ids_V=ids, compiled=compiled),
+                      logit_effects(rows, w_u, 4, 16, compiled=compiled))
+    for name in once:
+        np.testing.assert_array_equal(once[name], per_call[name])
 
 
 def test_to_vocab_drops_padding_and_marks_missing_tokens():
