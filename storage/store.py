@@ -79,6 +79,7 @@ class Store:
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self._group = None
         self._writer = None  # the recording Zarr store writes go through (one per Store)
+        self._arrays: dict[tuple, zarr.Array] = {}  # (id of the group, path) -> array, opened once
         parent, _, name = self.root.rpartition("/")
         self.state = f"{parent}/.{name}.state"  # markers, progress, explorer caches (not Zarr data)
         self._identity: str | None = None
@@ -97,7 +98,9 @@ class Store:
                 if self._writer is None:
                     base = LocalStore(self.root) if self.local else FsspecStore.from_url(self.url)
                     self._writer = _RecordingStore(base)
-                self._group = zarr.open_group(self._writer, mode="r+")
+                if self._group is None or self._group.store is not self._writer:  # once per Store object
+                    # each array's own metadata, never a consolidated copy (~10 ms to parse on a finished store)
+                    self._group = zarr.open_group(self._writer, mode="r+", use_consolidated=False)
             elif self._group is None:
                 self._group = zarr.open_group(self._zarr_target(), mode=mode)
         except FileNotFoundError:  # no store there (zarr's GroupNotFoundError is also a ValueError)
@@ -128,8 +131,14 @@ class Store:
         """Whether the store's units are gated MLP neurons (weights/W_gate, embeddings [x*W_gate ; x*W_in])."""
         return bool(self.attrs.get("gated", False))
 
-    def array(self, name: str | schema.ArraySpec) -> zarr.Array:
-        return self.group("r")[_path(name)]
+    def array(self, name: str | schema.ArraySpec, write: bool = False) -> zarr.Array:
+        """An array of the store (opened once per Store object and group; `write`: through the
+        recorder, for writes)."""
+        g = self.group("r+" if write else "r")
+        key = (id(g), _path(name))
+        if key not in self._arrays:
+            self._arrays[key] = g[key[1]]
+        return self._arrays[key]
 
     # the state directory: tied to the store by its identity, so that the state of a deleted store
     # is never taken for a new store's at the same path
@@ -524,8 +533,7 @@ def write(store: Store, name: str | schema.ArraySpec, sel: tuple, data: np.ndarr
 def write_many(store: Store, sel: tuple, arrays: dict) -> None:
     """Write the same chunk-aligned region of several arrays, concurrently (one round trip to
     Zarr's I/O loop; chunk encoding and file writes overlap). Returns when every write is done."""
-    g = store.group("r+")
-    targets = [(g[_path(name)], data) for name, data in arrays.items()]
+    targets = [(store.array(name, write=True), data) for name, data in arrays.items()]
     for a, _ in targets:
         _check_aligned(a, sel)
     try:
@@ -627,14 +635,13 @@ def read_block_strata(store: Store, region: tuple) -> dict[str, np.ndarray]:
 def scratch_keys(store: Store, region: tuple) -> list[str]:
     """Chunk keys (relative to the store) of the scan's partial tables of every block for one
     shard's region (row, neuron slice): what the embed stage reads and nothing else does."""
-    g = store.group("r")
     row, neurons = region
     keys = []
     specs = list(schema.SCAN.values())
     if store.attrs.get("strata"):
         specs += [*schema.SCAN_STRATA.values(), schema.SCAN_HIST, schema.SCAN_SUM]
     for spec in specs:
-        a = g[spec.path]
+        a = store.array(spec)
         rest = (0,) * (a.ndim - 3)  # example (and d_model / window): whole
         for b in range(a.shape[0]):
             keys.append(f"{spec.path}/{a.metadata.encode_chunk_key((b, row, neurons.start // a.chunks[2], *rest))}")

@@ -546,21 +546,30 @@ def merge_distribution(hist_NSH: np.ndarray, sum_NS: np.ndarray, count_N: np.nda
     return Distribution(hist, positive, mean, np.where(np.isfinite(max_S), max_S, np.nan).astype(np.float32))
 
 
-def neuron_embeddings(x_SKD: np.ndarray, w_ES: np.ndarray, dtype: str) -> np.ndarray:
+def neuron_embeddings(x_SKD: np.ndarray, w_ES: np.ndarray, dtype: str, chunk: int = 16) -> np.ndarray:
     """e[s, i] = [x[s, i] ; x[s, i] ; ...] ⊙ W[:, s]  ->  [S, k, E] in `dtype` (computed in float32).
 
     W holds the unit's input weight vectors stacked (E = n x D): W_in (E = D) for plain MLP neurons
     and SAE features, [W_gate ; W_in] (E = 2D) for gated MLP neurons, whose embedding is then
-    [x ⊙ w_gate ; x ⊙ w_in]."""
+    [x ⊙ w_gate ; x ⊙ w_in]. `chunk` units at a time, each product into one float32 scratch that
+    stays in cache and is cast into its part of the result (4x faster than whole-shard tensors)."""
+    S, K, D = x_SKD.shape
+    E = w_ES.shape[0]
+    reps = E // D
+    assert reps * D == E, f"weights of width {E} for x of width {D}"
     with torch_threads(1):  # torch casts to float16 ~1.7x faster than NumPy; small ops: one thread
         w_SE = torch.from_numpy(np.ascontiguousarray(w_ES.T, dtype=np.float32))
-        x = torch.from_numpy(x_SKD).float()
-        reps = w_SE.shape[1] // x.shape[-1]
-        assert reps * x.shape[-1] == w_SE.shape[1], f"weights of width {w_SE.shape[1]} for x of width {x.shape[-1]}"
-        if reps > 1:
-            x = x.repeat(1, 1, reps)
-        e = x * w_SE[:, None, :]
-        return e.to(getattr(torch, dtype)).numpy()
+        x = torch.from_numpy(np.ascontiguousarray(x_SKD))
+        out = torch.empty((S, K, E), dtype=getattr(torch, dtype))
+        scratch = torch.empty((min(chunk, S), K, D), dtype=torch.float32)
+        for a in range(0, S, chunk):
+            b = min(a + chunk, S)
+            x_cKD = x[a:b].float()
+            for r in range(reps):
+                part = scratch[: b - a]
+                torch.mul(x_cKD, w_SE[a:b, None, r * D:(r + 1) * D], out=part)
+                out[a:b, :, r * D:(r + 1) * D].copy_(part)
+        return out.numpy()
 
 
 # --- the forward pass -------------------------------------------------------------------------

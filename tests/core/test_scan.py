@@ -190,13 +190,19 @@ def test_scan_stops_after_last_requested_layer(scanned):
     assert seen == []  # layer 1 never ran
 
 
-def test_embedding_is_elementwise_product():
+@pytest.mark.parametrize("reps,dtype", [(1, "float32"), (2, "float32"), (2, "float16")])
+def test_embedding_is_elementwise_product(reps, dtype):
+    """Plain (W_in) and gated ([W_gate ; W_in]) units, over several chunks of units and a partial
+    one: each unit's x times its weights, computed in float32, then cast."""
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(3, 4, 5)).astype(np.float32)
-    w = rng.normal(size=(5, 3)).astype(np.float32)
-    e = neuron_embeddings(x, w, "float32")
-    for s in range(3):
-        np.testing.assert_allclose(e[s], x[s] * w[:, s][None, :], rtol=1e-6)
+    S, K, D = 37, 4, 5
+    x = rng.normal(size=(S, K, D)).astype(np.float16)
+    w = rng.normal(size=(reps * D, S)).astype(np.float32)
+    e = neuron_embeddings(x, w, dtype, chunk=16)
+    assert e.shape == (S, K, reps * D) and e.dtype == np.dtype(dtype)
+    for s in range(S):
+        want = np.concatenate([x[s].astype(np.float32)] * reps, axis=1) * w[:, s][None, :]
+        np.testing.assert_array_equal(e[s], want.astype(dtype))
 
 
 @pytest.mark.parametrize("pattern", ["bos", "bos+others", "middle-column", "whole-row", "everything", "nothing"])
