@@ -13,8 +13,10 @@ examples: number of examples and clusters, the largest and mean pairwise
 distance, and the mean distance of pairs within a cluster / across clusters.
 
 The distances of a whole shard come from batched float64 Gram matmuls
-(``cosine_distances``); the per-neuron work is SciPy linkage + fcluster +
-vectorised numpy over the condensed distances (no Python loops over pairs).
+(``cosine_distances``). The per-neuron work is SciPy linkage + fcluster +
+vectorised numpy over the condensed distances (``cluster_one``); by default
+every neuron of the shard goes through one compiled call instead
+(core.cluster_kernels), which gives the same results bit for bit (tested).
 """
 
 from __future__ import annotations
@@ -203,6 +205,7 @@ def cluster_shard(
     linkage: str = "average",
     threshold: float = 0.5,
     dist_SKK: np.ndarray | None = None,
+    compiled: bool = True,
 ) -> ClusterResult:
     """Cluster the examples of each of S neurons; see the module docstring.
 
@@ -210,6 +213,8 @@ def cluster_shard(
     act_SK: float32 [S, k] activations, descending, NaN padding at the end.
     Examples with a finite activation > 0 are clustered, in slot order.
     dist_SKK: their cosine distances when already computed (`cosine_distances`).
+    `compiled`: every neuron in one call of core.cluster_kernels (the same results, bit for bit),
+    else neuron by neuron through SciPy (`cluster_one`).
     Raises ValueError for an unknown linkage, a non-finite threshold,
     mismatched shapes, or (from SciPy) non-finite clustered embeddings.
     """
@@ -224,6 +229,15 @@ def cluster_shard(
         mask_SK = np.isfinite(act_SK) & (act_SK > 0)
     if dist_SKK is None:
         dist_SKK = cosine_distances(emb_SKD)
+    if compiled:
+        from neuron_embeddings.core.cluster_kernels import METHOD_CODES, cluster_neurons
+
+        bad = cluster_neurons(np.ascontiguousarray(dist_SKK, dtype=np.float64), mask_SK, METHOD_CODES[linkage],
+                              float(threshold), res.labels, res.linkage, res.n_examples, res.n_clusters,
+                              res.max_distance, res.mean_distance, res.mean_intra, res.mean_inter)
+        if bad >= 0:
+            raise ValueError(f"neuron {bad}: the condensed distance matrix must contain only finite values")
+        return res
     for s in range(S):
         idx_N = np.flatnonzero(mask_SK[s])
         cond_P = condensed(dist_SKK[s], idx_N)

@@ -301,3 +301,45 @@ def test_cosine_distances_clipped_for_parallel_vectors():
     assert d.min() >= 0.0 and d.max() <= 2.0
     np.testing.assert_allclose(d[0, :40, 40:].diagonal(), 0.0, atol=1e-12)
     np.testing.assert_allclose(d[1, :40, 40:].diagonal(), 2.0, atol=1e-12)
+
+
+# --- the compiled path against the SciPy one -------------------------------------
+
+
+def _tied_shard(seed: int, S: int = 40, k: int = 30, D: int = 5):
+    """Random shards whose examples repeat a few vectors (exact zero distances, equal heights and
+    equal cluster sizes: the ties where an implementation's order shows), with padding."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((S, 4, D))
+    pick = rng.integers(0, 4, size=(S, k))
+    emb = np.take_along_axis(base, pick[:, :, None], axis=1)
+    emb[: S // 2] += rng.standard_normal((S // 2, k, D)) * 0.3  # half of them: near, not equal
+    emb = emb.astype(np.float16)
+    act = np.sort(rng.random((S, k)).astype(np.float32), axis=1)[:, ::-1].copy()
+    act[rng.random((S, k)) < 0.15] = np.nan
+    return emb, act
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("t", [0.05, 0.5, 1.2])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compiled_equals_scipy_path_bit_for_bit(method: str, t: float, seed: int):
+    """Labels, linkage matrices and metrics of the compiled clustering (the default) equal the
+    per-neuron SciPy path's exactly, on random and on tie-heavy shards, padding and 0/1 examples."""
+    for emb, act in (random_shard(seed, S=30, k=20, D=6), _tied_shard(seed)):
+        got = cluster_shard(emb, act, method, t, compiled=True)
+        want = cluster_shard(emb, act, method, t, compiled=False)
+        for field in ("labels", "linkage", "n_examples", "n_clusters", "max_distance", "mean_distance",
+                      "mean_intra", "mean_inter"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+        if t == 0.5:  # cuts that are neither all-in-one nor all singletons
+            assert np.any((got.n_clusters > 1) & (got.n_clusters < got.n_examples))
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_non_finite_embeddings_raise(compiled: bool):
+    emb, act = random_shard(0, S=4, k=6, D=3)
+    emb[3, 1, 0] = np.inf
+    act[3, :2] = 1.0
+    with pytest.raises(ValueError, match="finite"):
+        cluster_shard(emb, act, compiled=compiled)
