@@ -3,7 +3,21 @@ values in one pass over a chunk of scores, merged into the running best (core.lo
 keep `torch.topk`). Imported on first use (importing numba takes ~0.5 s)."""
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def _insert(vals_K, ids_K, v, token, sign):
+    """Insert v (and its token) into vals_K, kept in order of sign * value, largest first; the
+    last entry drops out. Equal values keep the earlier one first."""
+    i = vals_K.shape[0] - 1
+    while i > 0 and sign * vals_K[i - 1] < sign * v:
+        vals_K[i] = vals_K[i - 1]
+        ids_K[i] = ids_K[i - 1]
+        i -= 1
+    vals_K[i] = v
+    ids_K[i] = token
 
 
 @njit(cache=True, nogil=True)
@@ -16,24 +30,9 @@ def merge_extremes(scores_MC, ids_C, top_v_MK, top_i_MK, bot_v_MK, bot_i_MK):
     for m in range(M):
         row = scores_MC[m]
         tv, ti, bv, bi = top_v_MK[m], top_i_MK[m], bot_v_MK[m], bot_i_MK[m]
-        t_worst, b_worst = tv[K - 1], bv[K - 1]
         for c in range(C):
             v = row[c]
-            if v > t_worst:
-                i = K - 1
-                while i > 0 and tv[i - 1] < v:
-                    tv[i] = tv[i - 1]
-                    ti[i] = ti[i - 1]
-                    i -= 1
-                tv[i] = v
-                ti[i] = ids_C[c]
-                t_worst = tv[K - 1]
-            if v < b_worst:
-                i = K - 1
-                while i > 0 and bv[i - 1] > v:
-                    bv[i] = bv[i - 1]
-                    bi[i] = bi[i - 1]
-                    i -= 1
-                bv[i] = v
-                bi[i] = ids_C[c]
-                b_worst = bv[K - 1]
+            if v > tv[K - 1]:
+                _insert(tv, ti, v, ids_C[c], np.float32(1.0))
+            if v < bv[K - 1]:
+                _insert(bv, bi, v, ids_C[c], np.float32(-1.0))
