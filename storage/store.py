@@ -79,7 +79,7 @@ class Store:
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self._group = None
         self._writer = None  # the recording Zarr store writes go through (one per Store)
-        self._arrays: dict[tuple, zarr.Array] = {}  # (id of the group, path) -> array, opened once
+        self._arrays: dict[str, zarr.Array] = {}  # path -> array of the current group, opened once
         parent, _, name = self.root.rpartition("/")
         self.state = f"{parent}/.{name}.state"  # markers, progress, explorer caches (not Zarr data)
         self._identity: str | None = None
@@ -100,9 +100,9 @@ class Store:
                     self._writer = _RecordingStore(base)
                 if self._group is None or self._group.store is not self._writer:  # once per Store object
                     # each array's own metadata, never a consolidated copy (~10 ms to parse on a finished store)
-                    self._group = zarr.open_group(self._writer, mode="r+", use_consolidated=False)
+                    self._group, self._arrays = zarr.open_group(self._writer, mode="r+", use_consolidated=False), {}
             elif self._group is None:
-                self._group = zarr.open_group(self._zarr_target(), mode=mode)
+                self._group, self._arrays = zarr.open_group(self._zarr_target(), mode=mode), {}
         except FileNotFoundError:  # no store there (zarr's GroupNotFoundError is also a ValueError)
             raise
         except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
@@ -132,13 +132,12 @@ class Store:
         return bool(self.attrs.get("gated", False))
 
     def array(self, name: str | schema.ArraySpec, write: bool = False) -> zarr.Array:
-        """An array of the store (opened once per Store object and group; `write`: through the
-        recorder, for writes)."""
-        g = self.group("r+" if write else "r")
-        key = (id(g), _path(name))
-        if key not in self._arrays:
-            self._arrays[key] = g[key[1]]
-        return self._arrays[key]
+        """An array of the store (opened once per Store object and group: a new group, e.g. the
+        writable one after a read, starts afresh; `write`: through the recorder, for writes)."""
+        g, path = self.group("r+" if write else "r"), _path(name)
+        if path not in self._arrays:
+            self._arrays[path] = g[path]
+        return self._arrays[path]
 
     # the state directory: tied to the store by its identity, so that the state of a deleted store
     # is never taken for a new store's at the same path

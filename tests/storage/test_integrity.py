@@ -16,6 +16,7 @@ import zarr
 from neuron_embeddings.cli import main
 from neuron_embeddings.storage.store import Store
 from neuron_embeddings.storage import schema
+from neuron_embeddings.storage import store as st
 from neuron_embeddings.tasks.registry import run_status
 from tests.helpers import copy_store, marker_root, options, run_stages, state_dir
 
@@ -178,3 +179,17 @@ def test_a_store_with_markers_in_the_old_place_resumes(tiny_gpt2, tmp_path, refe
     _chunk(out, "embeddings", row=1).unlink()
     run_stages(out, **opts)
     assert_identical(all_arrays(out), reference[1])
+
+
+def test_a_store_that_reads_first_records_what_it_then_writes(reference, tmp_path):
+    """A unit reads (a read-only group, its arrays cached), then writes: the writes go through
+    the recording group, so its marker lists the chunks, and the data is what was written."""
+    out = str(tmp_path / "copy.zarr")
+    copy_store(reference[0], out)
+    store = Store(out)
+    region = (0, slice(0, 64))
+    labels = st.read(store, schema.LABELS, region)  # opens the read-only group and caches the array
+    st.write(store, schema.LABELS, region, labels + 1)
+    assert "clusters/labels/c/0/0/0" in store.written_chunks()
+    np.testing.assert_array_equal(st.read(Store(out), schema.LABELS, region), labels + 1)
+    assert st.read(store, schema.LABELS, region).tolist() == (labels + 1).tolist()  # this Store reads it back too
