@@ -46,7 +46,7 @@ def _kernels():
     return scan_kernels
 
 
-_SPLIT_POOL: list = [None]  # the threads `over_units` hands its other ranges to, created on first use
+_SPLIT_POOL: list = [None, 0]  # the threads `over_units` hands its other ranges to (and how many), made on first use
 _SPLIT_LOCK = threading.Lock()
 MIN_SPLIT_UNITS = 256  # fewer units per range and handing them over costs more than it saves
 
@@ -60,8 +60,8 @@ def over_units(parts: int, kernel, M: int, *args) -> list:
         return [kernel(*args, 0, M)]
     bounds = [M * i // parts for i in range(parts + 1)]
     with _SPLIT_LOCK:
-        if _SPLIT_POOL[0] is None or _SPLIT_POOL[0]._max_workers < parts - 1:
-            _SPLIT_POOL[0] = ThreadPoolExecutor(parts - 1, thread_name_prefix="ne-bookkeeping")
+        if _SPLIT_POOL[1] < parts - 1:
+            _SPLIT_POOL[:] = [ThreadPoolExecutor(parts - 1, thread_name_prefix="ne-bookkeeping"), parts - 1]
         pool = _SPLIT_POOL[0]
     futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, parts)]
     first = kernel(*args, bounds[0], bounds[1])
