@@ -70,7 +70,10 @@ def _set_env(threads: int) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import warnings
 
+    from neuron_embeddings.core.resources import keep_freed_memory
+
     warnings.filterwarnings("ignore")
+    keep_freed_memory()  # as the CLI does: the bare forward and the scan under the same malloc settings
 
 
 def _log(msg: str) -> None:

@@ -51,14 +51,17 @@ def local_cluster_kwargs(workers: int) -> dict:
 
     import dask
 
+    from neuron_embeddings.core.resources import malloc_environ
+
     threads = str(max(1, (os.cpu_count() or 1) // workers))  # no oversubscription of the cores
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
            "NE_TORCH_THREADS": threads}
     # Dask's workers default to MALLOC_TRIM_THRESHOLD_=65536, which hands every freed buffer
     # back to the OS: a shard's 20-80 MB arrays then page-fault in again each time, and two
-    # workers on 2 cores ran ~1.4x slower per shard than two plain processes. Unset, glibc's
-    # own adaptive thresholds apply.
-    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    # workers on 2 cores ran ~1.4x slower per shard than two plain processes. They get the
+    # settings the CLI's own process makes (core.resources.keep_freed_memory), as glibc reads
+    # them at start.
+    dask.config.set({**{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in malloc_environ().items()},
                      # the workers' statistical profiler samples every thread's stack every
                      # 10 ms for the dashboard, which this local cluster does not serve
                      "distributed.worker.profile.enabled": False})

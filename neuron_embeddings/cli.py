@@ -16,6 +16,7 @@ import threading
 import time
 
 from neuron_embeddings.core.errors import UserError
+from neuron_embeddings.core.resources import keep_freed_memory
 from neuron_embeddings.core.settings import DEFAULT_STRATA, DEMO, ExecSettings, default
 
 
@@ -442,6 +443,7 @@ def _interrupted(a: argparse.Namespace, argv: list[str] | None, e: KeyboardInter
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     _quiet_prefect(getattr(a, "verbose", False))
+    keep_freed_memory()  # before the threads that allocate start: one arena, pages reused across layers
     restore_sigterm = _sigterm_as_interrupt()
     try:
         if a.command == "run":

@@ -3,11 +3,19 @@ allocated, so a run that cannot fit is a one-line error saying what to change (n
 minutes later, or a store that can never be finished)."""
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from neuron_embeddings.core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters (malloc.h)
+KEEP_FREED_BYTES = 1 << 30  # freed memory a process keeps for reuse instead of handing it back to the OS
+HEAP_ALLOC_MAX = 32 << 20  # larger allocations are mapped afresh each time (glibc's maximum for this setting)
 
 
 def human(n_bytes: float) -> str:
@@ -86,3 +94,33 @@ def check_disk(need: int, path: str, what: str, hint: str) -> None:
     have = free_disk(path)
     if have is not None and need > have:
         raise UserError(f"{what}: up to {human(need)} of disk needed, but only {human(have)} free for {path}; {hint}")
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc reuse the memory a forward pass frees instead of returning it to the OS.
+
+    By default glibc hands the top of its heap back once more than ~2x its largest freed block is
+    free there, and each thread past the first allocates from an arena of its own. A forward pass
+    frees several activation-sized temporaries per layer, so the next layer faults the same pages
+    in again: 0.5-0.9 million page faults per 48 x 128-token GPT-2 forward here, against ~0-40
+    thousand with this. Sets: blocks up to 32 MiB come from the heap, up to 1 GiB of free heap is
+    kept, one arena for all threads (the scan runs on a task runner's thread). Memory in use never
+    exceeds its earlier peak. Returns False where malloc is not glibc's (macOS, musl): nothing done."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        log.debug("not glibc: malloc left as it is")
+        return False
+    ok = all(mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, HEAP_ALLOC_MAX), (_M_TRIM_THRESHOLD, KEEP_FREED_BYTES), (_M_ARENA_MAX, 1)))
+    if not ok:
+        log.debug("mallopt refused a setting: malloc partly tuned")
+    return ok
+
+
+def malloc_environ() -> dict[str, str]:
+    """`keep_freed_memory`'s settings as the environment variables glibc reads when a process
+    starts (for worker processes spawned by others, e.g. Dask's nanny)."""
+    return {"MALLOC_MMAP_THRESHOLD_": str(HEAP_ALLOC_MAX), "MALLOC_TRIM_THRESHOLD_": str(KEEP_FREED_BYTES),
+            "MALLOC_ARENA_MAX": "1"}

@@ -10,6 +10,7 @@ import time
 
 import psutil
 
+from neuron_embeddings.core.resources import malloc_environ
 from neuron_embeddings.tasks.registry import run_status
 from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
 
@@ -44,7 +45,8 @@ def test_two_workers_report_to_the_runs_own_server(tiny_gpt2, tmp_path):
     assert st.failed == 0 and st.pending == 0
     assert len(servers) == 1, f"{len(servers)} Prefect servers ran"
     assert len(workers) == 2
-    assert all(e.get("MALLOC_TRIM_THRESHOLD_") != "65536" for e in workers.values())
+    assert all(e.get("MALLOC_TRIM_THRESHOLD_") != "65536" for e in workers.values())  # not Dask's default
+    assert all({k: e.get(k) for k in malloc_environ()} == malloc_environ() for e in workers.values())
     assert all(e.get("OMP_NUM_THREADS") == "1" for e in workers.values())  # 2 cores over 2 workers
     ref = str(tmp_path / "ref.zarr")
     run_stages(ref, **options(tiny_gpt2))

@@ -1,6 +1,9 @@
 """What a run needs against what the machine has."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from neuron_embeddings.core.errors import UserError
@@ -27,3 +30,31 @@ def test_checks_refuse_only_what_does_not_fit(tmp_path):
         check_memory(8 << 50, "the tables", "use less")
     assert free_disk("s3://bucket/store.zarr") is None  # object storage: not checked
     assert human(1536) == "1.5 KiB" and human(3 << 40) == "3.0 TiB"
+
+
+_FREED_PAGES = """
+import resource, sys
+import numpy as np
+from neuron_embeddings.core.resources import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def layer():  # a forward layer's pattern: several activation-sized temporaries, then all freed
+    parts = [np.ones(3 << 20) for _ in range(4)]  # 4 x 24 MiB
+    del parts
+layer()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    layer()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_reuses_pages():
+    """glibc by default returns freed activation-sized blocks to the OS, and the next layer faults
+    them in again; after keep_freed_memory the same pages are reused (each run in a fresh process)."""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", _FREED_PAGES, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("default", "keep")}
+    pages = 5 * 4 * (24 << 20) // 4096  # what re-faulting every block costs (fewer with huge pages)
+    assert faults["default"] > pages // 1000, faults  # the default does fault them in again
+    assert faults["keep"] < faults["default"] // 20, faults
