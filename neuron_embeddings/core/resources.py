@@ -1,6 +1,7 @@
 """What a run needs against what the machine has: memory and disk, compared before anything is
 allocated, so a run that cannot fit is a one-line error saying what to change (not a traceback
-minutes later, or a store that can never be finished)."""
+minutes later, or a store that can never be finished); and how the process's malloc keeps the
+memory a forward pass frees (`keep_freed_memory`)."""
 from __future__ import annotations
 
 import ctypes
@@ -102,8 +103,8 @@ def keep_freed_memory() -> bool:
     By default glibc hands the top of its heap back once more than ~2x its largest freed block is
     free there, and each thread past the first allocates from an arena of its own. A forward pass
     frees several activation-sized temporaries per layer, so the next layer faults the same pages
-    in again: 0.5-0.9 million page faults per 48 x 128-token GPT-2 forward here, against ~0-40
-    thousand with this. Sets: blocks up to 32 MiB come from the heap, up to 1 GiB of free heap is
+    in again: 0.65-0.87 million page faults per 48 x 128-token GPT-2 forward or scan here, against
+    15-110 thousand with this. Sets: blocks up to 32 MiB come from the heap, up to 1 GiB of free heap is
     kept, one arena for all threads (the scan runs on a task runner's thread). Memory in use never
     exceeds its earlier peak. Returns False where malloc is not glibc's (macOS, musl): nothing done."""
     try:
