@@ -14,9 +14,11 @@ from neuron_embeddings.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters (malloc.h)
 KEEP_FREED_BYTES = 1 << 30  # freed memory a process keeps for reuse instead of handing it back to the OS
 HEAP_ALLOC_MAX = 32 << 20  # larger allocations are mapped afresh each time (glibc's maximum for this setting)
+# (mallopt parameter from malloc.h, the environment variable glibc reads at start, value)
+_MALLOC_SETTINGS = ((-3, "MALLOC_MMAP_THRESHOLD_", HEAP_ALLOC_MAX), (-1, "MALLOC_TRIM_THRESHOLD_", KEEP_FREED_BYTES),
+                    (-8, "MALLOC_ARENA_MAX", 1))
 
 
 def human(n_bytes: float) -> str:
@@ -113,8 +115,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         log.debug("not glibc: malloc left as it is")
         return False
-    ok = all(mallopt(param, value) == 1 for param, value in (
-        (_M_MMAP_THRESHOLD, HEAP_ALLOC_MAX), (_M_TRIM_THRESHOLD, KEEP_FREED_BYTES), (_M_ARENA_MAX, 1)))
+    ok = all(mallopt(param, value) == 1 for param, _, value in _MALLOC_SETTINGS)
     if not ok:
         log.debug("mallopt refused a setting: malloc partly tuned")
     return ok
@@ -123,5 +124,4 @@ def keep_freed_memory() -> bool:
 def malloc_environ() -> dict[str, str]:
     """`keep_freed_memory`'s settings as the environment variables glibc reads when a process
     starts (for worker processes spawned by others, e.g. Dask's nanny)."""
-    return {"MALLOC_MMAP_THRESHOLD_": str(HEAP_ALLOC_MAX), "MALLOC_TRIM_THRESHOLD_": str(KEEP_FREED_BYTES),
-            "MALLOC_ARENA_MAX": "1"}
+    return {name: str(value) for _, name, value in _MALLOC_SETTINGS}
