@@ -289,32 +289,32 @@ class ProgressMonitor(threading.Thread):
 
 
 def run_pipeline(out: str, options: dict, a: argparse.Namespace) -> dict:
-    """Validate and prepare here (so mistakes are one-line errors before Prefect starts), then run
-    the flow with progress bars. Returns the flow's summary."""
+    """Validate and prepare here (so mistakes are one-line errors before any flow runs) while the
+    temporary Prefect server boots, then run the flow with progress bars. Returns the flow's summary."""
     from neuron_embeddings.tasks.resolve import resolve_run
     from neuron_embeddings.tasks.prepare import prepare_store
 
+    from neuron_embeddings.flows.server import launch_server
     from neuron_embeddings.storage import lock
 
-    print(f"loading {options['model']} ...")
-    settings, lm = resolve_run(out, **options)
-    with lock.writer_lock(out, run_name="neuron-embeddings run"):  # the flow re-enters it
-        prepare_store(out, settings, lm)
-        from neuron_embeddings.flows.run import neuron_embeddings_run
+    with launch_server() as server:  # it boots while the model loads; dies with this process, however it ends
+        print(f"loading {options['model']} ...")
+        settings, lm = resolve_run(out, **options)
+        with lock.writer_lock(out, run_name="neuron-embeddings run"):  # the flow re-enters it
+            prepare_store(out, settings, lm)
+            from neuron_embeddings.flows.run import neuron_embeddings_run
 
-        from neuron_embeddings.flows.server import temporary_server
-
-        if not a.verbose:
-            _quiet_crash_notices()
-        monitor = ProgressMonitor(out)
-        monitor.start()
-        try:
-            with temporary_server():  # dies with this process, however it ends
-                return neuron_embeddings_run(out=out, batch_size=a.batch_size, task_retries=a.task_retries,
-                                             dask_address=a.dask_address, **options)
-        finally:
-            monitor.stop.set()
-            monitor.join()
+            if not a.verbose:
+                _quiet_crash_notices()
+            monitor = ProgressMonitor(out)
+            monitor.start()
+            try:
+                with server.ready():
+                    return neuron_embeddings_run(out=out, batch_size=a.batch_size, task_retries=a.task_retries,
+                                                 dask_address=a.dask_address, **options)
+            finally:
+                monitor.stop.set()
+                monitor.join()
 
 
 def print_summary(summary: dict, out: str) -> None:

@@ -1,8 +1,10 @@
-"""`run --workers 2` from the command line (its own temporary Prefect server, a local Dask cluster):
-the workers report to that one server instead of each starting a server of its own, they run
-with glibc's own malloc trimming (not Dask's 64 KiB default), and the store is the same."""
+"""`run` from the command line with its own temporary Prefect server: with `--workers 2` (a local
+Dask cluster) the workers report to that one server instead of each starting a server of its own,
+they run with glibc's own malloc trimming (not Dask's 64 KiB default), the server booted while the
+model loaded, and the store is the same; a run refused after the server started leaves none."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +13,8 @@ import time
 import psutil
 
 from neuron_embeddings.core.resources import malloc_environ
+from neuron_embeddings.flows.server import TemporaryServer
+from neuron_embeddings.storage.store import Store
 from neuron_embeddings.tasks.registry import run_status
 from tests.helpers import assert_same_arrays, contract_arrays, options, run_stages
 
@@ -25,14 +29,14 @@ def test_two_workers_report_to_the_runs_own_server(tiny_gpt2, tmp_path):
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     root = psutil.Process(p.pid)
-    servers, workers = set(), {}
+    servers, workers = {}, {}
     deadline = time.time() + 300
     while p.poll() is None and time.time() < deadline:
         try:
             for c in root.children(recursive=True):
                 line = " ".join(c.cmdline())
                 if "uvicorn" in line:
-                    servers.add(c.pid)
+                    servers.setdefault(c.pid, c.create_time())
                 elif "spawn_main" in line and c.pid not in workers:
                     workers[c.pid] = c.environ()
         except psutil.Error:  # a process ended while we looked
@@ -44,6 +48,8 @@ def test_two_workers_report_to_the_runs_own_server(tiny_gpt2, tmp_path):
     st = run_status(str(out))
     assert st.failed == 0 and st.pending == 0
     assert len(servers) == 1, f"{len(servers)} Prefect servers ran"
+    prepare = json.loads(Store(str(out)).marker_record("prepare", "all"))
+    assert min(servers.values()) < prepare["completed"] - prepare["seconds"]  # launched before the model loaded
     assert len(workers) == 2
     assert all(e.get("MALLOC_TRIM_THRESHOLD_") != "65536" for e in workers.values())  # not Dask's default
     assert all({k: e.get(k) for k in malloc_environ()} == malloc_environ() for e in workers.values())
@@ -51,3 +57,37 @@ def test_two_workers_report_to_the_runs_own_server(tiny_gpt2, tmp_path):
     ref = str(tmp_path / "ref.zarr")
     run_stages(ref, **options(tiny_gpt2))
     assert_same_arrays(contract_arrays(ref), contract_arrays(str(out)))
+
+
+def _launched_by(pid: int) -> list[psutil.Process]:
+    """Running server launchers (flows.server) whose parent was the process `pid`."""
+    out = []
+    for q in psutil.process_iter(["cmdline", "status"]):
+        cmd = q.info["cmdline"] or []
+        if len(cmd) > 3 and "die-with-parent" in cmd[2] and cmd[3] == str(pid) and q.info["status"] != psutil.STATUS_ZOMBIE:
+            out.append(q)
+    return out
+
+
+def test_a_server_stopped_before_it_answered_is_gone():
+    server = TemporaryServer()  # launched at once; not waited for
+    proc = psutil.Process(server.process.pid)
+    assert _launched_by(os.getpid()) == [proc]
+    server.stop()
+    assert not proc.is_running() and not _launched_by(os.getpid())
+
+
+def test_a_run_refused_after_the_server_started_is_one_line_and_leaves_no_server(tiny_gpt2, tmp_path):
+    """--k above --n-sequences is found once the run is resolved, after the server was launched:
+    one error line, exit 2, and no server left."""
+    cmd = [sys.executable, "-m", "neuron_embeddings.cli", "run", "--model", tiny_gpt2, "--dataset",
+           "builtin:python-docs", "--out", str(tmp_path / "r.zarr"), "--n-sequences", "4", "--ctx-len", "16",
+           "--k", "6", "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "prefect-home"))
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --k 6"), err[-2000:]
+    assert not _launched_by(p.pid)
