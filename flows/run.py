@@ -17,6 +17,7 @@ from neuron_embeddings.core.settings import ExecSettings, default
 from neuron_embeddings.flows.runners import check_dask_address, task_runner
 from neuron_embeddings.storage.lock import writer_lock
 from neuron_embeddings.storage.store import Store
+from neuron_embeddings.tasks.kept import keeping_scan_tables
 from neuron_embeddings.tasks.registry import BY_NAME, phases
 from neuron_embeddings.tasks.shards import ShardBatchFailed, shard_batch, shard_batches
 from neuron_embeddings.tasks.summarise import summarise_task
@@ -142,7 +143,8 @@ def neuron_embeddings_run(
                    exclude_special_tokens=exclude_special_tokens, dtype=dtype, strata=strata, strata_k=strata_k)
     from prefect.runtime import flow_run
 
-    with writer_lock(out, run_name=_run_name()), _workers_report_here(workers, dask_address):
+    with writer_lock(out, run_name=_run_name()), _workers_report_here(workers, dask_address), \
+            keeping_scan_tables(out, in_process=workers <= 1 and not dask_address):
         shards = shard_flow.with_options(task_runner=task_runner(workers, dask_address))
         # the progress cards and the summary go on this run, the one the user started (CLI,
         # deployment, retry or schedule), not on the subflow

@@ -2,6 +2,8 @@
 units' input weights. Runs once per store (marker `prepare/all`); everything later reads the store."""
 from __future__ import annotations
 
+import logging
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -31,7 +33,8 @@ def prepare_store(out: str, settings: RunSettings, lm: LoadedModel) -> dict:
     from neuron_embeddings.tasks.registry import plan_units, repair_store  # the registry imports this module
 
     units = unit_source(lm, settings.model, settings.sae)
-    repair_store(out, task_logger())
+    log = task_logger()  # outside a run (the CLI's own prepare) the findings go to the package's logger, shown
+    repair_store(out, log if isinstance(log, logging.LoggerAdapter) else None)
     if st.Store(out).is_complete("prepare", "all"):
         st.Store(out).write_plan(plan_units(settings, units.n_units))
         return plan_record(settings, units.n_units)

@@ -126,6 +126,7 @@ def repair_store(url: str, log=None) -> list[str]:
     lines = integrity.repair_metadata(store)
     damaged = integrity.damaged_units(store)
     settings, d_mlp = store.settings(), int(store.attrs["d_mlp"])
+    lines += _rescan_lost_tables(store, settings, d_mlp)
     if damaged:
         stale = dependents(set(damaged), settings, d_mlp)
         lines += [f"{stage}/{unit}: {msg}" for (stage, unit), msg in sorted(damaged.items())]
@@ -139,6 +140,22 @@ def repair_store(url: str, log=None) -> list[str]:
     for line in lines:
         (log or logging.getLogger("neuron_embeddings")).warning("store %s: %s", url, line)
     return lines
+
+
+def _rescan_lost_tables(store: Store, settings: RunSettings, d_mlp: int) -> list[str]:
+    """Clear the marker of a scan block whose tables were kept in the memory of a run that ended
+    before every shard was embedded (tasks.kept: a kill), so this run scans it again."""
+    records, _ = integrity.complete_records(store, ["scan"])
+    lost = [unit for (_, unit), rec in records.items() if rec.get("tables") == "memory"]
+    if not lost:
+        return []
+    embedded = {u for u, state in store.marker_states("embed").items() if state == "complete"}
+    if set(stage_units("embed", settings, d_mlp)) <= embedded:
+        return []
+    for unit in lost:
+        store.clear_marker("scan", unit)
+    return [f"scan block {unit}: its tables were kept in the memory of a run that stopped before every shard was "
+            "embedded: rescanning" for unit in lost]
 
 
 def run_status(url: str) -> StoreStatus:

@@ -1,5 +1,6 @@
 """The `scan` stage: one data-parallel block of sequences through the model (core.scan), its
-partial top-k tables written to the store (whole chunks of this block only)."""
+partial top-k tables written to the store (whole chunks of this block only), or kept in memory for
+the embed stage where the run's one block and its shards share this process (tasks.kept)."""
 from __future__ import annotations
 
 import time
@@ -15,6 +16,7 @@ from neuron_embeddings.core.settings import strata_intervals
 from neuron_embeddings.storage import store as st
 from neuron_embeddings.tasks.blocks import block_inputs
 from neuron_embeddings.tasks.common import run_unit
+from neuron_embeddings.tasks.kept import KEEP_MAX_S, KeptScan, keep, keep_wanted
 
 
 @task(name="scan-block", task_run_name="scan-B{block[index]}", cache_policy=NO_CACHE)
@@ -36,22 +38,41 @@ def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16
                                 window=st.window(store), units=b.units,
                                 excluded_ids=s.excluded_token_ids, spectrum=spectrum, timings=timings)
         t_model = time.perf_counter() - t0
+        kept = KeptScan(block["index"], b.units.n_units) if _keeps(out, s, t_model) else None
         for row, table in enumerate(tables):  # layer by layer: one layer's x table at a time
             tables[row] = None
-            st.write_block_table(store, block["index"], row, _table_fields(table))
+            parts = {"top": _table_fields(table)}
             if spectrum is not None:
                 strata = [_table_fields(t) for t in spectrum.tables[row]]
                 spectrum.tables[row] = None
-                st.write_block_strata(store, block["index"], row,
-                                      {name: np.concatenate([t[name] for t in strata], axis=1) for name in strata[0]},
-                                      spectrum.hist[row].cpu().numpy(), spectrum.sum[row].cpu().numpy())
+                parts.update(strata={name: np.concatenate([t[name] for t in strata], axis=1) for name in strata[0]},
+                             hist=spectrum.hist[row].cpu().numpy(), sum=spectrum.sum[row].cpu().numpy())
                 del strata
+            if kept is not None:
+                kept.rows[row] = parts
+                continue
+            st.write_block_table(store, block["index"], row, parts["top"])
+            if spectrum is not None:
+                st.write_block_strata(store, block["index"], row, parts["strata"], parts["hist"], parts["sum"])
+            del parts
         if spectrum is not None:
-            st.write_block_count(store, block["index"], spectrum.count)
+            if kept is not None:
+                kept.count = spectrum.count
+            else:
+                st.write_block_count(store, block["index"], spectrum.count)
+        if kept is not None:
+            keep(out, kept)
         return {"sequences": len(tokens), "tokens": int(tokens.size), "model_seconds": round(t_model, 3),
-                "bookkeeping_seconds": round(timings["bookkeeping_seconds"], 3)}
+                "bookkeeping_seconds": round(timings["bookkeeping_seconds"], 3),
+                **({"tables": "memory"} if kept is not None else {})}
 
     return run_unit(out, "scan", block_id(block["index"]), work)
+
+
+def _keeps(out: str, s, scan_seconds: float) -> bool:
+    """Keep the partial tables in memory for the embed stage (tasks.kept) rather than write them:
+    the run's only scan block, its shards in this process, and a scan short enough to redo."""
+    return s.scan_blocks == 1 and keep_wanted(out) and scan_seconds <= KEEP_MAX_S
 
 
 def _table_fields(table: SlotTable) -> dict[str, np.ndarray]:

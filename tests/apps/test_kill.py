@@ -3,6 +3,7 @@ uninterrupted run (real CLI processes, each with its own temporary Prefect serve
 run like Ctrl-C; whatever ends it, none of its processes (the Prefect server, Dask workers) outlive it."""
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from neuron_embeddings.core.plan import block_id
 from neuron_embeddings.tasks.registry import run_status
 from tests.helpers import assert_same_arrays, contract_arrays, marker_root, options, run_stages, state_dir
 
@@ -69,8 +71,13 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_store(tiny_gpt2, tmp_path, p
     assert not orphans, [" ".join(q.cmdline())[:200] for q in orphans]
     st = run_status(str(out))
     assert st.pending > 0  # it really was cut short
+    if point == "embed":  # the scan kept its tables in memory (tasks.kept): they died with the run
+        scan = json.loads((marker_root(out) / "scan" / f"{block_id(0)}.done").read_text())
+        assert scan.get("tables") == "memory"
     done = subprocess.run(_cli(tiny_gpt2, str(out)), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    if point == "embed":
+        assert "rescanning" in done.stdout + done.stderr
     st = run_status(str(out))
     assert st.failed == 0 and st.pending == 0
     ref = tmp_path / "ref.zarr"

@@ -1,6 +1,8 @@
 """The flow end to end on a real Prefect server (test harness): a run, a resumed run, a failed shard."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from neuron_embeddings.flows.run import ShardsFailed, neuron_embeddings_run
@@ -33,6 +35,11 @@ def test_flow_run_then_resume(prefect_server, tiny_gpt2, tmp_path, reference):
     _check_artifacts(summary, state.state_details.flow_run_id)
     assert _consolidated(out)  # a complete run consolidates the store's metadata
     _check_shard_logs(out)
+    scan = _marker_records(out, "scan")
+    # one scan block, its shards in this process: its tables went to the embed stage in memory,
+    # and no chunk of the scan's partial tables was ever written
+    assert [r.get("tables") for r in scan] == ["memory"]
+    assert not [key for key in scan[0]["chunks"] if key.startswith("scan/")], scan[0]["chunks"]
     before = _marker_mtimes(out)
     neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)  # resume: nothing left to do
     assert _marker_mtimes(out) == before
@@ -148,6 +155,11 @@ def test_failed_shard_is_named_and_only_it_is_rerun(prefect_server, tiny_gpt2, t
     assert st.units["centroids"]["L01-N00064"] == "pending"
     assert st.failed == 1 and st.pending == 3 + 8  # every other shard completed; similar needs them all
     assert not _consolidated(out)  # consolidated only once complete
+    # the scan had kept its tables in memory; on the way out the rows not yet embedded were
+    # written, so that the rerun below need not rescan
+    scan = _marker_records(out, "scan")
+    assert [r.get("tables") for r in scan] == [None]
+    assert any(key.startswith("scan/x/") for key in scan[0]["chunks"])
     before = _marker_mtimes(out)
     neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS)
     after = _marker_mtimes(out)
@@ -156,6 +168,8 @@ def test_failed_shard_is_named_and_only_it_is_rerun(prefect_server, tiny_gpt2, t
                        "logits/L01-N00064.done"} | {
         f"similar/{u}.done" for u in st.units["similar"]}
     assert run_status(out).failed == 0 and _consolidated(out)
+    assert not [p for p in (Path(out) / "scan").rglob("*")  # no scratch left
+                if p.is_file() and p.name != "zarr.json" and p.relative_to(Path(out) / "scan").parts[0] != "max"]
     assert_same_arrays(reference, contract_arrays(out))
 
 
@@ -207,3 +221,22 @@ def test_flow_refuses_bad_execution_settings_before_the_store_exists(prefect_ser
     with pytest.raises(UserError, match=f"--{next(iter(bad)).replace('_', '-')}"):
         neuron_embeddings_run(out=str(out), model=tiny_gpt2, **{**FLOW_OPTS, **bad})
     assert not out.exists()
+
+
+def test_tables_kept_in_memory_give_the_store_of_written_ones_with_strata(prefect_server, tiny_gpt2, tmp_path):
+    """The flow's scan hands its tables to the embed stage in memory (one block, shards in this
+    process); the stages run one by one write and read them back: the same store, strata and
+    activation distributions included."""
+    import zarr
+
+    strata = dict(strata="0.5,0", strata_k=3, similar=False)
+    ref = str(tmp_path / "written.zarr")
+    run_stages(ref, **options(tiny_gpt2, **strata))
+    out = str(tmp_path / "kept.zarr")
+    neuron_embeddings_run(out=out, model=tiny_gpt2, **FLOW_OPTS, **strata)
+    assert [r.get("tables") for r in _marker_records(out, "scan")] == ["memory"]
+    names = [f"strata/{n}" for n in ("seq", "pos", "act", "stratum", "embeddings", "window")] + [
+        f"distribution/{n}" for n in ("hist", "positive_fraction", "mean", "max")]
+    a, b = zarr.open_group(ref, mode="r"), zarr.open_group(out, mode="r")
+    assert_same_arrays({n: a[n][...] for n in names}, {n: b[n][...] for n in names})
+    assert_same_arrays(contract_arrays(ref), contract_arrays(out))
