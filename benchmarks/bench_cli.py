@@ -22,6 +22,9 @@ it, so the machine's drift hits both alike; the report gives medians of the per-
   ``model_seconds`` (the scan's forward with its bookkeeping), summed over blocks;
 - whole / forward: the run from the scan's start to the process's exit, less the ``similar``
   stage (start-up and ``similar`` are reported apart, in seconds);
+- CPU seconds: the CLI's process during the scan against the forward's process, which the
+  host's steal time does not inflate, and the machine's steal share during each forward and scan
+  (/proc/stat): on this shared VM a stretch of 30-50 % steal makes any wall-clock ratio meaningless;
 - the store's size by array and group (the last round's store), and all but ``embeddings``
   against ``embeddings``.
 
@@ -52,9 +55,22 @@ SMOLLM2 = "builtin:smollm2-135m"
 TARGETS = {"scan": 1.11, "whole": 1.5}
 
 
-def bare_forward(lm, tokens, layers: list[int], batch_size: int) -> float:
+def host_times() -> tuple[float, float]:
+    """(steal, all) jiffies of the machine so far (/proc/stat): the share of a stretch that the
+    hypervisor gave to other guests. This VM's host is shared: a run and a forward a minute
+    apart can see 0 % and 50 % steal, which no alternation evens out."""
+    f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return float(f[7]), float(sum(f[:8]))
+
+
+def steal_share(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return round((b[0] - a[0]) / max(b[1] - a[1], 1.0), 4)
+
+
+def bare_forward(lm, tokens, layers: list[int], batch_size: int, measured: dict | None = None) -> float:
     """Seconds of the bare forward over `tokens`: blocks only, stopped after the last tap the scan
-    needs (the scan's own forward without its hook work)."""
+    needs (the scan's own forward without its hook work). `measured`, where given, gets its CPU
+    seconds (this process, every thread) and the machine's steal share meanwhile."""
     import numpy as np
     import torch
 
@@ -64,13 +80,16 @@ def bare_forward(lm, tokens, layers: list[int], batch_size: int) -> float:
     taps = unit_source(lm, "", None).taps(max(layers), True)
     hooks = [(name, lambda t: None) for name in taps]
     sync = torch.cuda.synchronize if str(lm.device).startswith("cuda") else (lambda: None)
-    t0 = time.perf_counter()
+    host, cpu, t0 = host_times(), time.process_time(), time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(tokens), batch_size):
             run_until(lm.bridge, torch.from_numpy(tokens[start:start + batch_size].astype(np.int64)).to(lm.device),
                       hooks)
     sync()
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if measured is not None:
+        measured.update(cpu=round(time.process_time() - cpu, 3), steal=steal_share(host, host_times()))
+    return seconds
 
 
 def store_sizes(store: Path) -> dict:
@@ -124,7 +143,7 @@ class ThreadCpu:
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            self.samples.append((time.time(), self._read()))
+            self.samples.append((time.time(), self._read(), host_times()))
             self.stop.wait(self.interval)
 
     def between(self, t0: float, t1: float) -> dict:
@@ -132,12 +151,23 @@ class ThreadCpu:
         inside = [s for s in self.samples if t0 <= s[0] <= t1]
         if len(inside) < 2:
             return {}
-        (_, a), (_, b) = inside[0], inside[-1]
+        (_, a, _), (_, b, _) = inside[0], inside[-1]
         per: dict[str, float] = {}
         for key, v in b.items():
             name = f"{key[0]}: {key[1]}" + (f" {key[2]}" if key[0] == "cli" else "")  # its threads by id
             per[name] = per.get(name, 0.0) + v - a.get(key, 0.0)
         return {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
+    def totals(self, t0: float, t1: float) -> dict:
+        """CPU seconds of the CLI's own process (every thread) and of its Prefect server between two
+        wall times, and the machine's steal share meanwhile."""
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        if len(inside) < 2:
+            return {}
+        (_, a, ha), (_, b, hb) = inside[0], inside[-1]
+        cpu = lambda kind: round(sum(v - a.get(key, 0.0) for key, v in b.items() if key[0] == kind), 3)  # noqa: E731
+        return {"cli_cpu": cpu("cli"), "server_cpu": cpu("prefect-server"), "steal": steal_share(ha, hb),
+                "wall": round(inside[-1][0] - inside[0][0], 3)}
 
 
 def one_round(model: str, a, store: Path, log: Path) -> dict:
@@ -145,9 +175,8 @@ def one_round(model: str, a, store: Path, log: Path) -> dict:
     extra = ["--layers", a.layers] if a.layers else []
     if not a.similar:
         extra.append("--no-similar")
-    cpu = ThreadCpu() if a.threads_profile else None
-    if cpu:
-        cpu.thread.start()
+    cpu = ThreadCpu()
+    cpu.thread.start()
     run = run_cli(model, store, a.n_sequences, a.ctx_len,
                   a.k, a.device, a.threads, log, tuple(extra))
     if run["returncode"] != 0:
@@ -157,12 +186,13 @@ def one_round(model: str, a, store: Path, log: Path) -> dict:
     scan = _markers(store, "scan")
     run["scan_seconds"] = round(sum(rec.get("seconds", 0.0) for _, _, rec in scan), 3)
     run["whole_seconds"] = round(run["total_excl_startup"] - (run["similar_span"] or 0.0), 3)
-    if cpu:
-        cpu.stop.set()
-        cpu.thread.join()
-        start = min(end - secs for end, secs, _ in scan)
-        run["scan_thread_cpu"] = cpu.between(start, max(end for end, _, _ in scan))
-        run["scan_wall_for_cpu"] = round(max(end for end, _, _ in scan) - start, 3)
+    cpu.stop.set()
+    cpu.thread.join()
+    start, end = min(end - secs for end, secs, _ in scan), max(end for end, _, _ in scan)
+    run["scan_host"] = cpu.totals(start, end)
+    if a.threads_profile:
+        run["scan_thread_cpu"] = cpu.between(start, end)
+        run["scan_wall_for_cpu"] = round(end - start, 3)
     return run
 
 
@@ -185,21 +215,28 @@ def bench_corpus(name: str, a) -> dict:
     store = stores / f"{name}.zarr"
     bare_forward(lm, tokens[:4 * a.batch_size], layers, a.batch_size)  # warm-up (the first batches run slower)
     forwards: list[float] = []
+    fwd_host: list[dict] = []  # CPU seconds and steal share of each forward
     runs: list[dict] = []
     for r in range(a.rounds):
-        forwards.append(bare_forward(lm, tokens, layers, a.batch_size))
-        _log(f"{name} round {r}: bare forward {forwards[-1]:.1f} s ({tokens.size / forwards[-1]:.0f} tok/s)")
+        fwd_host.append({})
+        forwards.append(bare_forward(lm, tokens, layers, a.batch_size, fwd_host[-1]))
+        _log(f"{name} round {r}: bare forward {forwards[-1]:.1f} s ({tokens.size / forwards[-1]:.0f} tok/s), "
+             f"CPU {fwd_host[-1]['cpu']:.1f} s, steal {100 * fwd_host[-1]['steal']:.0f} %")
         runs.append(one_round(model, a, store, work / f"cli-{name}.log"))
         ru = runs[-1]
         _log(f"{name} round {r}: run wall {ru['wall_seconds']:.1f} s, start-up {ru['startup_seconds']:.1f} s, scan "
              f"{ru['scan_seconds']:.1f} s (model {ru['scan_model_seconds']:.1f} s), whole {ru['whole_seconds']:.1f} s, "
-             f"similar {ru['similar_span'] or 0:.1f} s")
+             f"similar {ru['similar_span'] or 0:.1f} s; during the scan: CLI CPU {ru['scan_host'].get('cli_cpu', 0):.1f} s, "
+             f"Prefect server CPU {ru['scan_host'].get('server_cpu', 0):.1f} s, steal "
+             f"{100 * ru['scan_host'].get('steal', 0):.0f} %")
         if r == 0:  # the run fed the same tokens as the forward
             same = np.array_equal(st.read_tokens(st.Store(str(store)), 0, a.n_sequences), tokens)
             if not same:
                 raise SystemExit("the CLI's tokens differ from the bare forward's: the comparison would be unfair")
-    forwards.append(bare_forward(lm, tokens, layers, a.batch_size))
-    _log(f"{name}: closing bare forward {forwards[-1]:.1f} s")
+    fwd_host.append({})
+    forwards.append(bare_forward(lm, tokens, layers, a.batch_size, fwd_host[-1]))
+    _log(f"{name}: closing bare forward {forwards[-1]:.1f} s, CPU {fwd_host[-1]['cpu']:.1f} s, "
+         f"steal {100 * fwd_host[-1]['steal']:.0f} %")
     sizes = store_sizes(store)
     checked = check_store(store)
     if not a.keep_store:
@@ -210,19 +247,24 @@ def bench_corpus(name: str, a) -> dict:
         "scan_model": [ru["scan_model_seconds"] / f for ru, f in zip(runs, ref)],
         "scan_bookkeeping": [ru["scan_bookkeeping_seconds"] / f for ru, f in zip(runs, ref)],
         "whole": [ru["whole_seconds"] / f for ru, f in zip(runs, ref)],
+        # CPU seconds, which the host's steal does not inflate: the CLI's process during the scan
+        # against the forward's process (mean of the two forwards around the run)
+        "scan_cpu": [ru["scan_host"]["cli_cpu"] / ((fwd_host[i]["cpu"] + fwd_host[i + 1]["cpu"]) / 2)
+                     for i, ru in enumerate(runs) if ru["scan_host"]],
     }
     med = lambda key: round(statistics.median(ru[key] or 0.0 for ru in runs), 3)  # noqa: E731
     return {
         "corpus": name, "model": model, "tokens": int(tokens.size), "layers": len(layers),
         "neurons": len(layers) * lm.d_mlp, "forwards_seconds": [round(f, 3) for f in forwards],
         "ratios": {k: [round(v, 4) for v in vs] for k, vs in ratios.items()},
-        "median": {k: round(statistics.median(vs), 4) for k, vs in ratios.items()},
+        "median": {k: round(statistics.median(vs), 4) if vs else None for k, vs in ratios.items()},
         "startup_seconds": med("startup_seconds"), "similar_seconds": med("similar_span"),
         "similar_work_seconds": med("similar_work_seconds"), "shard_phase_seconds": med("scan_end_to_last_shard"),
         "summarise_exit_seconds": med("summarise_and_exit_seconds"), "wall_seconds": med("wall_seconds"),
         "stage_work_seconds": {stage: med(f"{stage}_work_seconds") for stage in ("embed", "cluster", "logits", "centroids")},
         "peak_rss_mib": max(ru["peak_rss_mib"] for ru in runs), "command": runs[0]["command"],
         "loadavg": [ru["loadavg_1min"] for ru in runs], "store": sizes, "check_store": checked,
+        "forward_host": fwd_host, "scan_host": [ru["scan_host"] for ru in runs],
         "thread_cpu": [{"wall": ru["scan_wall_for_cpu"], "cpu": ru["scan_thread_cpu"]} for ru in runs
                        if "scan_thread_cpu" in ru],
     }
@@ -237,9 +279,17 @@ def report(res: dict) -> str:
         L.append(f"{c['corpus']}: {c['model']}, {c['tokens']:,} tokens, {c['layers']} layers ({c['neurons']:,} neurons)")
         L.append(f"  CLI: {c['command']}")
         L.append(f"  bare forwards (s): {', '.join(f'{f:.1f}' for f in c['forwards_seconds'])}")
+        L.append("  steal share of the machine: forwards " + ", ".join(f"{100 * h['steal']:.0f} %" for h in c["forward_host"])
+                 + "; scans " + ", ".join(f"{100 * h.get('steal', 0):.0f} %" for h in c["scan_host"]))
+        L.append("  CPU seconds: forwards " + ", ".join(f"{h['cpu']:.1f}" for h in c["forward_host"]) + "; CLI during "
+                 "the scan " + ", ".join(f"{h.get('cli_cpu', 0):.1f} (server {h.get('server_cpu', 0):.1f})"
+                                         for h in c["scan_host"]))
         for key, what in (("scan", "scan marker seconds / forward"), ("scan_model", "scan model_seconds / forward"),
                           ("scan_bookkeeping", "  of which the bookkeeping / forward"),
+                          ("scan_cpu", "CLI CPU seconds in the scan / forward's CPU s"),
                           ("whole", "whole run (no start-up, no similar) / forward")):
+            if m[key] is None:
+                continue
             tgt = TARGETS.get(key)
             ok = "" if tgt is None else f"   target <= {tgt}: {'OK' if m[key] <= tgt else 'MISSED'}"
             L.append(f"  {what:<48} median {m[key]:.3f}  rounds {', '.join(f'{v:.3f}' for v in c['ratios'][key])}{ok}")
