@@ -38,12 +38,17 @@ class KeptScan:
     rows: dict[int, dict[str, dict | np.ndarray]] = field(default_factory=dict)
     count: int | None = None  # tokens each row's distribution counted (with --strata)
     embedded: dict[int, set[tuple[int, int]]] = field(default_factory=dict)
+    closing: bool = False  # the run is ending: its rows are being written to the store
 
     def region(self, region: tuple, part: str = "top") -> dict[str, np.ndarray]:
         """A shard region's (row, unit slice) tables as `read_block_tables` (part "top") or
-        `read_block_strata` (part "strata") returns them: field -> [1 block, S, ...]."""
+        `read_block_strata` (part "strata") returns them: field -> [1 block, S, ...]. Raises once
+        the run is ending (a shard still running then fails and is left for the rerun)."""
         row, units = region
-        kept = self.rows[row]
+        with _LOCK:
+            if self.closing:
+                raise RuntimeError("the run is stopping: this shard is left for the rerun")
+            kept = self.rows[row]
         out = {name: a[None, units] for name, a in kept[part].items()}
         if part == "strata":
             out.update(hist=kept["hist"][None, units], sum=kept["sum"][None, units],
@@ -85,14 +90,21 @@ def keeping_scan_tables(out: str, in_process: bool, log=None):
         yield
     finally:
         _WANTED.discard(out)
-        with _LOCK:
-            kept = _KEPT.pop(out, None)
-        if kept is not None and kept.rows:
-            _write_kept(out, kept, log)
+        with _LOCK:  # shards still running (an interrupted run) must not start on tables being written
+            kept = _KEPT.get(out)
+            if kept is not None:
+                kept.closing = True
+                rows = sorted(kept.rows.items())
+        try:
+            if kept is not None and rows:
+                _write_kept(out, kept, rows, log)
+        finally:
+            with _LOCK:
+                _KEPT.pop(out, None)
 
 
-def _write_kept(out: str, kept: KeptScan, log=None) -> None:
-    """Write the rows still held to the store as the scan would have, then mark the scan written."""
+def _write_kept(out: str, kept: KeptScan, rows: list, log=None) -> None:
+    """Write `rows` (those still held) to the store as the scan would have, then mark the scan written."""
     import json
     import logging
 
@@ -102,9 +114,9 @@ def _write_kept(out: str, kept: KeptScan, log=None) -> None:
     store, unit = st.Store(out), block_id(kept.block)
     if not store.is_complete("scan", unit):
         return
-    (log or logging.getLogger(__name__)).info(
-        "saving the scan's tables of %d layer(s) to the store, so that a rerun need not rescan", len(kept.rows))
-    for row, parts in sorted(kept.rows.items()):
+    (log or logging.getLogger(__name__)).warning(
+        "saving the scan's tables of %d layer(s) to the store, so that a rerun need not rescan", len(rows))
+    for row, parts in rows:
         st.write_block_table(store, kept.block, row, parts["top"])
         if "strata" in parts:
             st.write_block_strata(store, kept.block, row, parts["strata"], parts["hist"], parts["sum"])

@@ -11,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from neuron_embeddings.core.plan import block_id
+from neuron_embeddings.core.resources import available_memory
 from neuron_embeddings.core.scan import NO_SEQ, SlotTable, Spectrum, scan_sequences
 from neuron_embeddings.core.settings import strata_intervals
 from neuron_embeddings.storage import store as st
@@ -38,7 +39,9 @@ def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16
                                 window=st.window(store), units=b.units,
                                 excluded_ids=s.excluded_token_ids, spectrum=spectrum, timings=timings)
         t_model = time.perf_counter() - t0
-        kept = KeptScan(block["index"], b.units.n_units) if _keeps(out, s, t_model) else None
+        examples = s.k + (len(spectrum.intervals) * s.strata_k if spectrum is not None else 0)
+        x_bytes = len(tables) * b.units.n_units * examples * b.units.d_input * torch.finfo(emb_dtype).bits // 8
+        kept = KeptScan(block["index"], b.units.n_units) if _keeps(out, s, t_model, x_bytes) else None
         for row, table in enumerate(tables):  # layer by layer: one layer's x table at a time
             tables[row] = None
             parts = {"top": _table_fields(table)}
@@ -48,6 +51,7 @@ def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16
                 parts.update(strata={name: np.concatenate([t[name] for t in strata], axis=1) for name in strata[0]},
                              hist=spectrum.hist[row].cpu().numpy(), sum=spectrum.sum[row].cpu().numpy())
                 del strata
+            table.pool.release()  # the row's pool (shared with its strata tables) goes now
             if kept is not None:
                 kept.rows[row] = parts
                 continue
@@ -69,10 +73,14 @@ def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16
     return run_unit(out, "scan", block_id(block["index"]), work)
 
 
-def _keeps(out: str, s, scan_seconds: float) -> bool:
+def _keeps(out: str, s, scan_seconds: float, x_bytes: int) -> bool:
     """Keep the partial tables in memory for the embed stage (tasks.kept) rather than write them:
-    the run's only scan block, its shards in this process, and a scan short enough to redo."""
-    return s.scan_blocks == 1 and keep_wanted(out) and scan_seconds <= KEEP_MAX_S
+    the run's only scan block, its shards in this process, a scan short enough to redo, and room
+    for its x tables (`x_bytes`) through the shard phase beside what is in use now."""
+    if not (s.scan_blocks == 1 and keep_wanted(out) and scan_seconds <= KEEP_MAX_S):
+        return False
+    free = available_memory("cpu")
+    return free is None or free >= x_bytes
 
 
 def _table_fields(table: SlotTable) -> dict[str, np.ndarray]:
