@@ -9,16 +9,21 @@ records `"tables": "memory"`: the tables are durable only while this run lasts. 
 embed (a failed shard, Ctrl-C), writes what is left to the store and marks the scan as written, so
 a rerun computes only those shards. After a kill nothing is written: the next run's repair
 (tasks.registry) sees a scan kept in memory with shards not yet embedded and rescans (the same
-tables: the scan is deterministic). A scan that took longer than `KEEP_MAX_S` writes its tables as
-usual: rescanning it after a kill would cost more than the write.
+tables: the scan is deterministic). A scan that took longer than `KEEP_MAX_S`, or whose x tables
+would not fit in the memory available, writes its tables as usual (tasks.scan decides).
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from neuron_embeddings.core.plan import block_id
+from neuron_embeddings.storage import store as st
 
 KEEP_MAX_S = 600.0  # seconds of scanning beyond which the tables are written (durable) all the same
 
@@ -79,8 +84,15 @@ def kept_scan(out: str) -> KeptScan | None:
     return _KEPT.get(out)
 
 
+def write_row(store: st.Store, block: int, row: int, parts: dict) -> None:
+    """One row of a scan block's tables (`top`, and with --strata `strata`, `hist`, `sum`) to the store."""
+    st.write_block_table(store, block, row, parts["top"])
+    if "strata" in parts:
+        st.write_block_strata(store, block, row, parts["strata"], parts["hist"], parts["sum"])
+
+
 @contextlib.contextmanager
-def keeping_scan_tables(out: str, in_process: bool, log=None):
+def keeping_scan_tables(out: str, in_process: bool):
     """While a run on `out` lasts: let its scan keep its tables in memory when `in_process` (the
     shards run in this process). On the way out, rows still held (some units not embedded) are
     written to the store and the scan's marker rewritten to say so; then everything is dropped."""
@@ -97,29 +109,21 @@ def keeping_scan_tables(out: str, in_process: bool, log=None):
                 rows = sorted(kept.rows.items())
         try:
             if kept is not None and rows:
-                _write_kept(out, kept, rows, log)
+                _write_kept(out, kept, rows)
         finally:
             with _LOCK:
                 _KEPT.pop(out, None)
 
 
-def _write_kept(out: str, kept: KeptScan, rows: list, log=None) -> None:
+def _write_kept(out: str, kept: KeptScan, rows: list) -> None:
     """Write `rows` (those still held) to the store as the scan would have, then mark the scan written."""
-    import json
-    import logging
-
-    from neuron_embeddings.core.plan import block_id
-    from neuron_embeddings.storage import store as st
-
     store, unit = st.Store(out), block_id(kept.block)
     if not store.is_complete("scan", unit):
         return
-    (log or logging.getLogger(__name__)).warning(
+    logging.getLogger(__name__).warning(
         "saving the scan's tables of %d layer(s) to the store, so that a rerun need not rescan", len(rows))
     for row, parts in rows:
-        st.write_block_table(store, kept.block, row, parts["top"])
-        if "strata" in parts:
-            st.write_block_strata(store, kept.block, row, parts["strata"], parts["hist"], parts["sum"])
+        write_row(store, kept.block, row, parts)
     if kept.count is not None:
         st.write_block_count(store, kept.block, kept.count)
     record = json.loads(store.marker_record("scan", unit))

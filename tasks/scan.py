@@ -17,7 +17,7 @@ from neuron_embeddings.core.settings import strata_intervals
 from neuron_embeddings.storage import store as st
 from neuron_embeddings.tasks.blocks import block_inputs
 from neuron_embeddings.tasks.common import run_unit
-from neuron_embeddings.tasks.kept import KEEP_MAX_S, KeptScan, keep, keep_wanted
+from neuron_embeddings.tasks.kept import KEEP_MAX_S, KeptScan, keep, keep_wanted, write_row
 
 
 @task(name="scan-block", task_run_name="scan-B{block[index]}", cache_policy=NO_CACHE)
@@ -55,9 +55,7 @@ def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16
             if kept is not None:
                 kept.rows[row] = parts
                 continue
-            st.write_block_table(store, block["index"], row, parts["top"])
-            if spectrum is not None:
-                st.write_block_strata(store, block["index"], row, parts["strata"], parts["hist"], parts["sum"])
+            write_row(store, block["index"], row, parts)
             del parts
         if spectrum is not None:
             if kept is not None:
