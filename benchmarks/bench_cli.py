@@ -55,12 +55,12 @@ SMOLLM2 = "builtin:smollm2-135m"
 TARGETS = {"scan": 1.11, "whole": 1.5}
 
 
-def host_times() -> tuple[float, float]:
-    """(steal, all) jiffies of the machine so far (/proc/stat): the share of a stretch that the
-    hypervisor gave to other guests. This VM's host is shared: a run and a forward a minute
-    apart can see 0 % and 50 % steal, which no alternation evens out."""
+def host_times() -> tuple[float, float, float]:
+    """(steal, all, idle) jiffies of the machine so far (/proc/stat): steal is the share of a
+    stretch that the hypervisor gave to other guests. This VM's host is shared: a run and a forward
+    a minute apart can see 0 % and 50 % steal, which no alternation evens out."""
     f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return float(f[7]), float(sum(f[:8]))
+    return float(f[7]), float(sum(f[:8])), float(f[3])
 
 
 def steal_share(a: tuple[float, float], b: tuple[float, float]) -> float:

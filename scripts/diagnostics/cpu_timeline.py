@@ -18,13 +18,14 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_cli import host_times  # noqa: E402 - (steal, all, idle) jiffies of the machine
 
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def host_times() -> list[int]:
-    """The machine's CPU times (/proc/stat's first line: user nice system idle iowait irq softirq steal)."""
-    return [int(v) for v in open("/proc/stat").readline().split()[1:9]]
 
 
 def process_seconds(pid: int) -> float:
@@ -65,9 +66,9 @@ def watch(pid: int, interval: float, alive) -> None:
         except (FileNotFoundError, ProcessLookupError):
             break
         h1, t1 = host_times(), time.perf_counter()
-        d = [b - a for a, b in zip(h0, h1)]
-        total = sum(d) or 1
-        print(f"{t1 - t0:7.1f} {(c1 - c0) / (t1 - t_prev):10.2f} {100 * d[7] / total:5.0f}% {100 * d[3] / total:5.0f}%",
+        steal, total, idle = (b - a for a, b in zip(h0, h1))
+        total = total or 1
+        print(f"{t1 - t0:7.1f} {(c1 - c0) / (t1 - t_prev):10.2f} {100 * steal / total:5.0f}% {100 * idle / total:5.0f}%",
               flush=True)
         h0, c0, t_prev = h1, c1, t1
     print(f"\nper thread over {t_prev - t0:.1f} s (tid: user s, system s, minor faults, voluntary / involuntary switches):")
