@@ -63,7 +63,7 @@ def host_times() -> tuple[float, float, float]:
     return float(f[7]), float(sum(f[:8])), float(f[3])
 
 
-def steal_share(a: tuple[float, float], b: tuple[float, float]) -> float:
+def steal_share(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return round((b[0] - a[0]) / max(b[1] - a[1], 1.0), 4)
 
 
