@@ -53,8 +53,8 @@ def thread_times(pid: int) -> dict[int, tuple[float, float, int, int, int]]:
 
 def watch(pid: int, interval: float, alive) -> None:
     """Print a line per interval while `alive()`, then the per-thread totals."""
-    first, seen = thread_times(pid), {}
-    seen.update(first)
+    first = thread_times(pid)
+    seen = dict(first)  # every thread's latest reading, those that ended included
     h0, c0 = host_times(), process_seconds(pid)
     t0 = t_prev = time.perf_counter()
     print(f"{'t, s':>7} {'cores busy':>10} {'steal':>6} {'idle':>6}", flush=True)
