@@ -18,9 +18,12 @@ markers and the schema version; everything else reads and writes through the fun
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import json
 import os
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -69,6 +72,146 @@ class _RecordingStore(WrapperStore):
             self.written[key] = [int(data.nbytes), crc32c(data)]
 
 
+_JSON: dict[str, tuple[tuple, dict]] = {}  # zarr.json path -> (its stat, its parsed content)
+_CHUNK_IO: dict[str, tuple[tuple, "_ChunkIO"]] = {}  # array folder -> (its zarr.json's stat, reader/writer)
+_CACHE_LOCK = threading.Lock()
+_CACHE_MAX = 4096  # entries of each cache; past it, they start again (a process that opens many stores)
+
+
+def _stat_key(path: str) -> tuple:
+    """What changes whenever a file is replaced or rewritten (Zarr writes zarr.json atomically)."""
+    s = os.stat(path)
+    return s.st_ino, s.st_size, s.st_mtime_ns
+
+
+def _json_file(path: str) -> dict:
+    """A local zarr.json, parsed once per process while the file is unchanged (shard tasks open
+    the same few dozen files thousands of times). Raises FileNotFoundError, ValueError."""
+    key = _stat_key(path)
+    with _CACHE_LOCK:
+        hit = _JSON.get(path)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with open(path, "rb") as f:
+        parsed = json.loads(f.read())
+    with _CACHE_LOCK:
+        if len(_JSON) >= _CACHE_MAX:
+            _JSON.clear()
+        _JSON[path] = (key, parsed)
+    return parsed
+
+
+class _ChunkIO:
+    """Whole chunks of one array of a local store, encoded and decoded here by the array's own
+    codecs (Zarr's synchronous codec methods) and read and written as files, without Zarr's I/O
+    event loop. The shard tasks write and read a few small chunks per unit, and going through the
+    loop cost more CPU than their own computing (one loop thread for every shard thread, its
+    metadata parsing and task hand-offs in Python: docs/performance.md). The bytes are Zarr's."""
+
+    def __init__(self, folder: str, meta_dict: dict):
+        from zarr.core.array_spec import ArrayConfig
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.codec_pipeline import codecs_from_list
+        from zarr.core.metadata.v3 import ArrayV3Metadata
+
+        self.folder = folder
+        self.meta = ArrayV3Metadata.from_dict(meta_dict)
+        self.shape, self.chunks = tuple(self.meta.shape), tuple(self.meta.chunks)
+        self.dtype = self.meta.dtype.to_native_dtype()
+        self.proto = default_buffer_prototype()
+        self.spec = self.meta.get_chunk_spec((0,) * len(self.shape), ArrayConfig.from_dict({}), self.proto)
+        self.aa, self.ab, self.bb = codecs_from_list(self.meta.codecs)
+        self.direct = self.dtype.kind in "biuf"  # strings (the vocabulary): through Zarr
+
+    def key(self, coords: tuple[int, ...]) -> str:
+        return self.meta.encode_chunk_key(coords)
+
+    def encode(self, chunk: np.ndarray) -> np.ndarray:
+        """The chunk's stored bytes (uint8), as Zarr would write them."""
+        buf, spec = self.proto.nd_buffer.from_numpy_array(np.ascontiguousarray(chunk, dtype=self.dtype)), self.spec
+        for codec in self.aa:
+            buf, spec = codec._encode_sync(buf, spec), codec.resolve_metadata(spec)
+        out = self.ab._encode_sync(buf, spec)
+        for codec in self.bb:
+            out = codec._encode_sync(out, spec)
+        return out.as_numpy_array()
+
+    def decode(self, data_n: np.ndarray) -> np.ndarray:
+        """A chunk from its stored bytes (uint8 [n]; uncompressed chunks are a view of them)."""
+        specs = [self.spec]
+        for codec in self.aa:
+            specs.append(codec.resolve_metadata(specs[-1]))
+        buf = self.proto.buffer.from_array_like(data_n)
+        for codec in reversed(self.bb):
+            buf = codec._decode_sync(buf, specs[-1])
+        arr = self.ab._decode_sync(buf, specs[-1])
+        for codec, spec in zip(reversed(self.aa), reversed(specs[:-1])):
+            arr = codec._decode_sync(arr, spec)
+        out = arr.as_numpy_array().reshape(self.chunks)
+        return out if out.flags.writeable else out.copy()  # some codecs decode into bytes objects
+
+    def read_chunk(self, coords: tuple[int, ...]) -> np.ndarray:
+        """The chunk (chunk-shaped; the fill value where it was never written)."""
+        try:
+            with open(f"{self.folder}/{self.key(coords)}", "rb") as f:
+                data_n = np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8)  # writable, unlike bytes
+                if f.readinto(memoryview(data_n)) != data_n.size:
+                    raise OSError(f"{self.folder}/{self.key(coords)}: the chunk changed while it was read")
+        except FileNotFoundError:
+            return np.full(self.chunks, self.meta.fill_value, dtype=self.dtype)
+        return self.decode(data_n)
+
+    def write_chunk(self, coords: tuple[int, ...], chunk: np.ndarray) -> tuple[str, list[int]]:
+        """Write one whole chunk atomically (a temporary file renamed over it, as Zarr's LocalStore
+        does); returns its key and [bytes, crc32c]."""
+        key = self.key(coords)
+        path = f"{self.folder}/{key}"
+        data = self.encode(chunk)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(memoryview(data))
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return key, [int(data.nbytes), crc32c(data)]
+
+
+def _chunk_spans(shape: tuple, chunks: tuple, sel: tuple) -> list[list[tuple[int, int, int]]] | None:
+    """Per dimension, the chunks a selection of slices and integers covers as (chunk index, start,
+    stop) in array coordinates, or None where it is not a plain selection (steps, arrays)."""
+    full = tuple(sel) + (slice(None),) * (len(shape) - len(sel))
+    if len(full) != len(shape):
+        return None
+    spans = []
+    for s, n, c in zip(full, shape, chunks):
+        if isinstance(s, (int, np.integer)):
+            i = int(s) + n if s < 0 else int(s)
+            if not 0 <= i < n:
+                return None
+            start, stop = i, i + 1
+        elif isinstance(s, slice) and s.step in (None, 1):
+            start, stop, _ = s.indices(n)
+            if stop <= start:
+                return None
+        else:
+            return None
+        spans.append(_spans_1d(start, stop, c))
+    return spans
+
+
+def _spans_1d(start: int, stop: int, c: int) -> list[tuple[int, int, int]]:
+    out, b = [], start
+    while b < stop:
+        e = min((b // c + 1) * c, stop)
+        out.append((b // c, b, e))
+        b = e
+    return out
+
+
 class Store:
     """A store at a local path or fsspec URL."""
 
@@ -79,6 +222,7 @@ class Store:
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self._group = None
         self._writer = None  # the recording Zarr store writes go through (one per Store)
+        self._written: dict[str, list[int]] = {}  # chunks written through this object (Zarr's or _ChunkIO)
         self._arrays: dict[str, zarr.Array] = {}  # path -> array of the current group, opened once
         parent, _, name = self.root.rpartition("/")
         self.state = f"{parent}/.{name}.state"  # markers, progress, explorer caches (not Zarr data)
@@ -97,7 +241,7 @@ class Store:
             if mode == "r+":  # writes go through the recorder, so markers can list what a unit wrote
                 if self._writer is None:
                     base = LocalStore(self.root) if self.local else FsspecStore.from_url(self.url)
-                    self._writer = _RecordingStore(base)
+                    self._writer = _RecordingStore(base, self._written)
                 if self._group is None or self._group.store is not self._writer:  # once per Store object
                     # each array's own metadata, never a consolidated copy (~10 ms to parse on a finished store)
                     self._group, self._arrays = zarr.open_group(self._writer, mode="r+", use_consolidated=False), {}
@@ -113,11 +257,43 @@ class Store:
 
     def written_chunks(self) -> dict[str, list[int]]:
         """Every chunk written through this Store object: key (relative to the store) -> [bytes, crc32c]."""
-        return dict(self._writer.written) if self._writer is not None else {}
+        return dict(self._written)
 
     @property
     def attrs(self) -> dict:
+        if self.local:  # the root zarr.json, parsed once per process while unchanged
+            try:
+                meta = _json_file(f"{self.root}/zarr.json")
+                if meta.get("node_type") == "group":
+                    return copy.deepcopy(meta["attributes"])  # the cached parse is shared: a copy to change
+                return dict(self.group("r").attrs)
+            except FileNotFoundError:
+                pass  # as Zarr says it
+            except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{self.url}: the store's zarr.json is damaged ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:120] if str(e) else ''}); restore it from a copy, "
+                                "or choose a new --out path") from e
         return dict(self.group("r").attrs)
+
+    def chunk_io(self, name: str | schema.ArraySpec) -> "_ChunkIO | None":
+        """An array of a local store: its metadata, and whole-chunk I/O where `.direct` (None: not
+        a local store, or no such array; go through Zarr)."""
+        if not self.local:
+            return None
+        folder = f"{self.root}/{_path(name)}"
+        try:
+            key = _stat_key(f"{folder}/zarr.json")
+        except FileNotFoundError:
+            return None
+        with _CACHE_LOCK:
+            hit = _CHUNK_IO.get(folder)
+        if hit is None or hit[0] != key:
+            hit = (key, _ChunkIO(folder, _json_file(f"{folder}/zarr.json")))
+            with _CACHE_LOCK:
+                if len(_CHUNK_IO) >= _CACHE_MAX:
+                    _CHUNK_IO.clear()
+                _CHUNK_IO[folder] = hit
+        return hit[1]
 
     def settings(self) -> RunSettings:
         attrs = self.attrs
@@ -517,8 +693,6 @@ def _per_chunk(a: zarr.Array, sel: tuple, data) -> list[tuple[tuple, object]]:
         spans.append([(b, min(b + c, stop)) for b in range(start, stop, c)])
     if view.shape != tuple(sp[-1][1] - sp[0][0] for sp in spans):
         return [(sel, data)]  # a broadcast value: as it is
-    import itertools
-
     return [(tuple(slice(b, e) for b, e in combo),
              view[tuple(slice(b - sp[0][0], e - sp[0][0]) for (b, e), sp in zip(combo, spans))])
             for combo in itertools.product(*spans)]
@@ -530,9 +704,16 @@ def write(store: Store, name: str | schema.ArraySpec, sel: tuple, data: np.ndarr
 
 
 def write_many(store: Store, sel: tuple, arrays: dict) -> None:
-    """Write the same chunk-aligned region of several arrays, concurrently (one round trip to
-    Zarr's I/O loop; chunk encoding and file writes overlap). Returns when every write is done."""
-    targets = [(store.array(name, write=True), data) for name, data in arrays.items()]
+    """Write the same chunk-aligned region of several arrays: whole interior chunks of a local
+    store directly (`_ChunkIO`), the rest concurrently through Zarr's I/O loop (one round trip;
+    chunk encoding and file writes overlap). Returns when every write is done."""
+    rest = {}
+    for name, data in arrays.items():
+        if not _write_direct(store, name, sel, data):
+            rest[name] = data
+    if not rest:
+        return
+    targets = [(store.array(name, write=True), data) for name, data in rest.items()]
     for a, _ in targets:
         _check_aligned(a, sel)
     try:
@@ -551,7 +732,58 @@ def write_many(store: Store, sel: tuple, arrays: dict) -> None:
     sync(_all())
 
 
+def _write_direct(store: Store, name: str | schema.ArraySpec, sel: tuple, data) -> bool:
+    """`a[sel] = data` chunk by chunk through _ChunkIO where every chunk it covers is a whole,
+    interior chunk and `data` has the selection's shape; False (nothing written) otherwise."""
+    io = store.chunk_io(name)
+    if io is None or not io.direct or not isinstance(data, np.ndarray):
+        return False
+    spans = _chunk_spans(io.shape, io.chunks, sel)
+    if spans is None:
+        return False
+    full = tuple(sel) + (slice(None),) * (len(io.shape) - len(sel))
+    shape = tuple(sp[-1][2] - sp[0][1] for sp in spans)  # integer dimensions as length 1
+    if data.shape not in (shape, tuple(n for n, s in zip(shape, full) if not isinstance(s, (int, np.integer)))):
+        return False  # a broadcast value: through Zarr
+    if any(b != i * c or e != b + c for sp, c in zip(spans, io.chunks) for i, b, e in sp):
+        return False  # part of a chunk, or an edge chunk: through Zarr
+    view = data.reshape(shape)
+    for combo in itertools.product(*spans):
+        coords = tuple(i for i, _, _ in combo)
+        piece = view[tuple(slice(b - sp[0][1], e - sp[0][1]) for (_, b, e), sp in zip(combo, spans))]
+        key, record = io.write_chunk(coords, piece)
+        store._written[f"{_path(name)}/{key}"] = record
+    return True
+
+
+def _read_direct(store: Store, name: str | schema.ArraySpec, sel: tuple) -> np.ndarray | None:
+    """`a[sel]` for slices and integers, chunk by chunk through _ChunkIO; None where it cannot."""
+    io = store.chunk_io(name)
+    if io is None or not io.direct:
+        return None
+    spans = _chunk_spans(io.shape, io.chunks, sel)
+    if spans is None:
+        return None
+    full = tuple(sel) + (slice(None),) * (len(io.shape) - len(sel))
+    shape = [sp[-1][2] - sp[0][1] for sp in spans]
+    keep = [n for n, s in zip(shape, full) if not isinstance(s, (int, np.integer))]
+    if all(len(sp) == 1 for sp in spans):  # one chunk (the usual shard read): no copy where it is all of it
+        (combo,) = itertools.product(*spans)
+        part = io.read_chunk(tuple(i for i, _, _ in combo))[
+            tuple(slice(b - i * c, e - i * c) for (i, b, e), c in zip(combo, io.chunks))]
+        return part.reshape(keep)
+    out = np.empty(shape, dtype=io.dtype)
+    for combo in itertools.product(*spans):
+        chunk = io.read_chunk(tuple(i for i, _, _ in combo))
+        out[tuple(slice(b - sp[0][1], e - sp[0][1]) for (_, b, e), sp in zip(combo, spans))] = \
+            chunk[tuple(slice(b - i * c, e - i * c) for (i, b, e), c in zip(combo, io.chunks))]
+    return out.reshape(keep)
+
+
 def read(store: Store, name: str | schema.ArraySpec, sel: tuple = ()) -> np.ndarray:
+    got = _read_direct(store, name, sel)
+    if got is not None:
+        return got
     a = store.array(name)
     return a[sel] if sel else a[...]
 
@@ -583,7 +815,16 @@ def read_tokens(store: Store, start: int | None = None, stop: int | None = None)
 
 def read_token_rows(store: Store, rows: np.ndarray) -> np.ndarray:
     """int32 [len(rows), ctx_len]: the given (sorted, unique) rows of `tokens`."""
-    return store.array(schema.TOKENS).get_orthogonal_selection((rows, slice(None)))
+    io = store.chunk_io(schema.TOKENS)
+    rows = np.asarray(rows, dtype=np.int64)
+    if io is None or not io.direct or io.chunks[1] < io.shape[1] or (len(rows) and not 0 <= rows[0] <= rows[-1] < io.shape[0]):
+        return store.array(schema.TOKENS).get_orthogonal_selection((rows, slice(None)))
+    c = io.chunks[0]
+    out = np.empty((len(rows), io.shape[1]), dtype=io.dtype)
+    for chunk_row in np.unique(rows // c):  # each chunk of rows the selection touches, read once
+        at = np.flatnonzero(rows // c == chunk_row)
+        out[at] = io.read_chunk((int(chunk_row), 0))[rows[at] - chunk_row * c, :io.shape[1]]
+    return out
 
 
 def read_vocab(store: Store) -> np.ndarray:
@@ -640,19 +881,21 @@ def scratch_keys(store: Store, region: tuple) -> list[str]:
     if store.attrs.get("strata"):
         specs += [*schema.SCAN_STRATA.values(), schema.SCAN_HIST, schema.SCAN_SUM]
     for spec in specs:
-        a = store.array(spec)
+        io = store.chunk_io(spec)
+        a = io.meta if io is not None else store.array(spec).metadata
         rest = (0,) * (a.ndim - 3)  # example (and d_model / window): whole
         for b in range(a.shape[0]):
-            keys.append(f"{spec.path}/{a.metadata.encode_chunk_key((b, row, neurons.start // a.chunks[2], *rest))}")
+            keys.append(f"{spec.path}/{a.encode_chunk_key((b, row, neurons.start // a.chunks[2], *rest))}")
     return keys
 
 
 def centroid_keys(store: Store, region: tuple) -> list[str]:
     """Chunk keys of `similar/centroids` for one shard's region (row, neuron slice): what only the
     similar stage reads; released once every similar shard is complete."""
-    a = store.array(schema.CENTROIDS)
+    io = store.chunk_io(schema.CENTROIDS)
+    a = io.meta if io is not None else store.array(schema.CENTROIDS).metadata
     row, neurons = region
-    key = a.metadata.encode_chunk_key((row, neurons.start // a.chunks[1], *(0,) * (a.ndim - 2)))
+    key = a.encode_chunk_key((row, neurons.start // a.chunks[1], *(0,) * (a.ndim - 2)))
     return [f"{schema.CENTROIDS.path}/{key}"]
 
 
@@ -769,7 +1012,8 @@ def read_metrics(store: Store, names: tuple[str, ...] = METRICS, region: tuple =
 
 
 def centroid_dtype(store: Store) -> np.dtype:
-    return store.array(schema.CENTROIDS).dtype
+    io = store.chunk_io(schema.CENTROIDS)
+    return io.dtype if io is not None else store.array(schema.CENTROIDS).dtype
 
 
 def n_similar(store: Store) -> int:
