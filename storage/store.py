@@ -673,29 +673,35 @@ def _path(name: str | schema.ArraySpec) -> str:
     return name.path if isinstance(name, schema.ArraySpec) else name
 
 
+def _region_view(data, spans: list, sel: tuple) -> np.ndarray | None:
+    """`data` shaped like the region `spans` covers (integer dimensions as length 1), or None
+    where it is not an array of the region's shape (a broadcast value)."""
+    if not isinstance(data, np.ndarray):
+        return None
+    full = tuple(sel) + (slice(None),) * (len(spans) - len(sel))
+    shape = tuple(sp[-1][2] - sp[0][1] for sp in spans)
+    if data.shape not in (shape, tuple(n for n, s in zip(shape, full) if not isinstance(s, (int, np.integer)))):
+        return None
+    return data.reshape(shape)
+
+
+def _pieces(spans: list, view: np.ndarray):
+    """(chunk coordinates, array slices, the view's piece) of every chunk a region covers."""
+    for combo in itertools.product(*spans):
+        yield (tuple(i for i, _, _ in combo), tuple(slice(b, e) for _, b, e in combo),
+               view[tuple(slice(b - sp[0][1], e - sp[0][1]) for (_, b, e), sp in zip(combo, spans))])
+
+
 def _per_chunk(a: zarr.Array, sel: tuple, data) -> list[tuple[tuple, object]]:
     """A chunk-aligned write `a[sel] = data` as one write per chunk, each selecting its chunk with
     slices and given data of the chunk's shape: Zarr then encodes the data as it is (its path for
     complete chunks) instead of filling a chunk-sized buffer and copying the data into it (a
     quarter of the I/O thread's time in the scan's and embed's writes, profiled)."""
-    if not isinstance(data, np.ndarray) or any(not isinstance(s, (slice, int, np.integer)) for s in sel):
-        return [(sel, data)]
-    full = tuple(sel) + (slice(None),) * (a.ndim - len(sel))
-    spans, view, axis = [], data, 0
-    for dim, s in enumerate(full):
-        n, c = a.shape[dim], a.chunks[dim]
-        if isinstance(s, slice):
-            start, stop = s.start or 0, n if s.stop is None else s.stop
-        else:
-            start, stop = int(s), int(s) + 1
-            view = np.expand_dims(view, axis)
-        axis += 1
-        spans.append([(b, min(b + c, stop)) for b in range(start, stop, c)])
-    if view.shape != tuple(sp[-1][1] - sp[0][0] for sp in spans):
-        return [(sel, data)]  # a broadcast value: as it is
-    return [(tuple(slice(b, e) for b, e in combo),
-             view[tuple(slice(b - sp[0][0], e - sp[0][0]) for (b, e), sp in zip(combo, spans))])
-            for combo in itertools.product(*spans)]
+    spans = _chunk_spans(a.shape, a.chunks, sel)
+    view = None if spans is None else _region_view(data, spans, sel)
+    if view is None:
+        return [(sel, data)]  # a broadcast value, or a selection Zarr resolves: as it is
+    return [(where, piece) for _, where, piece in _pieces(spans, view)]
 
 
 def write(store: Store, name: str | schema.ArraySpec, sel: tuple, data: np.ndarray) -> None:
@@ -736,21 +742,13 @@ def _write_direct(store: Store, name: str | schema.ArraySpec, sel: tuple, data) 
     """`a[sel] = data` chunk by chunk through _ChunkIO where every chunk it covers is a whole,
     interior chunk and `data` has the selection's shape; False (nothing written) otherwise."""
     io = store.chunk_io(name)
-    if io is None or not io.direct or not isinstance(data, np.ndarray):
+    if io is None or not io.direct:
         return False
     spans = _chunk_spans(io.shape, io.chunks, sel)
-    if spans is None:
-        return False
-    full = tuple(sel) + (slice(None),) * (len(io.shape) - len(sel))
-    shape = tuple(sp[-1][2] - sp[0][1] for sp in spans)  # integer dimensions as length 1
-    if data.shape not in (shape, tuple(n for n, s in zip(shape, full) if not isinstance(s, (int, np.integer)))):
-        return False  # a broadcast value: through Zarr
-    if any(b != i * c or e != b + c for sp, c in zip(spans, io.chunks) for i, b, e in sp):
-        return False  # part of a chunk, or an edge chunk: through Zarr
-    view = data.reshape(shape)
-    for combo in itertools.product(*spans):
-        coords = tuple(i for i, _, _ in combo)
-        piece = view[tuple(slice(b - sp[0][1], e - sp[0][1]) for (_, b, e), sp in zip(combo, spans))]
+    view = None if spans is None else _region_view(data, spans, sel)
+    if view is None or any(b != i * c or e != b + c for sp, c in zip(spans, io.chunks) for i, b, e in sp):
+        return False  # a broadcast value, part of a chunk or an edge chunk: through Zarr
+    for coords, _, piece in _pieces(spans, view):
         key, record = io.write_chunk(coords, piece)
         store._written[f"{_path(name)}/{key}"] = record
     return True
@@ -767,16 +765,16 @@ def _read_direct(store: Store, name: str | schema.ArraySpec, sel: tuple) -> np.n
     full = tuple(sel) + (slice(None),) * (len(io.shape) - len(sel))
     shape = [sp[-1][2] - sp[0][1] for sp in spans]
     keep = [n for n, s in zip(shape, full) if not isinstance(s, (int, np.integer))]
+
+    def in_chunk(coords: tuple, where: tuple) -> tuple:
+        return tuple(slice(w.start - i * c, w.stop - i * c) for i, w, c in zip(coords, where, io.chunks))
+
     if all(len(sp) == 1 for sp in spans):  # one chunk (the usual shard read): no copy where it is all of it
-        (combo,) = itertools.product(*spans)
-        part = io.read_chunk(tuple(i for i, _, _ in combo))[
-            tuple(slice(b - i * c, e - i * c) for (i, b, e), c in zip(combo, io.chunks))]
-        return part.reshape(keep)
+        coords, where = tuple(sp[0][0] for sp in spans), tuple(slice(sp[0][1], sp[0][2]) for sp in spans)
+        return io.read_chunk(coords)[in_chunk(coords, where)].reshape(keep)
     out = np.empty(shape, dtype=io.dtype)
-    for combo in itertools.product(*spans):
-        chunk = io.read_chunk(tuple(i for i, _, _ in combo))
-        out[tuple(slice(b - sp[0][1], e - sp[0][1]) for (_, b, e), sp in zip(combo, spans))] = \
-            chunk[tuple(slice(b - i * c, e - i * c) for (i, b, e), c in zip(combo, io.chunks))]
+    for coords, where, piece in _pieces(spans, out):
+        piece[...] = io.read_chunk(coords)[in_chunk(coords, where)]
     return out.reshape(keep)
 
 
