@@ -121,6 +121,9 @@ class _ChunkIO:
         self.proto = default_buffer_prototype()
         self.spec = self.meta.get_chunk_spec((0,) * len(self.shape), ArrayConfig.from_dict({}), self.proto)
         self.aa, self.ab, self.bb = codecs_from_list(self.meta.codecs)
+        self.specs = [self.spec]  # the chunk's spec before each array-to-array codec, then after the last
+        for codec in self.aa:
+            self.specs.append(codec.resolve_metadata(self.specs[-1]))
         self.direct = self.dtype.kind in "biuf"  # strings (the vocabulary): through Zarr
 
     def key(self, coords: tuple[int, ...]) -> str:
@@ -128,24 +131,21 @@ class _ChunkIO:
 
     def encode(self, chunk: np.ndarray) -> np.ndarray:
         """The chunk's stored bytes (uint8), as Zarr would write them."""
-        buf, spec = self.proto.nd_buffer.from_numpy_array(np.ascontiguousarray(chunk, dtype=self.dtype)), self.spec
-        for codec in self.aa:
-            buf, spec = codec._encode_sync(buf, spec), codec.resolve_metadata(spec)
-        out = self.ab._encode_sync(buf, spec)
+        buf = self.proto.nd_buffer.from_numpy_array(np.ascontiguousarray(chunk, dtype=self.dtype))
+        for codec, spec in zip(self.aa, self.specs):
+            buf = codec._encode_sync(buf, spec)
+        out = self.ab._encode_sync(buf, self.specs[-1])
         for codec in self.bb:
-            out = codec._encode_sync(out, spec)
+            out = codec._encode_sync(out, self.specs[-1])
         return out.as_numpy_array()
 
     def decode(self, data_n: np.ndarray) -> np.ndarray:
         """A chunk from its stored bytes (uint8 [n]; uncompressed chunks are a view of them)."""
-        specs = [self.spec]
-        for codec in self.aa:
-            specs.append(codec.resolve_metadata(specs[-1]))
         buf = self.proto.buffer.from_array_like(data_n)
         for codec in reversed(self.bb):
-            buf = codec._decode_sync(buf, specs[-1])
-        arr = self.ab._decode_sync(buf, specs[-1])
-        for codec, spec in zip(reversed(self.aa), reversed(specs[:-1])):
+            buf = codec._decode_sync(buf, self.specs[-1])
+        arr = self.ab._decode_sync(buf, self.specs[-1])
+        for codec, spec in zip(reversed(self.aa), reversed(self.specs[:-1])):
             arr = codec._decode_sync(arr, spec)
         out = arr.as_numpy_array().reshape(self.chunks)
         return out if out.flags.writeable else out.copy()  # some codecs decode into bytes objects
@@ -870,6 +870,12 @@ def read_block_strata(store: Store, region: tuple) -> dict[str, np.ndarray]:
     return out
 
 
+def _array_meta(store: Store, spec: schema.ArraySpec):
+    """An array's Zarr metadata (shape, chunks, chunk keys): parsed once per process on a local store."""
+    io = store.chunk_io(spec)
+    return io.meta if io is not None else store.array(spec).metadata
+
+
 def scratch_keys(store: Store, region: tuple) -> list[str]:
     """Chunk keys (relative to the store) of the scan's partial tables of every block for one
     shard's region (row, neuron slice): what the embed stage reads and nothing else does."""
@@ -879,8 +885,7 @@ def scratch_keys(store: Store, region: tuple) -> list[str]:
     if store.attrs.get("strata"):
         specs += [*schema.SCAN_STRATA.values(), schema.SCAN_HIST, schema.SCAN_SUM]
     for spec in specs:
-        io = store.chunk_io(spec)
-        a = io.meta if io is not None else store.array(spec).metadata
+        a = _array_meta(store, spec)
         rest = (0,) * (a.ndim - 3)  # example (and d_model / window): whole
         for b in range(a.shape[0]):
             keys.append(f"{spec.path}/{a.encode_chunk_key((b, row, neurons.start // a.chunks[2], *rest))}")
@@ -890,8 +895,7 @@ def scratch_keys(store: Store, region: tuple) -> list[str]:
 def centroid_keys(store: Store, region: tuple) -> list[str]:
     """Chunk keys of `similar/centroids` for one shard's region (row, neuron slice): what only the
     similar stage reads; released once every similar shard is complete."""
-    io = store.chunk_io(schema.CENTROIDS)
-    a = io.meta if io is not None else store.array(schema.CENTROIDS).metadata
+    a = _array_meta(store, schema.CENTROIDS)
     row, neurons = region
     key = a.encode_chunk_key((row, neurons.start // a.chunks[1], *(0,) * (a.ndim - 2)))
     return [f"{schema.CENTROIDS.path}/{key}"]
