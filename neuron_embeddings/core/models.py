@@ -19,6 +19,7 @@ import torch
 
 from neuron_embeddings.core.errors import UserError
 from neuron_embeddings.core.hub import require_model
+from neuron_embeddings.core.resources import release_openmp_threads
 from neuron_embeddings.core.settings import DEVICES, MODEL_DTYPES
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32") -> Loade
         if key not in _CACHE:
             log.info("loading model %s on %s in %s", name, dev, dtype)
             _CACHE[key] = _boot(name, dev, dtype)
+            release_openmp_threads()  # the load's torch threads: the forward runs on another thread
         return _CACHE[key]
 
 

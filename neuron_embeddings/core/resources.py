@@ -1,7 +1,8 @@
 """What a run needs against what the machine has: memory and disk, compared before anything is
 allocated, so a run that cannot fit is a one-line error saying what to change (not a traceback
-minutes later, or a store that can never be finished); and how the process's malloc keeps the
-memory a forward pass frees (`keep_freed_memory`)."""
+minutes later, or a store that can never be finished); how the process's malloc keeps the
+memory a forward pass frees (`keep_freed_memory`); and letting go of the OpenMP threads a thread no
+longer needs (`release_openmp_threads`)."""
 from __future__ import annotations
 
 import ctypes
@@ -125,3 +126,42 @@ def malloc_environ() -> dict[str, str]:
     """`keep_freed_memory`'s settings as the environment variables glibc reads when a process
     starts (for worker processes spawned by others, e.g. Dask's nanny)."""
     return {name: str(value) for _, name, value in _MALLOC_SETTINGS}
+
+
+_GOMP: list = []  # [the libgomp torch uses, or None], looked up once
+
+
+def _libgomp():
+    """The GNU OpenMP runtime torch's CPU kernels run on (found in this process's mapped
+    libraries), or None where torch uses another (Intel's, LLVM's) or this is not Linux."""
+    if not _GOMP:
+        lib = None
+        try:
+            import torch
+
+            with open("/proc/self/maps") as maps:
+                paths = {line.split()[-1] for line in maps if "libgomp" in line and line.rstrip().endswith((".so", ".so.1"))}
+            own = {p for p in paths if p.startswith(os.path.dirname(torch.__file__))}  # a wheel's bundled copy
+            paths = own or paths
+            if len(paths) == 1:
+                lib = ctypes.CDLL(paths.pop())
+                lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
+        except (OSError, AttributeError):
+            lib = None
+        _GOMP.append(lib)
+    return _GOMP[0]
+
+
+def release_openmp_threads() -> bool:
+    """Let the OpenMP worker threads this thread started (torch's intra-op threads) end.
+
+    libgomp keeps a pool of worker threads for every thread that ran a parallel region, and while
+    the process manages more such threads than there are CPUs it makes them sleep after ~100 spins
+    between regions instead of ~300,000 (its "throttled" spin, libgomp's env.c). The model loaded
+    on one thread and the scan run on another made two pools, so the scan's forward ran throttled
+    inside the CLI and not in a bare forward. Called where a thread's torch work ends (model load,
+    each unit). Returns False where nothing could be done (not libgomp, or inside a parallel region)."""
+    lib = _libgomp()
+    if lib is None:
+        return False
+    return lib.omp_pause_resource_all(1) == 0  # omp_pause_soft
