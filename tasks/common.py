@@ -76,14 +76,14 @@ def run_unit(store_url: str, stage: str, unit: str, work: Callable[[Store], dict
         maybe_fault(stage, unit)
         record = work(store)
     except BaseException as e:
-        release_openmp_threads()
         try:
             store.mark_failed(stage, unit, f"{type(e).__name__}: {e}")
         except OSError as marker_error:  # e.g. the disk is full: report the unit's own error
             log.error("%s %s: could not write its failure marker (%s)", stage, unit, marker_error)
         log.error("%s %s failed: %s: %s", stage, unit, type(e).__name__, e)
         raise
-    release_openmp_threads()  # this thread's torch threads: only the scan's forward should keep a pool
+    finally:
+        release_openmp_threads()  # this thread's torch threads: only the scan's forward should keep a pool
     record = {"stage": stage, "unit": unit, "skipped": False,
               "seconds": round(time.perf_counter() - t0, 3), "worker": f"{socket.gethostname()}:{os.getpid()}", **record}
     store.mark_complete(stage, unit, record)
