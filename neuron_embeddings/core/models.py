@@ -223,7 +223,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32") -> Loade
         if key not in _CACHE:
             log.info("loading model %s on %s in %s", name, dev, dtype)
             _CACHE[key] = _boot(name, dev, dtype)
-            release_openmp_threads()  # the load's torch threads: the forward runs on another thread
+            release_openmp_threads()  # the load's torch threads: the scan's forward may run on another thread
         return _CACHE[key]
 
 

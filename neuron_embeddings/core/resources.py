@@ -6,6 +6,7 @@ longer needs (`release_openmp_threads`)."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import shutil
@@ -128,28 +129,24 @@ def malloc_environ() -> dict[str, str]:
     return {name: str(value) for _, name, value in _MALLOC_SETTINGS}
 
 
-_GOMP: list = []  # [the libgomp torch uses, or None], looked up once
-
-
+@functools.cache
 def _libgomp():
     """The GNU OpenMP runtime torch's CPU kernels run on (found in this process's mapped
     libraries), or None where torch uses another (Intel's, LLVM's) or this is not Linux."""
-    if not _GOMP:
-        lib = None
-        try:
-            import torch
+    import torch
 
-            with open("/proc/self/maps") as maps:
-                paths = {line.split()[-1] for line in maps if "libgomp" in line and line.rstrip().endswith((".so", ".so.1"))}
-            own = {p for p in paths if p.startswith(os.path.dirname(torch.__file__))}  # a wheel's bundled copy
-            paths = own or paths
-            if len(paths) == 1:
-                lib = ctypes.CDLL(paths.pop())
-                lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
-        except (OSError, AttributeError):
-            lib = None
-        _GOMP.append(lib)
-    return _GOMP[0]
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line and line.rstrip().endswith((".so", ".so.1"))}
+        own = {p for p in paths if p.startswith(os.path.dirname(torch.__file__))}  # a wheel's bundled copy
+        paths = own or paths
+        if len(paths) != 1:
+            return None
+        lib = ctypes.CDLL(paths.pop())
+        lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
+        return lib
+    except (OSError, AttributeError):
+        return None
 
 
 def release_openmp_threads() -> bool:
