@@ -4,7 +4,9 @@
 For each size (`--base` clusters x each of `--scales`), in one run:
 - exact: `nearest_clusters` (blockwise matrix product in the search dtype `search_dtype` picks, as
   the stage runs it) for a sample of `--queries` clusters against all clusters; its cost is linear
-  in the queries, so the whole search is projected as sample seconds x clusters / queries;
+  in the queries, so the whole search is projected as sample seconds x clusters / queries; run
+  twice with each selection of the tiles' candidates (the compiled one, the CPU's default, and
+  `torch.topk`), alternated: the best of each, and the share of neighbours they agree on;
 - FAISS IndexFlatIP (exact, float32) for the same sample at the first size (the library's exact
   search, for comparison);
 - hnsw: `HnswIndex` built over all clusters (one thread, as the stage builds it) and searched for
@@ -89,9 +91,23 @@ def measure(cs: ClusterSet, n_queries: int, seed: int, faiss_flat: bool, efs: li
     with torch.inference_mode():
         t0 = time.perf_counter()
         refs = cs.searchable(dt)
-        exact_id, exact_cos = nearest_clusters(q, [refs], N_SIMILAR, search_dtype=dt)
-        t = time.perf_counter() - t0
+        t_prep = time.perf_counter() - t0
+        # the search with each selection (compiled, the CPU's default; torch.topk), alternated twice
+        secs: dict[bool, list[float]] = {True: [], False: []}
+        for compiled in (False, True, False, True):
+            t0 = time.perf_counter()
+            got = nearest_clusters(q, [refs], N_SIMILAR, search_dtype=dt, compiled=compiled)
+            secs[compiled].append(time.perf_counter() - t0)
+            if compiled:
+                exact_id, exact_cos = got
+            else:
+                torch_id = got[0]
+        t = t_prep + min(secs[True])
         del refs
+    out.update(selection_seconds={"compiled": [round(v, 2) for v in secs[True]],
+                                  "torch_topk": [round(v, 2) for v in secs[False]]},
+               compiled_over_torch=round(min(secs[True]) / min(secs[False]), 3),
+               selections_agree=round(float((torch_id == exact_id).float().mean()), 5))
     # neighbour structure: the exact cosines of the 1st and 5th neighbour against the largest cosine
     # N random unit vectors in d would reach (~sqrt(2 ln N / d)): near it, no search can skip much
     out.update(exact_sample_s=round(t, 2), exact_projected_s=round(t * N / len(sample), 1),
@@ -204,6 +220,10 @@ def main() -> None:
         for v in r.get("ivf", []):
             print(f"IVF-Flat at {r['clusters']:,} clusters, {v['nlist']} lists, nprobe {v['nprobe']}: build {v['build_s']:.0f} s + "
                   f"search {v['search_projected_s']:.0f} s, recall@5 {v['recall_at_5']:.3f}")
+    for r in rows:
+        print(f"exact search at {r['clusters']:,} clusters, sample of {r['queries']:,}: compiled selection "
+              f"{r['selection_seconds']['compiled']} s, torch.topk {r['selection_seconds']['torch_topk']} s: "
+              f"{r['compiled_over_torch']:.3f}x; neighbours agree {r['selections_agree']:.5f}")
     if "faiss_flat_projected_s" in rows[0]:
         print(f"\nFAISS IndexFlatIP (exact, float32) at {rows[0]['clusters']:,} clusters: {rows[0]['faiss_flat_projected_s']:.0f} s "
               f"projected, against {rows[0]['exact_projected_s']:.0f} s for today's search ({rows[0]['exact_dtype']})")

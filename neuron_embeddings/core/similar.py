@@ -148,9 +148,19 @@ def _mask_same_owner(sim_QR: torch.Tensor, q_own: torch.Tensor, r_own: torch.Ten
         sub.masked_fill_(q_own[:, None] == r_own[None, lo:hi], -torch.inf)
 
 
+_BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float32: (torch.int32, 0x7FFFFFFF)}  # the compiled selection's views
+
+
+def _key_range(dtype: torch.dtype) -> tuple[int, int]:
+    """The order keys (core.similar_kernels.order_key) of -inf and +inf in `dtype`."""
+    int_dtype, magnitude = _BITS[dtype]
+    lo, hi = torch.tensor([-torch.inf, torch.inf], dtype=dtype).view(int_dtype).tolist()
+    return lo ^ ((lo >> 63) & magnitude), hi ^ ((hi >> 63) & magnitude)
+
+
 def nearest_clusters(query: ClusterSet, refs: Iterable[ClusterSet], n: int, block: int = 8192,
                      q_block: int = 1024, search_dtype: torch.dtype = torch.float32,
-                     extra: int = RESCORE_EXTRA) -> tuple[torch.Tensor, torch.Tensor]:
+                     extra: int = RESCORE_EXTRA, compiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each query cluster, the `n` reference clusters of other neurons with the largest
     centroid cosine: (id int64 [Q, n], -1 where fewer; cosine float32 [Q, n], NaN there), best
     first. Owners (neurons) must ascend within the query and within each reference set.
@@ -159,10 +169,19 @@ def nearest_clusters(query: ClusterSet, refs: Iterable[ClusterSet], n: int, bloc
     temporary, so memory does not grow with the store. With `search_dtype` bfloat16 (fast on
     CPUs with AVX512-BF16 and on GPUs) each reference set's n + `extra` best candidates are found
     in bfloat16, then re-scored in float32: the result differs from the float32 one only if
-    rounding pushes one of the true n best below `extra` others."""
+    rounding pushes one of the true n best below `extra` others. Each tile's candidates are picked
+    by core.similar_kernels (`compiled`, default on the CPU; ties: the earlier reference) or
+    `torch.topk`."""
     Q, dev = len(query), query.c_ND.device
     low = search_dtype != torch.float32
     m = n + extra if low else n
+    if compiled is None:
+        compiled = dev.type == "cpu" and search_dtype in _BITS
+    if compiled:
+        from neuron_embeddings.core.similar_kernels import merge_tile
+
+        int_dtype, magnitude = _BITS[search_dtype]
+        floor, ceiling = _key_range(search_dtype)
     q_unit = query.unit()
     q_search = q_unit.to(search_dtype)
     best_cos = torch.full((Q, n), -torch.inf, device=dev)
@@ -174,6 +193,8 @@ def nearest_clusters(query: ClusterSet, refs: Iterable[ClusterSet], n: int, bloc
         mm = min(m, R)
         cand_s = torch.full((Q, mm), -torch.inf, dtype=search_dtype, device=dev)
         cand_at = torch.full((Q, mm), -1, dtype=torch.int64, device=dev)
+        if compiled:
+            key_QM = np.full((Q, mm), floor, dtype=np.int64)
         for r0 in range(0, R, block):
             rs = slice(r0, r0 + block)
             r_search, r_own = ref.search(rs, search_dtype), ref.owner_N[rs]
@@ -182,6 +203,9 @@ def nearest_clusters(query: ClusterSet, refs: Iterable[ClusterSet], n: int, bloc
                 q = slice(q0, q0 + q_block)
                 sim = q_search[q] @ r_search.T  # [q, r] in the search dtype
                 _mask_same_owner(sim, query.owner_N[q], r_own)
+                if compiled:
+                    merge_tile(sim.view(int_dtype).numpy(), q0, r0, key_QM, cand_at.numpy(), magnitude, ceiling)
+                    continue
                 # only rows with a value above their current m-th best can change (few, after the
                 # first tiles): top-k of those rows of the tile, merged with their candidates
                 rows = q0 + torch.nonzero(sim.amax(dim=1) > cand_s[q, -1]).squeeze(1)
@@ -191,8 +215,8 @@ def nearest_clusters(query: ClusterSet, refs: Iterable[ClusterSet], n: int, bloc
                 top, pick = torch.topk(torch.cat([cand_s[rows], top], dim=1), mm, dim=1)
                 cand_s[rows] = top
                 cand_at[rows] = torch.gather(torch.cat([cand_at[rows], at_R[at]], dim=1), 1, pick)
-        ok = torch.isfinite(cand_s.float()) & (cand_at >= 0)
-        if low:  # re-score the candidates in float32, a few queries at a time
+        ok = (cand_at >= 0) if compiled else torch.isfinite(cand_s.float()) & (cand_at >= 0)
+        if low or compiled:  # re-score the candidates in float32, a few queries at a time
             exact = torch.empty((Q, mm), device=dev)
             for q0 in range(0, Q, 256):
                 q = slice(q0, q0 + 256)

@@ -80,15 +80,19 @@ def _set(cent, owner, ids):
     return ClusterSet(c, 1 / c.norm(dim=1), torch.from_numpy(owner), torch.from_numpy(ids))
 
 
+SELECTION = [pytest.param(True, id="compiled"), pytest.param(False, id="torch")]  # the CPU's and other devices'
+
+
+@pytest.mark.parametrize("compiled", SELECTION)
 @pytest.mark.parametrize("block,dtype", [(3, torch.float32), (4096, torch.float32), (5, torch.bfloat16)])
-def test_nearest_clusters_match_brute_force_for_any_block_size(block, dtype):
+def test_nearest_clusters_match_brute_force_for_any_block_size(block, dtype, compiled):
     rng = np.random.default_rng(2)
     N, D, n = 60, 6, 5
     cent = rng.standard_normal((N, D)).astype(np.float32)
     owner = np.sort(rng.integers(0, 9, N))
     query = _set(cent, owner, np.arange(N))
     refs = [_set(cent[a:b], owner[a:b], np.arange(a, b)) for a, b in ((0, 17), (17, 60))]
-    got_id, got_cos = nearest_clusters(query, refs, n, block=block, q_block=7, search_dtype=dtype)
+    got_id, got_cos = nearest_clusters(query, refs, n, block=block, q_block=7, search_dtype=dtype, compiled=compiled)
     want_id, want_cos = _direct_neighbours(cent, owner, n)
     assert np.array_equal(got_id.numpy(), want_id)
     np.testing.assert_allclose(got_cos.numpy(), want_cos, atol=1e-6)  # exact cosines, also after bf16 search
@@ -121,17 +125,56 @@ def test_ties_go_to_the_lower_cluster_id_on_both_paths():
     cent, owner = np.repeat(base, 3, axis=0), np.arange(15)  # 3 equal centroids, each its own neuron
     s = _set(cent, owner, np.arange(15) * 10)
     for block in (2, 4096):
-        ids, _ = nearest_clusters(s, [s], 2, block=block)
-        assert ids[0].tolist() == [10, 20] and ids[2].tolist() == [0, 10]
+        for compiled in (True, False):
+            for dtype in (torch.float32, torch.bfloat16):
+                ids, _ = nearest_clusters(s, [s], 2, block=block, search_dtype=dtype, compiled=compiled)
+                assert ids[0].tolist() == [10, 20] and ids[2].tolist() == [0, 10]
     ids, cos = HnswIndex(s).search(s, 2)
     assert ids[0].tolist() == [10, 20] and ids[2].tolist() == [0, 10] and torch.allclose(cos, torch.ones(15, 2))
 
 
-def test_fewer_candidates_than_n_are_padded():
+@pytest.mark.parametrize("compiled", SELECTION)
+def test_fewer_candidates_than_n_are_padded(compiled):
     q = _set(np.eye(3, dtype=np.float32), np.array([0, 0, 1]), np.array([0, 1, 2]))
-    ids, cos = nearest_clusters(q, [q], 5)
+    ids, cos = nearest_clusters(q, [q], 5, compiled=compiled)
     assert ids[0].tolist() == [2, -1, -1, -1, -1] and ids[2].tolist()[:2] in ([0, 1], [1, 0])
     assert torch.isnan(cos[0, 1:]).all() and cos[0, 0] == 0
+
+
+@pytest.mark.parametrize("dtype,int_dtype,magnitude", [(torch.bfloat16, torch.int16, 0x7FFF),
+                                                      (torch.float32, torch.int32, 0x7FFFFFFF)])
+def test_order_keys_sort_bit_patterns_as_their_values(dtype, int_dtype, magnitude):
+    """The compiled selection compares bits through order_key: the same order as the values, for
+    every non-NaN bfloat16 and 20,000 float32 patterns with the infinities and zeros (both zeros
+    equal as values, -0 first as keys)."""
+    from neuron_embeddings.core.similar_kernels import order_key
+
+    if dtype == torch.bfloat16:
+        bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(int_dtype)
+    else:
+        special = torch.tensor([0.0, -0.0, torch.inf, -torch.inf, 1e-45, -1e-45]).view(torch.int32)
+        bits = torch.cat([special, torch.randint(-2 ** 31, 2 ** 31 - 1, (20_000,), generator=torch.Generator().manual_seed(0),
+                                                 dtype=torch.int32)]).unique()
+    value = bits.view(dtype).double().numpy()
+    keep = ~np.isnan(value)
+    keys = np.array([order_key(b, magnitude) for b in bits.numpy()[keep]])
+    value = value[keep]
+    by_key = np.argsort(keys, kind="stable")
+    assert np.all(np.diff(value[by_key]) >= 0)  # ascending keys: ascending values
+    assert len(np.unique(keys)) == len(keys)  # one key per bit pattern
+
+
+def test_compiled_selection_equals_torch_on_a_larger_store():
+    """Many tiles with candidates replaced as the references come (planted centroids, bfloat16
+    search): the compiled selection and torch.topk give the same neighbours and cosines."""
+    cent, owner = _planted(np.random.default_rng(5), N=900, D=32)
+    s = _set(cent, owner, np.arange(900) * 3)
+    q = s.rows(slice(100, 400))
+    a = nearest_clusters(q, [s], 5, block=64, q_block=50, search_dtype=torch.bfloat16, compiled=True)
+    b = nearest_clusters(q, [s], 5, block=64, q_block=50, search_dtype=torch.bfloat16, compiled=False)
+    assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-6)
+    want_id, _ = _direct_neighbours(cent, owner, 5)
+    assert np.array_equal(a[0].numpy() // 3, want_id[100:400])
 
 
 def test_compact_keeps_clusters_of_at_least_two_examples():
