@@ -178,8 +178,10 @@ def nearest_clusters(query: ClusterSet, refs: Iterable[ClusterSet], n: int, bloc
     if compiled is None:
         compiled = dev.type == "cpu" and search_dtype in _BITS
     if compiled:
+        from neuron_embeddings.core.scan import over_units
         from neuron_embeddings.core.similar_kernels import merge_tile
 
+        threads = torch.get_num_threads()  # the products' threads idle while the tile's rows merge
         int_dtype, magnitude = _BITS[search_dtype]
         floor, ceiling = _key_range(search_dtype)
     q_unit = query.unit()
@@ -204,7 +206,8 @@ def nearest_clusters(query: ClusterSet, refs: Iterable[ClusterSet], n: int, bloc
                 sim = q_search[q] @ r_search.T  # [q, r] in the search dtype
                 _mask_same_owner(sim, query.owner_N[q], r_own)
                 if compiled:
-                    merge_tile(sim.view(int_dtype).numpy(), q0, r0, key_QM, cand_at.numpy(), magnitude, ceiling)
+                    over_units(threads, merge_tile, sim.shape[0], sim.view(int_dtype).numpy(), q0, r0, key_QM,
+                               cand_at.numpy(), magnitude, ceiling)
                     continue
                 # only rows with a value above their current m-th best can change (few, after the
                 # first tiles): top-k of those rows of the tile, merged with their candidates

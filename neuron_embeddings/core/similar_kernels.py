@@ -22,27 +22,33 @@ def order_key(bits, magnitude):
 
 
 @njit(cache=True, nogil=True)
-def merge_tile(sim_QR, q0, r0, key_QM, at_QM, magnitude, ceiling):
-    """Insert the rows of one tile (similarities of queries q0.. to references r0.., as bits
+def merge_tile(sim_QR, q0, r0, key_QM, at_QM, magnitude, ceiling, i0, i1):
+    """Insert rows i0..i1-1 of one tile (similarities of queries q0.. to references r0.., as bits
     [q, r]) into each query's best candidates (key_QM int64 descending, at_QM their reference
     index, -1 where none), in place. A value enters when its key beats the worst candidate's and
     is at most `ceiling` (+inf's key: NaN never enters); an equal key goes after the ones already
-    there, so the earlier reference stays ahead whatever the tiles."""
-    Q, R = sim_QR.shape
+    there, so the earlier reference stays ahead whatever the tiles. Rows are independent: disjoint
+    ranges may run on several threads at once (core.scan's `over_units`)."""
+    R = sim_QR.shape[1]
     M = key_QM.shape[1]
-    for i in range(Q):
+    worst_1 = np.empty(1, sim_QR.dtype)  # the threshold in the tile's own integer type: compared without widening
+    for i in range(i0, i1):
         row = sim_QR[i]
         keys, ats = key_QM[q0 + i], at_QM[q0 + i]
+        worst_1[0] = max(keys[M - 1], 0)
+        t = worst_1[0]
         for c in range(0, R, CHUNK):
-            e = min(c + CHUNK, R)
-            worst = keys[M - 1]
-            if worst >= 0:  # non-negative keys are the bits themselves: a plain comparison first
+            if keys[M - 1] >= 0:  # non-negative keys are the bits themselves: a plain comparison first
                 hits = 0
-                for j in range(c, e):
-                    hits += np.int32(row[j] > worst)
+                if c + CHUNK <= R:
+                    for j in range(CHUNK):  # a fixed count: vectorised
+                        hits += np.int32(row[c + j] > t)
+                else:
+                    for j in range(c, R):
+                        hits += np.int32(row[j] > t)
                 if hits == 0:
                     continue
-            for j in range(c, e):
+            for j in range(c, min(c + CHUNK, R)):
                 k = order_key(row[j], magnitude)
                 if k > keys[M - 1] and k <= ceiling:
                     p = M - 1
@@ -52,3 +58,5 @@ def merge_tile(sim_QR, q0, r0, key_QM, at_QM, magnitude, ceiling):
                         p -= 1
                     keys[p] = k
                     ats[p] = r0 + j
+            worst_1[0] = max(keys[M - 1], 0)
+            t = worst_1[0]
