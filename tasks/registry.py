@@ -58,7 +58,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("cluster", ("embed",), "shards", cluster_store_shard, barrier=False, batched=True),
     Stage("centroids", ("cluster",), "shards", centroid_shard, barrier=False, batched=True),
     Stage("logits", ("prepare",), "shards", logits_shard, barrier=False, batched=True),
-    Stage("similar", ("centroids",), "shards", similar_shard, when=lambda s: s.similar),
+    Stage("similar", ("centroids",), "shards", similar_shard, when=lambda s: s.similar, batched=True),
 )
 BY_NAME = {s.name: s for s in STAGES}
 # modules a worker process imports as it starts (the shard stages' SciPy, torch, ... imports)

@@ -19,7 +19,7 @@ from neuron_embeddings.storage import store as st
 from neuron_embeddings.tasks.common import maybe_fault, run_unit, task_logger
 
 _CACHE: dict[tuple, ClusterSet | HnswIndex | int] = {}
-_BUILD = threading.Lock()  # one graph build per process at a time
+_BUILD = threading.Lock()  # one build of the search structures per process at a time
 CACHE_BYTES = 2 * 2**30  # per process, exact search: all of a store's clusters, when they fit; else read shard by shard
 
 
@@ -40,13 +40,14 @@ def _all_clusters(store: st.Store, shards, d_mlp: int, device: str, dtype: torch
     shards (keyed by the centroid markers: recomputed centroids are read again); None when they
     would not fit in CACHE_BYTES."""
     key = _key(store, shards, "exact", device, dtype)
-    if key not in _CACHE:
-        d_embed = store.array(schema.CENTROIDS).shape[-1]
-        size = n_all * (d_embed * (st.centroid_dtype(store).itemsize + dtype.itemsize) + 20)  # + its search copy
-        if size > CACHE_BYTES:
-            return None
-        _keep(key, ClusterSet.concat([_shard_clusters(store, sh, d_mlp, device) for sh in shards]).searchable(dtype))
-    return _CACHE[key]
+    with _BUILD:  # a batch's shards run two at a time: one of them reads, the other waits for it
+        if key not in _CACHE:
+            d_embed = store.array(schema.CENTROIDS).shape[-1]
+            size = n_all * (d_embed * (st.centroid_dtype(store).itemsize + dtype.itemsize) + 20)  # + its search copy
+            if size > CACHE_BYTES:
+                return None
+            _keep(key, ClusterSet.concat([_shard_clusters(store, sh, d_mlp, device) for sh in shards]).searchable(dtype))
+        return _CACHE[key]
 
 
 def _key(store: st.Store, shards, *what) -> tuple:
@@ -64,10 +65,11 @@ def _keep(key: tuple, value) -> None:
 def _n_clusters(store: st.Store, shards) -> int:
     """Clusters the search covers (of >= MIN_CLUSTER_SIZE examples) in the whole store."""
     key = _key(store, shards, "count")
-    if key not in _CACHE:
-        labels = st.read(store, schema.LABELS)
-        _keep(key, int((cluster_sizes(labels.reshape(-1, labels.shape[-1])) >= MIN_CLUSTER_SIZE).sum()))
-    return _CACHE[key]
+    with _BUILD:
+        if key not in _CACHE:
+            labels = st.read(store, schema.LABELS)
+            _keep(key, int((cluster_sizes(labels.reshape(-1, labels.shape[-1])) >= MIN_CLUSTER_SIZE).sum()))
+        return _CACHE[key]
 
 
 def _hnsw(store: st.Store, shards, d_mlp: int) -> HnswIndex:

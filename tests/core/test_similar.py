@@ -244,6 +244,23 @@ def _rerun_similar(path: str) -> list[dict]:
     return out
 
 
+def test_similar_shards_two_at_a_time_equal_the_stage_one_at_a_time(store, tmp_path):
+    """The flow runs the similar stage in shard batches, two shards at a time on one torch thread
+    each (the first to start reads every cluster, the other waits for it): the same store."""
+    from neuron_embeddings.tasks.shards import run_shard_batch
+
+    copy = tmp_path / "s.zarr"
+    copy_store(store.store.root, copy)
+    st = Store(str(copy))
+    shards = [{**sh.__dict__, "id": sh.id} for sh in neuron_shards(st.settings(), int(st.attrs["d_mlp"]))]
+    for sh in shards:
+        st.clear_marker("similar", sh["id"])
+    assert run_shard_batch(str(copy), shards, ["similar"], "cpu", 8, threads=2) == {"shards": len(shards)}
+    got = zarr.open_group(str(copy), mode="r")
+    for name in ("similar/neighbours", "similar/cosine", "similar/top_token", "similar/top_count"):
+        np.testing.assert_array_equal(got[name][:], store[name][:], err_msg=name)
+
+
 def test_similar_stage_through_the_hnsw_graph_matches_the_exact_one(store, tmp_path, monkeypatch):
     copy = tmp_path / "s.zarr"
     copy_store(store.store.root, copy)
