@@ -193,10 +193,11 @@ def nearest_clusters(query: ClusterSet, refs: Iterable[ClusterSet], n: int, bloc
         if Q == 0 or R == 0:
             continue
         mm = min(m, R)
-        cand_s = torch.full((Q, mm), -torch.inf, dtype=search_dtype, device=dev)
         cand_at = torch.full((Q, mm), -1, dtype=torch.int64, device=dev)
-        if compiled:
+        if compiled:  # the candidates' order keys (core.similar_kernels), else their values
             key_QM = np.full((Q, mm), floor, dtype=np.int64)
+        else:
+            cand_s = torch.full((Q, mm), -torch.inf, dtype=search_dtype, device=dev)
         for r0 in range(0, R, block):
             rs = slice(r0, r0 + block)
             r_search, r_own = ref.search(rs, search_dtype), ref.owner_N[rs]
