@@ -5,8 +5,10 @@
   16 x 128 random tokens; projected to a default run (1024 sequences of 128 tokens);
 - logits: `core.logits.logit_effects` on `--shards` shards of 256 neurons (rows W_out, the folded
   W_U, as the stage computes them), with one torch thread (as shard batches run each shard) and with
-  every thread, each with the compiled selection (the CPU's default) and with `torch.topk`
-  (`*_torch_topk`); projected to all neurons of the model;
+  every thread, each as the stage runs it on the CPU (bfloat16 products screening the candidates,
+  re-scored in float64: `bf16_screen`), with float32 products and the compiled selection
+  (`*_float32`), and with float32 products and `torch.topk` (`*_torch_topk`); projected to all
+  neurons of the model;
 - prepare: reading W_out and W_U from the bridge and writing them to a fresh store (what `prepare`
   adds), once.
 
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from neuron_embeddings.core.logits import finite_columns, logit_effects, unembedding  # noqa: E402
+from neuron_embeddings.core.logits import bf16_screen, finite_columns, logit_effects, unembedding  # noqa: E402
 from neuron_embeddings.core.models import HOOK_ACTIVATION, load_model, run_until  # noqa: E402
 from neuron_embeddings.core.scan import torch_threads  # noqa: E402
 from neuron_embeddings.core.units import unit_source  # noqa: E402
@@ -82,13 +84,17 @@ def main() -> None:
            "forward_1024x128_s": round(forward, 1), "prepare_extra_s": round(t_prepare, 2),
            "read_W_U_s": round(t_read, 2), "threads": torch.get_num_threads()}
     kept, ids = finite_columns(w_u)  # once per process, as the stage does
+    t = time.perf_counter()
+    screen = bf16_screen(kept)
+    out["screen_build_s"] = round(time.perf_counter() - t, 2)
+    out["screen"] = screen is not None
     for name, threads in (("logits_1_thread", 1), ("logits_all_threads", torch.get_num_threads())):
-        for selection, compiled in (("", True), ("_torch_topk", False)):
+        for selection, compiled, scr in (("", True, screen), ("_float32", True, None), ("_torch_topk", False, None)):
             with torch_threads(threads):
-                logit_effects(flat[:256], kept, 10, ids_V=ids, compiled=compiled)  # warm-up (and compilation)
+                logit_effects(flat[:256], kept, 10, ids_V=ids, compiled=compiled, screen=scr)  # warm-up (compilation)
                 t = time.perf_counter()
                 for i in range(a.shards):
-                    logit_effects(flat[i * 256:(i + 1) * 256], kept, 10, ids_V=ids, compiled=compiled)
+                    logit_effects(flat[i * 256:(i + 1) * 256], kept, 10, ids_V=ids, compiled=compiled, screen=scr)
                 per = (time.perf_counter() - t) / a.shards
             out[f"{name}{selection}_s"] = round(per * n_shards, 1)
             out[f"{name}{selection}_per_forward"] = round(per * n_shards / forward, 3)

@@ -10,24 +10,26 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from neuron_embeddings.core.logits import finite_columns, logit_effects
+from neuron_embeddings.core.logits import Screen, bf16_screen, finite_columns, logit_effects
 from neuron_embeddings.core.models import resolve_device
 from neuron_embeddings.storage import schema
 from neuron_embeddings.storage import store as st
 from neuron_embeddings.tasks.common import run_unit
 
-_UNEMBED: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (store, identity, device) -> W_U, ids
+_UNEMBED: dict[tuple, tuple[torch.Tensor, torch.Tensor, Screen | None]] = {}  # (store, identity, device) -> W_U, ids, screen
 _LOCK = threading.Lock()
 
 
-def unembedding_on(store: st.Store, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The store's weights/W_U on `device` without its non-finite columns, and their token ids
-    (`finite_columns`), read once per process (and store) and shared by its shards."""
+def unembedding_on(store: st.Store, device: str) -> tuple[torch.Tensor, torch.Tensor, Screen | None]:
+    """The store's weights/W_U on `device` without its non-finite columns, their token ids
+    (`finite_columns`) and on the CPU its bfloat16 screen (`bf16_screen`), read once per process
+    (and store) and shared by its shards."""
     key = (store.url, store.identity(), device)
     with _LOCK:
         if key not in _UNEMBED:
             _UNEMBED.clear()  # one at a time: ~150 MB for GPT-2
-            _UNEMBED[key] = finite_columns(torch.from_numpy(st.read_unembedding(store)).to(device))
+            w_u, ids = finite_columns(torch.from_numpy(st.read_unembedding(store)).to(device))
+            _UNEMBED[key] = w_u, ids, bf16_screen(w_u)
         return _UNEMBED[key]
 
 
@@ -38,8 +40,9 @@ def logits_shard(out: str, shard: dict, device: str = "auto", batch_size: int = 
         if not st.has_logits(store):
             return {"neurons": 0}
         region = (shard["row"], slice(shard["start"], shard["stop"]))
-        w_u, ids = unembedding_on(store, resolve_device(device))
-        effects = logit_effects(torch.from_numpy(st.read_output_rows(store, region)), w_u, schema.N_LOGITS, ids_V=ids)
+        w_u, ids, screen = unembedding_on(store, resolve_device(device))
+        effects = logit_effects(torch.from_numpy(st.read_output_rows(store, region)), w_u, schema.N_LOGITS, ids_V=ids,
+                                screen=screen)
         st.write_logits(store, region, effects)
         return {"neurons": shard["stop"] - shard["start"]}
 

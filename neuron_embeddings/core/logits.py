@@ -23,10 +23,15 @@ every unit and left out.
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from neuron_embeddings.core.models import LoadedModel, is_causal_lm
+
+log = logging.getLogger(__name__)
 
 
 def unembedding(lm: LoadedModel) -> torch.Tensor | None:
@@ -72,20 +77,111 @@ def finite_columns(W_U_DV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return W_U_DV[:, valid], ids[valid]
 
 
+@dataclass(frozen=True)
+class Screen:
+    """W_U (finite columns) prepared for the bfloat16 screen of `logit_effects` on the CPU.
+
+    For a row w and a column u, with w_h, u_h their roundings to bfloat16 and w_l = w - w_h,
+    u_l = u - u_h (exact in float32), w . u = w_h . u_h + w_h . u_l + w_l . u. The bfloat16 product
+    gives s ~ w_h . u_h: the products of bfloat16 values are exact in float32, summed in float32
+    (error <= gamma_D |w_h| |u_h|, gamma_D = D 2^-24 / (1 - D 2^-24)) and rounded once to bfloat16
+    (<= 2^-8 / (1 - 2^-8) |s|, taken as 2^-7 |s|). So
+
+        |w . u - s| <= |w_h| (|u_l| + gamma_D |u_h|) + (|w_l| + 1e-10 |w|) |u| + 2^-7 |s|
+
+    (Cauchy-Schwarz; the 1e-10 |w| |u| covers the float64 re-scoring's own error and the bound's
+    evaluation). A column can rank among a row's k largest only if its upper bound reaches the k-th
+    largest lower bound; those candidates are re-scored in float64 and ranked exactly."""
+
+    W_VD: torch.Tensor  # float32 [V, D] the columns as rows, for re-scoring
+    hi_DV: torch.Tensor  # bfloat16 [D, V]
+    p_V: np.ndarray  # float64 [V] |u_l| + gamma_D |u_h|
+    n_V: np.ndarray  # float64 [V] |u|
+
+
+SCREEN_REL = 2.0 ** -7  # bound on the bfloat16 output's rounding, relative to the value
+SCREEN_CANDIDATES = 256  # per row and side; a row with more is re-scored over every column
+
+
+def bf16_screen(W_U_DV: torch.Tensor) -> Screen | None:
+    """The bfloat16 screen of W_U (finite columns only), or None where it would not pay or not hold:
+    not a CPU tensor, a CPU without native bfloat16 products, values out of bfloat16's range, or a
+    product that breaks the rounding the bound assumes (checked here on a sample)."""
+    if W_U_DV.device.type != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    W = W_U_DV.float()
+    hi = W.bfloat16()
+    if not bool(torch.isfinite(hi).all()):
+        return None
+    D = W.shape[0]
+    gamma = D * 2.0 ** -24 / (1 - D * 2.0 ** -24)
+    norm = lambda t: torch.linalg.vector_norm(t.double(), dim=0).numpy()  # noqa: E731
+    screen = Screen(W_VD=W.T.contiguous(), hi_DV=hi, p_V=norm(W - hi.float()) + gamma * norm(hi.float()), n_V=norm(W))
+    rows = torch.randn(64, D, generator=torch.Generator().manual_seed(0)).bfloat16()
+    cols = hi[:, :4096]
+    got = (rows @ cols).double()
+    exact = rows.double() @ cols.double()  # products exact; float64 sums
+    limit = gamma * torch.linalg.vector_norm(rows.double(), dim=1, keepdim=True) * torch.linalg.vector_norm(
+        cols.double(), dim=0) + SCREEN_REL * got.abs() + 1e-30
+    if not bool(((got - exact).abs() <= limit).all()):
+        log.warning("this CPU's bfloat16 products round differently than the logit screen assumes: float32 used")
+        return None
+    return screen
+
+
+def _screened_effects(rows_MD: torch.Tensor, screen: Screen, ids_V: torch.Tensor, k: int, chunk: int
+                      ) -> dict[str, np.ndarray]:
+    """`logit_effects` through the bfloat16 screen (`Screen`): the same tokens as ranking every
+    float64 product, values rounded to float32."""
+    from neuron_embeddings.core import logit_kernels as kern
+
+    M, V = rows_MD.shape[0], screen.W_VD.shape[0]
+    w_hi = rows_MD.bfloat16()
+    w64 = rows_MD.double()
+    a_M = torch.linalg.vector_norm(w_hi.double(), dim=1).numpy()
+    c_M = (torch.linalg.vector_norm(w64 - w_hi.double(), dim=1) + 1e-10 * torch.linalg.vector_norm(w64, dim=1)
+           ).numpy() + 1e-30
+    top_lb, bot_ub = np.full((M, k), -np.inf), np.full((M, k), np.inf)
+    X = SCREEN_CANDIDATES
+    lists = {side: (np.zeros(M, np.int64), np.empty((M, X), np.int64), np.empty((M, X), np.float64))
+             for side in ("top", "bottom")}
+    for s in range(0, V, chunk):
+        scores = (w_hi @ screen.hi_DV[:, s:s + chunk]).float().numpy()
+        p, n = screen.p_V[s:s + chunk], screen.n_V[s:s + chunk]
+        kern.screen_extremes(scores, a_M, c_M, p, n, SCREEN_REL, top_lb, bot_ub)
+        kern.screen_collect(scores, s, a_M, c_M, p, n, SCREEN_REL, top_lb, bot_ub, *lists["top"], *lists["bottom"])
+    rows32 = rows_MD.float().contiguous().numpy()
+    ids = ids_V.numpy()
+    out = {}
+    for name, sign in (("top", 1.0), ("bottom", -1.0)):
+        vals, cols = np.zeros((M, k)), np.full((M, k), -1, np.int64)
+        count, col_MX, _ = lists[name]
+        kern.rescore(rows32, screen.W_VD.numpy(), count, col_MX, sign, vals, cols)
+        found = cols >= 0
+        out[f"{name}_tokens"] = np.where(found, ids[np.maximum(cols, 0)], -1).astype(np.int32)
+        out[f"{name}_values"] = np.where(found, vals, np.nan).astype(np.float32)
+    return out
+
+
 def logit_effects(rows_MD: torch.Tensor, W_U_DV: torch.Tensor, k: int = 10, chunk: int = 16384,
-                  ids_V: torch.Tensor | None = None, compiled: bool | None = None) -> dict[str, np.ndarray]:
+                  ids_V: torch.Tensor | None = None, compiled: bool | None = None,
+                  screen: Screen | None = None) -> dict[str, np.ndarray]:
     """Per row w_j of `rows_MD`, the k tokens of largest and of smallest w_j @ W_U (module docstring):
     {"top_tokens", "bottom_tokens": int32 [M, k], "top_values", "bottom_values": float32 [M, k]},
     strongest first (bottom: most negative first); token -1 and NaN past the number of tokens.
     Columns of W_U that are not finite are left out (`ids_V` given: W_U is already `finite_columns`'s,
     these its token ids). Computed `chunk` vocabulary columns at a time (memory M x chunk), in float32
     on W_U's device; each chunk's extremes picked by core.logit_kernels (`compiled`, default on the
-    CPU) or `torch.topk`; ties in any order."""
+    CPU) or `torch.topk`; ties in any order. With `screen` (`bf16_screen` of the same finite W_U;
+    compiled path only) the products run in bfloat16 and the candidates they leave are re-scored
+    in float64: the ranking of the float64 products, ties by token id."""
     if ids_V is None:
         W_U_DV, ids_V = finite_columns(W_U_DV)
     rows = rows_MD.to(device=W_U_DV.device, dtype=torch.float32)
     M, V = rows.shape[0], W_U_DV.shape[1]
     if W_U_DV.device.type == "cpu" if compiled is None else compiled:
+        if screen is not None:
+            return _screened_effects(rows, screen, ids_V, k, chunk)
         return _compiled_effects(rows, W_U_DV, ids_V, k, chunk)
     top = bottom = None
     for s in range(0, V, chunk):

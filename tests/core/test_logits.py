@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from neuron_embeddings.core.logits import finite_columns, logit_effects, to_vocab
+import neuron_embeddings.core.logits as logits_mod
+from neuron_embeddings.core.logits import bf16_screen, finite_columns, logit_effects, to_vocab
 
 
 def _brute(rows: np.ndarray, w_u: np.ndarray, k: int) -> dict[str, np.ndarray]:
@@ -17,6 +18,7 @@ def _brute(rows: np.ndarray, w_u: np.ndarray, k: int) -> dict[str, np.ndarray]:
 
 
 SELECTION = [pytest.param(True, id="compiled"), pytest.param(False, id="torch")]  # the CPU's and other devices'
+needs_screen = pytest.mark.skipif(bf16_screen(torch.ones(4, 4)) is None, reason="no native bfloat16 products here")
 
 
 @pytest.mark.parametrize("compiled", SELECTION)
@@ -62,3 +64,64 @@ def test_to_vocab_drops_padding_and_marks_missing_tokens():
     assert torch.equal(to_vocab(w, 2), w[:, :2])
     wide = to_vocab(w, 5)
     assert torch.equal(wide[:, :3], w) and torch.isnan(wide[:, 3:]).all()
+
+
+def _hard_unembedding(seed: int = 0, d: int = 96, v: int = 3000) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and a W_U whose scores crowd near each row's 10th: duplicated columns (exact ties),
+    columns a hair apart (closer than bfloat16 resolves), zero and tiny rows, and a NaN column."""
+    rng = np.random.default_rng(seed)
+    w_u = rng.normal(size=(d, v)).astype(np.float32)
+    w_u[:, 100:110] = w_u[:, [7]]  # ties with token 7, broken by token id
+    w_u[:, 200:220] = w_u[:, [11]] * (1 + np.arange(1, 21, dtype=np.float32) * 2e-7)
+    w_u[:, 5] = np.nan
+    rows = rng.normal(size=(40, d)).astype(np.float32)
+    rows[:8] = w_u[:, [7, 11, 7, 11, 300, 301, 302, 303]].T  # rows that pick out the crowded columns
+    rows[8] = 0.0
+    rows[9] *= 1e-30
+    return rows, w_u
+
+
+@needs_screen
+@pytest.mark.parametrize("chunk", [64, 1000, 16384])
+def test_the_bfloat16_screen_ranks_as_float64_products_do(chunk):
+    """The screened path (the CPU's default in the stage) gives each row's k largest and smallest
+    float64 products, ties by token id, whatever the chunking."""
+    rows, w_u = _hard_unembedding()
+    kept, ids = finite_columns(torch.from_numpy(w_u))
+    screen = bf16_screen(kept)
+    got = logit_effects(torch.from_numpy(rows), kept, 10, chunk, ids_V=ids, screen=screen)
+    want = _brute(rows, w_u, 10)
+    for name in ("top_tokens", "bottom_tokens"):
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    for name in ("top_values", "bottom_values"):
+        np.testing.assert_allclose(got[name], want[name], rtol=3e-7, atol=1e-36, err_msg=name)  # float64, rounded
+    assert (got["top_tokens"][8] == np.arange(10) + (np.arange(10) >= 5)).all()  # a zero row: all tie at 0
+
+
+@needs_screen
+def test_rows_whose_candidates_overflow_are_rescored_over_every_column(monkeypatch):
+    rows, w_u = _hard_unembedding(seed=1)
+    kept, ids = finite_columns(torch.from_numpy(w_u))
+    screen = bf16_screen(kept)
+    want = logit_effects(torch.from_numpy(rows), kept, 10, ids_V=ids, screen=screen)
+    monkeypatch.setattr(logits_mod, "SCREEN_CANDIDATES", 12)  # most rows overflow
+    got = logit_effects(torch.from_numpy(rows), kept, 10, ids_V=ids, screen=screen)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@needs_screen
+def test_the_screens_bound_holds_on_every_product():
+    """The bound the screen prunes with (core.logits.Screen) against the float64 products."""
+    rng = np.random.default_rng(2)
+    w_u = torch.from_numpy((rng.normal(size=(256, 4096)) * rng.lognormal(size=4096)).astype(np.float32))
+    rows = torch.from_numpy((rng.normal(size=(64, 256)) * rng.lognormal(size=(64, 1))).astype(np.float32))
+    screen = bf16_screen(w_u)
+    s = (rows.bfloat16() @ screen.hi_DV).double()
+    w_hi = rows.bfloat16().double()
+    a = torch.linalg.vector_norm(w_hi, dim=1, keepdim=True)
+    c = torch.linalg.vector_norm(rows.double() - w_hi, dim=1, keepdim=True)
+    bound = a * torch.from_numpy(screen.p_V) + c * torch.from_numpy(screen.n_V) + logits_mod.SCREEN_REL * s.abs()
+    err = (rows.double() @ w_u.double() - s).abs()
+    assert bool((err <= bound).all())
+    assert float((err / bound).max()) > 0.05  # and it is not vacuous: some products come near it
