@@ -45,17 +45,29 @@ def _bound(s, a, c, p, n, rel):
 
 
 @njit(cache=True, nogil=True)
-def screen_extremes(s_MC, a_M, c_M, p_C, n_C, rel, top_lb_MK, bot_ub_MK):
-    """Pass 1 of the screen over one chunk of bfloat16 scores (as float32 [M, C]): each row's K
-    largest lower bounds (top_lb, descending) and K smallest upper bounds (bot_ub, ascending), in
-    place, running over chunks. NaN never enters."""
-    M, C = s_MC.shape
-    K = top_lb_MK.shape[1]
+def screen_chunk(bits_MC, c0, a_M, c_M, p_C, n_C, rel, top_lb_MK, bot_ub_MK, top_n_M, top_col_MX, top_ub_MX,
+                 bot_n_M, bot_col_MX, bot_lb_MX, scratch_C, scratch_bits_C):
+    """One chunk of bfloat16 scores (their bits, int16 [M, C]; columns c0..) through the screen
+    (core.logits' `Screen`), row by row while the row is in cache:
+
+    1. each row's K largest lower bounds (top_lb, descending) and K smallest upper bounds (bot_ub,
+       ascending), running over chunks; NaN never enters;
+    2. the candidates kept so far that the new thresholds (the K-th of each) rule out are dropped;
+       the chunk's columns that could still rank (upper bound >= the top's threshold, lower bound
+       <= the bottom's) are added. A row's count past the lists' capacity X marks it for a full
+       rescore.
+
+    `scratch_C` float32 [C] and `scratch_bits_C`, the same memory as uint32: where each row is
+    widened to float32."""
+    M, C = bits_MC.shape
+    K, X = top_lb_MK.shape[1], top_col_MX.shape[1]
     for m in range(M):
-        row, tl, bu = s_MC[m], top_lb_MK[m], bot_ub_MK[m]
+        for j in range(C):
+            scratch_bits_C[j] = np.uint32(np.uint16(bits_MC[m, j])) << np.uint32(16)
+        tl, bu = top_lb_MK[m], bot_ub_MK[m]
         a, c = a_M[m], c_M[m]
         for j in range(C):
-            s = np.float64(row[j])
+            s = np.float64(scratch_C[j])
             b = _bound(s, a, c, p_C[j], n_C[j], rel)
             if s - b > tl[K - 1]:
                 i = K - 1
@@ -69,21 +81,7 @@ def screen_extremes(s_MC, a_M, c_M, p_C, n_C, rel, top_lb_MK, bot_ub_MK):
                     bu[i] = bu[i - 1]
                     i -= 1
                 bu[i] = s + b
-
-
-@njit(cache=True, nogil=True)
-def screen_collect(s_MC, c0, a_M, c_M, p_C, n_C, rel, top_lb_MK, bot_ub_MK, top_n_M, top_col_MX, top_ub_MX,
-                   bot_n_M, bot_col_MX, bot_lb_MX):
-    """Pass 2 over the same chunk (columns c0..): drop the candidates kept so far that the rows'
-    thresholds (K-th lower bound for the top, K-th upper bound for the bottom) now rule out, then
-    add the chunk's columns that could still rank: upper bound >= the top's threshold, lower bound
-    <= the bottom's. A row's count past the lists' capacity X marks it for a full rescore."""
-    M, C = s_MC.shape
-    K, X = top_lb_MK.shape[1], top_col_MX.shape[1]
-    for m in range(M):
-        row = s_MC[m]
-        tau_t, tau_b = top_lb_MK[m, K - 1], bot_ub_MK[m, K - 1]
-        a, c = a_M[m], c_M[m]
+        tau_t, tau_b = tl[K - 1], bu[K - 1]
         if top_n_M[m] <= X:
             kept = 0
             for i in range(top_n_M[m]):
@@ -101,7 +99,7 @@ def screen_collect(s_MC, c0, a_M, c_M, p_C, n_C, rel, top_lb_MK, bot_ub_MK, top_
                     kept += 1
             bot_n_M[m] = kept
         for j in range(C):
-            s = np.float64(row[j])
+            s = np.float64(scratch_C[j])
             b = _bound(s, a, c, p_C[j], n_C[j], rel)
             if s + b >= tau_t:
                 n = top_n_M[m]

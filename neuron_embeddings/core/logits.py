@@ -145,11 +145,11 @@ def _screened_effects(rows_MD: torch.Tensor, screen: Screen, ids_V: torch.Tensor
     X = SCREEN_CANDIDATES
     lists = {side: (np.zeros(M, np.int64), np.empty((M, X), np.int64), np.empty((M, X), np.float64))
              for side in ("top", "bottom")}
+    scratch = np.empty(min(chunk, V), np.float32)
     for s in range(0, V, chunk):
-        scores = (w_hi @ screen.hi_DV[:, s:s + chunk]).float().numpy()
-        p, n = screen.p_V[s:s + chunk], screen.n_V[s:s + chunk]
-        kern.screen_extremes(scores, a_M, c_M, p, n, SCREEN_REL, top_lb, bot_ub)
-        kern.screen_collect(scores, s, a_M, c_M, p, n, SCREEN_REL, top_lb, bot_ub, *lists["top"], *lists["bottom"])
+        bits = (w_hi @ screen.hi_DV[:, s:s + chunk]).view(torch.int16).numpy()
+        kern.screen_chunk(bits, s, a_M, c_M, screen.p_V[s:s + chunk], screen.n_V[s:s + chunk], SCREEN_REL, top_lb,
+                          bot_ub, *lists["top"], *lists["bottom"], scratch, scratch.view(np.uint32))
     rows32 = rows_MD.float().contiguous().numpy()
     ids = ids_V.numpy()
     out = {}
