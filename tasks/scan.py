@@ -17,7 +17,7 @@ from neuron_embeddings.core.settings import strata_intervals
 from neuron_embeddings.storage import store as st
 from neuron_embeddings.tasks.blocks import block_inputs
 from neuron_embeddings.tasks.common import run_unit
-from neuron_embeddings.tasks.kept import KEEP_MAX_S, KeptScan, keep, keep_wanted, write_row
+from neuron_embeddings.tasks.kept import KEEP_MAX_S, KeptScan, PoolRows, keep, keep_wanted, write_row
 
 
 @task(name="scan-block", task_run_name="scan-B{block[index]}", cache_policy=NO_CACHE)
@@ -44,14 +44,16 @@ def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16
         kept = KeptScan(block["index"], b.units.n_units) if _keeps(out, s, t_model, x_bytes) else None
         for row, table in enumerate(tables):  # layer by layer: one layer's x table at a time
             tables[row] = None
-            parts = {"top": _table_fields(table)}
+            lazy = kept is not None  # x stays in the pool until each shard gathers its own
+            parts = {"top": _table_fields(table, lazy)}
             if spectrum is not None:
-                strata = [_table_fields(t) for t in spectrum.tables[row]]
+                strata = [_table_fields(t, lazy) for t in spectrum.tables[row]]
                 spectrum.tables[row] = None
-                parts.update(strata={name: np.concatenate([t[name] for t in strata], axis=1) for name in strata[0]},
+                parts.update(strata={name: (PoolRows.concat if lazy and name == "x" else _concat)([t[name] for t in strata])
+                                     for name in strata[0]},
                              hist=spectrum.hist[row].cpu().numpy(), sum=spectrum.sum[row].cpu().numpy())
                 del strata
-            table.pool.release()  # the row's pool (shared with its strata tables) goes now
+            table.pool.release()  # the row's pool (shared with its strata tables) goes now, or with its PoolRows
             if kept is not None:
                 kept.rows[row] = parts
                 continue
@@ -81,10 +83,18 @@ def _keeps(out: str, s, scan_seconds: float, x_bytes: int) -> bool:
     return free is None or free >= x_bytes
 
 
-def _table_fields(table: SlotTable) -> dict[str, np.ndarray]:
-    """A slot table's fields as NumPy arrays in slot order ([M, k(, D or W)]), -1 for no sequence."""
+def _concat(fields: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(fields, axis=1)
+
+
+def _table_fields(table: SlotTable, lazy_x: bool = False) -> dict[str, np.ndarray | PoolRows]:
+    """A slot table's fields as NumPy arrays in slot order ([M, k(, D or W)]), -1 for no sequence;
+    with `lazy_x`, x as `PoolRows` (left in the pool, gathered where read)."""
     parts = {}
     for name in st.SCAN_FIELDS:
+        if name == "x" and lazy_x:
+            parts[name] = PoolRows(table.pool.data, table.xref.cpu().numpy())
+            continue
         data = (getattr(table, name) if name in ("x", "win") else table.by_slot(name)).cpu()
         if name in ("seq", "pos"):
             data = torch.where(data == NO_SEQ, torch.full_like(data, -1), data).to(torch.int32)

@@ -39,3 +39,25 @@ def test_nothing_is_handed_out_once_the_run_ends(tmp_path):
         kept.region((0, slice(0, 4)))
     with keeping_scan_tables(out, in_process=False):
         assert not keep_wanted(out)  # shards elsewhere (Dask): the scan writes its tables
+
+
+def test_pool_rows_gather_the_x_of_the_units_asked_for_as_the_table_would():
+    """A kept table's x left in the scan's pool: any unit slice (and the whole field, as written
+    on the way out) equals the table's own gathered x, strata concatenated along the examples."""
+    import torch
+
+    from neuron_embeddings.core.scan import SlotTable, XPool
+    from neuron_embeddings.tasks.kept import PoolRows
+
+    tables = [SlotTable.empty(6, k, 4, torch.float16) for k in (3, 2)]
+    pool = XPool.share(tables)
+    pool.add_rows(torch.arange(40, dtype=torch.float16).reshape(10, 4))
+    gen = torch.Generator().manual_seed(0)
+    for t in tables:
+        t.xref = torch.randint(0, pool.used, t.xref.shape, generator=gen)
+    lazy = PoolRows.concat([PoolRows(pool.data, t.xref.numpy()) for t in tables])
+    want = np.concatenate([t.x.numpy() for t in tables], axis=1)
+    np.testing.assert_array_equal(np.asarray(lazy), want)
+    np.testing.assert_array_equal(lazy[None, slice(2, 5)], want[None, 2:5])
+    pool.release()  # the pool lets go of its rows; the kept x still holds them
+    np.testing.assert_array_equal(lazy[None, slice(0, 6)][0], want)
