@@ -7,17 +7,22 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, nogil=True)
-def _insert(vals_K, ids_K, v, token, sign):
-    """Insert v (and its token) into vals_K, kept in order of sign * value, largest first; the
-    last entry drops out. Equal values keep the earlier one first."""
-    i = vals_K.shape[0] - 1
-    while i > 0 and sign * vals_K[i - 1] < sign * v:
+@njit(cache=True, nogil=True, inline="always")
+def _insert_ranked(vals_K, cols_K, v, col, sign):
+    """Insert (v, col) into vals_K/cols_K (col: a column or token id), ordered by sign * value descending, then col ascending
+    (a tie goes after the lower column whatever the order of arrival); the last entry drops out."""
+    K = vals_K.shape[0]
+    last = cols_K[K - 1]
+    if last >= 0 and not (sign * v > sign * vals_K[K - 1] or (v == vals_K[K - 1] and col < last)):
+        return
+    i = K - 1
+    while i > 0 and (cols_K[i - 1] < 0 or sign * vals_K[i - 1] < sign * v
+                     or (vals_K[i - 1] == v and cols_K[i - 1] > col)):
         vals_K[i] = vals_K[i - 1]
-        ids_K[i] = ids_K[i - 1]
+        cols_K[i] = cols_K[i - 1]
         i -= 1
     vals_K[i] = v
-    ids_K[i] = token
+    cols_K[i] = col
 
 
 @njit(cache=True, nogil=True)
@@ -33,9 +38,9 @@ def merge_extremes(scores_MC, ids_C, top_v_MK, top_i_MK, bot_v_MK, bot_i_MK):
         for c in range(C):
             v = row[c]
             if v > tv[K - 1]:
-                _insert(tv, ti, v, ids_C[c], np.float32(1.0))
+                _insert_ranked(tv, ti, v, ids_C[c], np.float32(1.0))
             if v < bv[K - 1]:
-                _insert(bv, bi, v, ids_C[c], np.float32(-1.0))
+                _insert_ranked(bv, bi, v, ids_C[c], np.float32(-1.0))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -121,24 +126,6 @@ def _dot64(w_D, u_D):
     for i in range(w_D.shape[0]):
         total += np.float64(w_D[i]) * np.float64(u_D[i])
     return total
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _insert_ranked(vals_K, cols_K, v, col, sign):
-    """Insert (v, col) into vals_K/cols_K, ordered by sign * value descending, then column ascending
-    (a tie goes after the lower column whatever the order of arrival); the last entry drops out."""
-    K = vals_K.shape[0]
-    last = cols_K[K - 1]
-    if last >= 0 and not (sign * v > sign * vals_K[K - 1] or (v == vals_K[K - 1] and col < last)):
-        return
-    i = K - 1
-    while i > 0 and (cols_K[i - 1] < 0 or sign * vals_K[i - 1] < sign * v
-                     or (vals_K[i - 1] == v and cols_K[i - 1] > col)):
-        vals_K[i] = vals_K[i - 1]
-        cols_K[i] = cols_K[i - 1]
-        i -= 1
-    vals_K[i] = v
-    cols_K[i] = col
 
 
 @njit(cache=True, nogil=True)
