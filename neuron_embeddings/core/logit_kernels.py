@@ -9,8 +9,9 @@ from numba import njit
 
 @njit(cache=True, nogil=True, inline="always")
 def _insert_ranked(vals_K, cols_K, v, col, sign):
-    """Insert (v, col) into vals_K/cols_K (col: a column or token id), ordered by sign * value descending, then col ascending
-    (a tie goes after the lower column whatever the order of arrival); the last entry drops out."""
+    """Insert (v, col) into vals_K/cols_K (col: a column or token id), ordered by sign * value
+    descending, then col ascending (a tie goes after the lower col whatever the order of arrival);
+    the last entry drops out."""
     K = vals_K.shape[0]
     last = cols_K[K - 1]
     if last >= 0 and not (sign * v > sign * vals_K[K - 1] or (v == vals_K[K - 1] and col < last)):
