@@ -44,7 +44,9 @@ def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16
         kept = KeptScan(block["index"], b.units.n_units) if _keeps(out, s, t_model, x_bytes) else None
         for row, table in enumerate(tables):  # layer by layer: one layer's x table at a time
             tables[row] = None
-            lazy = kept is not None  # x stays in the pool until each shard gathers its own
+            # kept: x stays in the pool until each shard gathers its own, where the pool holds no
+            # more rows than the x tables would (below its cap: fewer tokens than slots)
+            lazy = kept is not None and table.pool.used <= sum(t.xref.numel() for t in table.pool.tables)
             parts = {"top": _table_fields(table, lazy)}
             if spectrum is not None:
                 strata = [_table_fields(t, lazy) for t in spectrum.tables[row]]
