@@ -616,7 +616,7 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
     # each pool sized at once for every token it can take (at most its cap): on the CPU untouched
     # rows cost nothing, and growing by doubling copied and faulted each layer's rows again (at 512
     # x 128 tokens on SmolLM2 the bookkeeping took 8.6-9.0 s this way against 9.3-9.8 s)
-    rows = tokens_SeqT.size + 1
+    rows = tokens_SeqT.size + 1 if need_x else None  # the maxima pass enters nothing
     tables = [SlotTable.empty(M, k, D, emb_dtype, device, window, initial_rows=rows) for _ in layers]
     gmax = torch.full((len(layers), M), -torch.inf, device=device)
     neurons = torch.arange(M, device=device)
