@@ -51,8 +51,8 @@ def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16
             if spectrum is not None:
                 strata = [_table_fields(t, lazy) for t in spectrum.tables[row]]
                 spectrum.tables[row] = None
-                parts.update(strata={name: (PoolRows.concat if lazy and name == "x" else _concat)([t[name] for t in strata])
-                                     for name in strata[0]},
+                join = lambda name: PoolRows.concat if lazy and name == "x" else _concat  # noqa: E731
+                parts.update(strata={name: join(name)([t[name] for t in strata]) for name in strata[0]},
                              hist=spectrum.hist[row].cpu().numpy(), sum=spectrum.sum[row].cpu().numpy())
                 del strata
             table.pool.release()  # the row's pool (shared with its strata tables) goes now, or with its PoolRows
