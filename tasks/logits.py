@@ -16,8 +16,8 @@ from neuron_embeddings.storage import schema
 from neuron_embeddings.storage import store as st
 from neuron_embeddings.tasks.common import run_unit
 
-_UNEMBED: dict[tuple, tuple[torch.Tensor, torch.Tensor, Screen | None]] = {}  # (store, identity, device) ->
-# W_U, ids, screen
+# (store, identity, device) -> W_U, ids, screen
+_UNEMBED: dict[tuple, tuple[torch.Tensor, torch.Tensor, Screen | None]] = {}
 _LOCK = threading.Lock()
 
 

@@ -137,9 +137,9 @@ def _screened_effects(rows_MD: torch.Tensor, screen: Screen, ids_V: torch.Tensor
 
     M, V = rows_MD.shape[0], screen.W_VD.shape[0]
     w_hi = rows_MD.bfloat16()
-    w64 = rows_MD.double()
-    a_M = torch.linalg.vector_norm(w_hi.double(), dim=1).numpy()
-    c_M = (torch.linalg.vector_norm(w64 - w_hi.double(), dim=1) + 1e-10 * torch.linalg.vector_norm(w64, dim=1)
+    w64, w_hi64 = rows_MD.double(), w_hi.double()
+    a_M = torch.linalg.vector_norm(w_hi64, dim=1).numpy()
+    c_M = (torch.linalg.vector_norm(w64 - w_hi64, dim=1) + 1e-10 * torch.linalg.vector_norm(w64, dim=1)
            ).numpy() + 1e-30
     top_lb, bot_ub = np.full((M, k), -np.inf), np.full((M, k), np.inf)
     X = SCREEN_CANDIDATES
