@@ -410,6 +410,10 @@ def stage_times(store: Path, t_start: float, t_end: float) -> dict:
         "scan_work_seconds": round(sum(s for _, s, _ in st["scan"]), 3),
         "scan_model_seconds": round(sum(float(rec.get("model_seconds", 0)) for _, _, rec in st["scan"]), 3),
         "scan_bookkeeping_seconds": round(sum(float(rec.get("bookkeeping_seconds", 0)) for _, _, rec in st["scan"]), 3),
+        # how full the scan's x pools got (their memory grows with the tokens until they are full)
+        "scan_pools_full": sum(int(rec.get("pools_full", 0)) for _, _, rec in st["scan"]),
+        "scan_pool_rows_max": max((int(rec.get("pool_rows_max", 0)) for _, _, rec in st["scan"]), default=0),
+        "scan_pool_cap": max((int(rec.get("pool_cap", 0)) for _, _, rec in st["scan"]), default=0),
         "logits_work_seconds": round(sum(s for _, s, _ in st["logits"]), 3),
         "embed_span": round(emb_end - emb_start, 3) if emb_end else None,
         "embed_work_seconds": round(sum(s for _, s, _ in st["embed"]), 3),
@@ -446,6 +450,8 @@ def scan_child(spec: dict) -> dict:
 
     import torch
 
+    global DATASET
+    DATASET = spec["dataset"]
     torch.set_num_threads(spec["threads"])
     from neuron_embeddings.core.models import load_model
     from neuron_embeddings.core.scan import scan_sequences
@@ -467,7 +473,8 @@ def scan_child(spec: dict) -> dict:
 
 def run_scan_child(model: Path, n_sequences: int, a) -> dict:
     spec = {"model": str(model), "device": a.device, "n_sequences": n_sequences, "ctx_len": a.ctx_len, "k": a.k,
-            "batch_size": a.batch_size, "threads": a.threads}
+            "batch_size": a.batch_size, "threads": a.threads,
+            "dataset": DATASET}
     _log(f"scan-only child: {n_sequences} x {a.ctx_len} tokens")
     p = subprocess.run([sys.executable, __file__, "--_scan-child", json.dumps(spec)], capture_output=True,
                        text=True, cwd=str(ROOT), check=False)
@@ -572,8 +579,14 @@ def report(res: dict) -> str:
         for p in (a, b):
             if p.get("scan_span") is not None:
                 L.append(f"   {p['tokens']:>9,} tokens: scan {p['scan_span']:.1f} s, total excl. start-up "
-                         f"{p['total_excl_startup']:.1f} s, wall {p['wall_seconds']:.1f} s")
+                         f"{p['total_excl_startup']:.1f} s, wall {p['wall_seconds']:.1f} s; pools full "
+                         f"{p.get('scan_pools_full')}, most rows {_f(p.get('scan_pool_rows_max'), '{:,}')} of "
+                         f"{_f(p.get('scan_pool_cap'), '{:,}')}; sampled peaks " + ", ".join(
+                             f"{k} {_f(v, '{:,.0f}')}" for k, v in (p.get("sampled_peak_rss_mib") or {}).items()))
         ok = "OK" if mem["growth_pct"] < 10 else "ABOVE TARGET"
+        if a.get("scan_pools_full") == 0:
+            L.append("   the smaller run's pools never filled: memory grows with tokens until they do (the check is "
+                     "only meaningful past that: more tokens, e.g. --dataset FILE --tokens N)")
         L.append(f"   growth {mem['growth_pct']:+.2f} % (target < 10 %: {ok})"
                  + (f"; CUDA peak {a.get('cuda_peak_gib')} -> {b.get('cuda_peak_gib')} GiB" if a.get("cuda_peak_gib") else ""))
     L.append("=" * 100)
@@ -583,6 +596,7 @@ def report(res: dict) -> str:
 # --- main ---------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
+    global DATASET
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=None, help="tokens for items 1-2 (default 65536; --quick 8192)")
     ap.add_argument("--model", default=None, help="a model to benchmark instead of the random GPT-2 small "
@@ -598,6 +612,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="model layers (default 12; --quick 4)")
     ap.add_argument("--vocab-size", type=int, default=1000,
                     help="BPE vocabulary (default 1000: builtin:python-docs then holds ~160k tokens, enough for 2N)")
+    ap.add_argument("--dataset", default=DATASET,
+                    help=f"the corpus (default {DATASET}; any --dataset the CLI takes, e.g. a text file, for more "
+                         "tokens than it holds)")
     ap.add_argument("--mem-mode", choices=("cli", "scan", "none"), default=None,
                     help="item 3 by the CLI at 2N (default) or scan_sequences alone at N and 2N (--quick default)")
     ap.add_argument("--skip-forward", action="store_true")
@@ -608,6 +625,7 @@ def main(argv=None) -> int:
     ap.add_argument("--_scan-child", dest="scan_child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     _set_env(a.threads)
+    DATASET = a.dataset
 
     if a.scan_child:
         print("SCAN_CHILD " + json.dumps(scan_child(json.loads(a.scan_child))), flush=True)
@@ -692,7 +710,8 @@ def main(argv=None) -> int:
             pts.append({"tokens": r["tokens"], "peak_rss_mib": r["peak_rss_mib"], "returncode": r["returncode"],
                         "wall_seconds": r["wall_seconds"], "scan_span": r.get("scan_span"),
                         "total_excl_startup": r.get("total_excl_startup"),
-                        "sampled_peak_rss_mib": r.get("sampled_peak_rss_mib")})
+                        "sampled_peak_rss_mib": r.get("sampled_peak_rss_mib"),
+                        **{key: r.get(key) for key in ("scan_pools_full", "scan_pool_rows_max", "scan_pool_cap")}})
         method = "full CLI run, peak RSS of the process tree (os.wait4)"
     elif a.mem_mode == "scan":
         pts = [run_scan_child(model, s, a) for s in mem_seqs]

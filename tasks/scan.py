@@ -70,6 +70,7 @@ def scan_block(out: str, block: dict, device: str = "auto", batch_size: int = 16
             keep(out, kept)
         return {"sequences": len(tokens), "tokens": int(tokens.size), "model_seconds": round(t_model, 3),
                 "bookkeeping_seconds": round(timings["bookkeeping_seconds"], 3),
+                **{key: timings[key] for key in ("pool_rows_max", "pool_cap", "pools_full") if key in timings},
                 **({"tables": "memory"} if kept is not None else {})}
 
     return run_unit(out, "scan", block_id(block["index"]), work)

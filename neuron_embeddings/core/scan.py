@@ -88,7 +88,13 @@ class XPool:
         self.data[0] = 0
         self.used = 1  # rows in use (row 0 always)
         self.compactions = 0
+        self._peak_rows = 1  # the most rows in use before a compaction
         self.tables: list[SlotTable] = []  # whose xref point here
+
+    @property
+    def peak_rows(self) -> int:
+        """The most rows it has held (on the CPU, what it has cost in memory)."""
+        return max(self._peak_rows, self.used)
 
     def release(self) -> None:
         """Free the rows now: its tables' x is no longer needed (their fields were copied out). The
@@ -145,6 +151,7 @@ class XPool:
         for t, r in zip(self.tables, refs):
             t.xref = inv[at:at + r.numel()].view(t.xref.shape)
             at += r.numel()
+        self._peak_rows = max(self._peak_rows, self.used)
         self.used = live.numel()
         self.compactions += 1
         if self.used + n > self.data.shape[0]:  # only with a cap smaller than the tables' entries + n
@@ -609,7 +616,10 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
     Tokens in `excluded_ids` (e.g. BOS, EOS) are never an example's max token. With `spectrum`
     (mode top or band; needs `gmax_LM`) the strata tables and distributions are filled too.
     `compiled` (default: on the CPU) runs the bookkeeping through core.scan_kernels, else torch.
-    `timings`, where given, gets the seconds spent in the bookkeeping (key "bookkeeping_seconds")."""
+    `timings`, where given, gets the seconds spent in the bookkeeping ("bookkeeping_seconds") and
+    how full the x pools got: the most rows any pool held ("pool_rows_max", of "pool_cap") and how
+    many pools reached their cap and dropped rows ("pools_full"). On the CPU a pool's memory is the
+    rows it has held, so a run's memory grows with its tokens until its pools are full."""
     units = units or MLPNeurons.for_bridge(bridge)
     M, D = units.n_units, units.d_input
     need_x = mode != "max"
@@ -725,4 +735,8 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
                 progress(ids.shape[0], time.perf_counter() - t0)
     if timings is not None:
         timings["bookkeeping_seconds"] = timings.get("bookkeeping_seconds", 0.0) + spent[0]
+        if need_x:
+            pools = list({id(t.pool): t.pool for t in tables}.values())
+            timings.update(pool_rows_max=max(p.peak_rows for p in pools), pool_cap=max(p.cap for p in pools),
+                           pools_full=sum(p.compactions > 0 for p in pools))
     return gmax.cpu() if mode == "max" else tables

@@ -286,8 +286,15 @@ def test_compiled_and_torch_bookkeeping_give_the_same_tables(scanned, mode):
     tokens[5, 9] = 3
     gmax = torch.from_numpy(np.stack([posts[layer].max(axis=(0, 1)) for layer in (0, 1)]))
     kw = dict(mode=mode, gmax_LM=gmax, fraction=0.4, seed=5, window=(3, 2), excluded_ids=(3,))
-    got, want = (scan_sequences(lm.bridge, tokens, 0, [0, 1], 5, torch.float32, 6, "cpu", compiled=c, **kw)
-                 for c in (True, False))
+    timings = {}
+    got, want = (scan_sequences(lm.bridge, tokens, 0, [0, 1], 5, torch.float32, 6, "cpu", compiled=c, timings=t, **kw)
+                 for c, t in ((True, timings), (False, None)))
+    # the pools' rows as reported: below their cap, each holds a row per token that entered (at least
+    # the distinct entries in its table, at most every token), none dropped
+    assert timings["pools_full"] == 0 and timings["pool_rows_max"] == max(g.pool.used for g in got)
+    entered = max(len(set(zip(g.seq[g.seq < np.iinfo(np.int64).max].tolist(), g.pos[g.pos >= 0].tolist())))
+                  for g in got)
+    assert 1 + entered <= timings["pool_rows_max"] <= 1 + tokens.size < timings["pool_cap"]
     for g, w in zip(got, want):
         for name in ("key", "act", "seq", "pos"):
             torch.testing.assert_close(getattr(g, name), getattr(w, name), rtol=0, atol=0, equal_nan=True)
@@ -310,7 +317,7 @@ def test_tables_sharing_a_pool_keep_their_own_x_through_compaction(compiled):
     shared = [SlotTable.empty(M, k, D, torch.float32, pool_rows=M * k + 12) for k in ks]
     pool = XPool.share(shared)  # cap M * 9 + 36 rows, a batch up to 35 tokens: compacted every few batches
     alone = [SlotTable.empty(M, k, D, torch.float32) for k in ks]
-    seq0, rows_added = 0, 0
+    seq0, rows_added, most = 0, 0, 1
     for B in (3, 5, 2, 6, 4, 7) * 4:
         post = rng.normal(size=(B, T, M)).astype(np.float32)
         x = rng.normal(size=(B, T, D)).astype(np.float32)
@@ -325,6 +332,7 @@ def test_tables_sharing_a_pool_keep_their_own_x_through_compaction(compiled):
             key = post.max(axis=1) if i == 0 else -rng.random((B, M))  # a top-k table and two samples
             _update_keyed(a, key, post, seq, x, compiled, row_of_tok)
             _update_keyed(b, key, post, seq, x, compiled)
+            most = max(most, pool.used)
         rows_added += pool.used - used
         for a, b in zip(shared, alone):
             torch.testing.assert_close(a.seq, b.seq, rtol=0, atol=0)
@@ -333,6 +341,7 @@ def test_tables_sharing_a_pool_keep_their_own_x_through_compaction(compiled):
         if compiled:  # each token of the batch stored once, whichever tables it entered
             assert pool.used - used <= B * T
     assert pool.compactions >= 2 and pool.data.shape[0] <= pool.cap
+    assert pool.peak_rows == most > pool.used and most <= pool.cap  # what the scan reports as its pools' memory
     assert all(t.pool is pool for t in shared)
 
 
