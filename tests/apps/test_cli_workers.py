@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import psutil
 
@@ -29,16 +30,22 @@ def test_two_workers_report_to_the_runs_own_server(tiny_gpt2, tmp_path):
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     root = psutil.Process(p.pid)
-    servers, workers = {}, {}
+    servers, workers, seen = {}, {}, {}  # seen: worker pid -> (parent pid, command line)
+    most_at_once = 0  # Dask's nanny may restart a worker that was slow to start: never more than 2 at once
     deadline = time.time() + 300
     while p.poll() is None and time.time() < deadline:
         try:
+            alive = 0
             for c in root.children(recursive=True):
                 line = " ".join(c.cmdline())
                 if "uvicorn" in line:
                     servers.setdefault(c.pid, c.create_time())
-                elif "spawn_main" in line and c.pid not in workers:
-                    workers[c.pid] = c.environ()
+                elif "spawn_main" in line:
+                    alive += 1
+                    if c.pid not in workers:
+                        workers[c.pid] = c.environ()
+                        seen[c.pid] = (c.ppid(), line)
+            most_at_once = max(most_at_once, alive)
         except psutil.Error:  # a process ended while we looked
             pass
         time.sleep(0.1)
@@ -50,7 +57,9 @@ def test_two_workers_report_to_the_runs_own_server(tiny_gpt2, tmp_path):
     assert len(servers) == 1, f"{len(servers)} Prefect servers ran"
     prepare = json.loads(Store(str(out)).marker_record("prepare", "all"))
     assert min(servers.values()) < prepare["completed"] - prepare["seconds"]  # launched before the model loaded
-    assert len(workers) == 2
+    assert most_at_once == 2 and len(workers) >= 2, (most_at_once, seen, err[-2000:])
+    if len(workers) > 2:  # a restarted worker: say so in the test summary
+        warnings.warn(f"{len(workers)} worker processes over the run (at most 2 at once): {seen}", stacklevel=1)
     assert all(e.get("MALLOC_TRIM_THRESHOLD_") != "65536" for e in workers.values())  # not Dask's default
     assert all({k: e.get(k) for k in malloc_environ()} == malloc_environ() for e in workers.values())
     assert all(e.get("OMP_NUM_THREADS") == "1" for e in workers.values())  # 2 cores over 2 workers
