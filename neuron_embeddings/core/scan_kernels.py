@@ -98,26 +98,39 @@ def merge_candidates(key_BM, act_BM, arg_BM, seq_B, key_MK, act_MK, seq_MK, pos_
     """Insert one batch's candidates into a slot table (fields [M, K], rank order: key desc, seq
     asc), in place. The batch's sequences come after the table's, in order, so a candidate enters
     when its key beats the worst entry's (ties: the earlier sequence stays), and goes after every
-    entry with a key >= its own. An entrant takes the slot of the entry it evicts; new_b_MK and
+    entry with a key >= its own. An entrant takes the slot of an entry it evicts; new_b_MK and
     new_pos_MK (by slot, -1 where the slot's entry is not from this batch) say where each slot's
-    entrant came from. Units m0..m1-1 only; returns their number of slots holding an entrant of
-    this batch."""
+    entrant came from. A unit with one candidate inserts it; with more (while the tables fill,
+    most units), its candidates are ranked and merged with the table in one pass rather than
+    inserted one by one (each shifting the entries below it). Units m0..m1-1 only; returns their
+    number of slots holding an entrant of this batch."""
     B = key_BM.shape[0]
     K = key_MK.shape[1]
+    cand_b = np.empty(B, np.int64)  # a unit's candidates (batch rows), then ranked
+    tk = np.empty(K, np.float64)  # the merged row
+    ta = np.empty(K, np.float32)
+    ts = np.empty(K, np.int64)
+    tp = np.empty(K, np.int64)
+    tb = np.empty(K, np.int64)  # the candidate's batch row, -1 for a kept entry
+    tslot = np.empty(K, np.int64)
     n = 0
     for m in range(m0, m1):
         kr = key_MK[m]
         worst = kr[K - 1]
+        c = 0
         for b in range(B):
+            if key_BM[b, m] > worst:  # not NaN, not -inf
+                cand_b[c] = b
+                c += 1
+        if c == 0:
+            continue
+        if c == 1:
+            b = cand_b[0]
             kv = key_BM[b, m]
-            if not kv > worst:  # also NaN and -inf: never entered
-                continue
             i = K - 1
             while i > 0 and kr[i - 1] < kv:
                 i -= 1
             freed = slot_MK[m, K - 1]
-            if new_b_MK[m, freed] < 0:
-                n += 1
             for j in range(K - 1, i, -1):
                 kr[j] = kr[j - 1]
                 act_MK[m, j] = act_MK[m, j - 1]
@@ -131,7 +144,54 @@ def merge_candidates(key_BM, act_BM, arg_BM, seq_B, key_MK, act_MK, seq_MK, pos_
             slot_MK[m, i] = freed
             new_b_MK[m, freed] = b
             new_pos_MK[m, freed] = arg_BM[b, m]
-            worst = kr[K - 1]
+            n += 1
+            continue
+        # rank the candidates: key desc, then batch row (= sequence) asc; insertion sort is stable
+        for q in range(1, c):
+            b = cand_b[q]
+            kv = key_BM[b, m]
+            r = q
+            while r > 0 and key_BM[cand_b[r - 1], m] < kv:
+                cand_b[r] = cand_b[r - 1]
+                r -= 1
+            cand_b[r] = b
+        # merge: a kept entry goes first on equal keys (its sequence is earlier)
+        i = 0
+        j = 0
+        for o in range(K):
+            if j < c and (i >= K or kr[i] < key_BM[cand_b[j], m]):
+                b = cand_b[j]
+                tk[o] = key_BM[b, m]
+                ta[o] = act_BM[b, m]
+                ts[o] = seq_B[b]
+                tp[o] = arg_BM[b, m]
+                tb[o] = b
+                j += 1
+            else:
+                tk[o] = kr[i]
+                ta[o] = act_MK[m, i]
+                ts[o] = seq_MK[m, i]
+                tp[o] = pos_MK[m, i]
+                tb[o] = -1
+                tslot[o] = slot_MK[m, i]
+                i += 1
+        # the entries past the first i were evicted: their slots go to the j entrants
+        f = i
+        for o in range(K):
+            kr[o] = tk[o]
+            act_MK[m, o] = ta[o]
+            seq_MK[m, o] = ts[o]
+            pos_MK[m, o] = tp[o]
+            b = tb[o]
+            if b >= 0:
+                slot = slot_MK[m, f]
+                f += 1
+                tslot[o] = slot
+                new_b_MK[m, slot] = b
+                new_pos_MK[m, slot] = tp[o]
+        for o in range(K):
+            slot_MK[m, o] = tslot[o]
+        n += j
     return n
 
 
