@@ -736,7 +736,7 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
     if timings is not None:
         timings["bookkeeping_seconds"] = timings.get("bookkeeping_seconds", 0.0) + spent[0]
         if need_x:
-            pools = list({id(t.pool): t.pool for t in tables}.values())
+            pools = [t.pool for t in tables]  # one per layer (its strata tables share it)
             timings.update(pool_rows_max=max(p.peak_rows for p in pools), pool_cap=max(p.cap for p in pools),
                            pools_full=sum(p.compactions > 0 for p in pools))
     return gmax.cpu() if mode == "max" else tables
