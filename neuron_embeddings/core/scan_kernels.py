@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-ROWS_PER_COUNT = 8  # activation rows whose bin indices are counted together (see `_count_bins`; < 128: int8 counts)
+ROWS_PER_COUNT = 32  # activation rows whose bin indices are counted together (see `_count_bins`; < 128: int8 counts)
 
 
 @njit(cache=True, nogil=True)
@@ -55,10 +55,10 @@ def sequence_maxima(post_BTM, excluded_BT, scale_M, want_hist, max_BM, arg_BM, h
     count_N = np.zeros(N, np.int8)
     acc_N = np.zeros(N, np.float32)
     scale_N = scale_M[m0:m1] if want_hist else scale_M
+    mx = np.empty(N, np.float32)  # a sequence's running max and its position, in scratch of the kernel's
+    ar = np.empty(N, np.int32)  # own (the outputs may alias the activations: their loop did not vectorise)
     filled = 0
     for b in range(B):
-        mx = max_BM[b][m0:m1]
-        ar = arg_BM[b][m0:m1]
         mx[:] = -np.inf
         ar[:] = 0
         if want_hist:
@@ -67,11 +67,12 @@ def sequence_maxima(post_BTM, excluded_BT, scale_M, want_hist, max_BM, arg_BM, h
             if excluded_BT[b, t]:
                 continue
             row = post_BTM[b, t][m0:m1]
+            tt = np.int32(t)
             for n in range(N):
                 v = row[n]
-                if v > mx[n]:
-                    mx[n] = v
-                    ar[n] = t
+                g = v > mx[n]
+                mx[n] = v if g else mx[n]
+                ar[n] = tt if g else ar[n]
             if want_hist:
                 iq = idx_RN[filled]
                 for n in range(N):
@@ -84,6 +85,10 @@ def sequence_maxima(post_BTM, excluded_BT, scale_M, want_hist, max_BM, arg_BM, h
                 if filled == ROWS_PER_COUNT:
                     _count_bins(idx_RN, filled, hist_HM, count_N, m0)
                     filled = 0
+        out_max, out_arg = max_BM[b][m0:m1], arg_BM[b][m0:m1]
+        for n in range(N):
+            out_max[n] = mx[n]
+            out_arg[n] = ar[n]
         if want_hist:
             sm = sum_M[m0:m1]
             for n in range(N):
