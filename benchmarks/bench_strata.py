@@ -23,6 +23,7 @@ sequence's max and fills the histograms, and `add_distribution` (the torch path'
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -48,6 +49,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--window", default="0,0",
+                   help="activations recorded around each example's max token, BEFORE,AFTER (a run's: 24,8; "
+                        "default 0,0, as this benchmark has always run: the windows' fill is the top-k's, not the strata's)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "ne-bench"))
     p.add_argument("--out-json")
     a = p.parse_args(argv)
@@ -68,6 +72,7 @@ def main(argv=None) -> int:
     tokens = pack(lm.tokenizer, a.n_sequences, a.ctx_len, bos)
     layers = list(range(lm.n_layers))
     intervals = strata_intervals(parse_strata(a.strata))
+    window = tuple(int(v) for v in a.window.split(","))
     bare_fn = _stop_at(lm.bridge, HOOK_ACTIVATION.format(layer=max(layers)))
     ids_all = torch.from_numpy(tokens.astype(np.int64))
 
@@ -78,10 +83,19 @@ def main(argv=None) -> int:
 
     def scan(mode="top", gmax=None, spectrum=None):
         return scan_mod.scan_sequences(lm.bridge, tokens, 0, layers, a.k, torch.float16, a.batch_size, "cpu",
-                                       mode=mode, gmax_LM=gmax, excluded_ids=excluded, spectrum=spectrum)
+                                       mode=mode, gmax_LM=gmax, excluded_ids=excluded, spectrum=spectrum,
+                                       window=window)
 
     def new_spectrum():
-        return scan_mod.Spectrum.empty(intervals, len(layers), lm.d_mlp, a.strata_k, lm.d_model, torch.float16)
+        return scan_mod.Spectrum.empty(intervals, len(layers), lm.d_mlp, a.strata_k, lm.d_model, torch.float16,
+                                       window=window)
+
+    def release(out) -> None:
+        """Free a scan's pools now, as the CLI's scan task does (tasks/scan.py): a pool and its tables
+        refer to each other, so otherwise the cycle collector frees them (GPT-2 shape, 256 x 128
+        tokens: 600 MB) in the middle of a later scan, which then pays for it."""
+        for table in out if isinstance(out, list) else []:
+            table.pool.release()
 
     gmax = scan("max")  # also the warm-up
     paths = {"bare": bare, "maxima": lambda: scan("max"), "top": scan,
@@ -90,9 +104,11 @@ def main(argv=None) -> int:
     names = list(paths)
     for r in range(a.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            gc.collect()  # untimed: no earlier path's garbage is collected inside this one
             t = time.perf_counter()
-            paths[name]()
+            out = paths[name]()
             secs[name].append(time.perf_counter() - t)
+            release(out)
             print(f"round {r} {name}: {secs[name][-1]:.1f} s", flush=True)
 
     # inside one strata scan: the strata's table updates, and the histograms (the torch path) or the
@@ -123,15 +139,16 @@ def main(argv=None) -> int:
     scan_mod.strata_keys = timed(scan_mod, "strata_keys", flag=True)
     kernels_mod.sequence_maxima = timed(kernels_mod, "sequence_maxima", "sequence_maxima", flag=False)
     try:
+        gc.collect()
         t = time.perf_counter()
-        scan(gmax=gmax, spectrum=new_spectrum())
+        release(scan(gmax=gmax, spectrum=new_spectrum()))
         inner["strata_scan"] = time.perf_counter() - t
     finally:
         for (mod, name), orig in originals.items():
             setattr(mod, name, orig)
 
     rel = {name: statistics.median(b / s for b, s in zip(secs["bare"], secs[name])) for name in names if name != "bare"}
-    res = {"model": model, "tokens": int(tokens.size), "rounds": a.rounds, "strata": a.strata,
+    res = {"model": model, "tokens": int(tokens.size), "rounds": a.rounds, "strata": a.strata, "window": window,
            "strata_k": a.strata_k, "seconds_median": {n: round(statistics.median(v), 2) for n, v in secs.items()},
            "speed_vs_bare_median": {n: round(v, 3) for n, v in rel.items()},
            "strata_vs_top_median": round(statistics.median(t / s for t, s in zip(secs["top"], secs["strata"])), 3),
