@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     # one pass that finds the maxima and fills the histograms (the compiled path, the CPU's)
     inner = {"strata_update_slots": 0.0, "add_distribution": 0.0, "sequence_maxima": 0.0}
     patched = [(scan_mod, "update_slots"), (scan_mod, "update_slots_compiled"), (scan_mod, "add_distribution"),
-               (scan_mod, "strata_keys"), (kernels_mod, "sequence_maxima")]
+               (scan_mod, "strata_keys"), (scan_mod, "strata_keys_compiled"), (kernels_mod, "sequence_maxima")]
     originals = {(mod, name): getattr(mod, name) for mod, name in patched}
     in_strata = {"on": False}
 
@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     scan_mod.update_slots_compiled = timed(scan_mod, "update_slots_compiled", "strata_update_slots", strata_only=True)
     scan_mod.add_distribution = timed(scan_mod, "add_distribution", "add_distribution", flag=False)
     scan_mod.strata_keys = timed(scan_mod, "strata_keys", flag=True)
+    scan_mod.strata_keys_compiled = timed(scan_mod, "strata_keys_compiled", flag=True)
     kernels_mod.sequence_maxima = timed(kernels_mod, "sequence_maxima", "sequence_maxima", flag=False)
     try:
         gc.collect()

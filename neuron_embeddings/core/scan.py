@@ -422,6 +422,18 @@ def strata_keys(act_BM: torch.Tensor, gmax_M: torch.Tensor, intervals: list[tupl
     return out
 
 
+def strata_keys_compiled(act_BM: np.ndarray, gmax_M: np.ndarray, intervals: list[tuple[float, float]], seed: int,
+                         layer: int, seq_B: np.ndarray) -> np.ndarray:
+    """`strata_keys` on the CPU through core.scan_kernels, in one pass: float64 [n_strata, B, M]."""
+    h = _mix32(torch.tensor(((seed ^ STRATA_SALT) & MASK32) ^ 0x9E3779B9, dtype=torch.int64))
+    h_layer = int(_mix32(h ^ (layer & MASK32)))
+    lo_I = np.array([lo for lo, _ in intervals], dtype=np.float64)
+    hi_I = np.array([hi for _, hi in intervals], dtype=np.float64)
+    key_IBM = np.empty((len(intervals), *act_BM.shape), dtype=np.float64)
+    _kernels().strata_keys(act_BM, gmax_M, lo_I, hi_I, h_layer, seq_B, key_IBM)
+    return key_IBM
+
+
 def histogram_scale(gmax_M: torch.Tensor, bins: int = HIST_BINS) -> torch.Tensor:
     """float32 [M]: bins / max where the unit's maximum is > 0, else 0 (nothing to count)."""
     gmax = gmax_M.double()
@@ -710,9 +722,9 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
             key_BM = band_keys(val, gmax_LM[row], fraction, seed, layer, neurons, state["seq"]).numpy()
         update_slots_compiled(tables[row], key_BM, max_BM, arg_BM, seq_B, post_BTM, x_ND, row_of_tok, threads)
         if spectrum is not None:
-            keys = strata_keys(val, gmax_LM[row], spectrum.intervals, seed, layer, neurons, state["seq"])
+            keys = strata_keys_compiled(max_BM, gmax_LM[row].numpy(), spectrum.intervals, seed, layer, seq_B)
             for table, key in zip(spectrum.tables[row], keys):
-                update_slots_compiled(table, key.numpy(), max_BM, arg_BM, seq_B, post_BTM, x_ND, row_of_tok, threads)
+                update_slots_compiled(table, key, max_BM, arg_BM, seq_B, post_BTM, x_ND, row_of_tok, threads)
             spectrum.hist[row] += torch.from_numpy(hist_HM.T)
             if row == 0:
                 spectrum.count += B * T - (0 if excluded_BT is None else int(excluded_BT.sum()))

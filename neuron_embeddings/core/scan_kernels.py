@@ -237,3 +237,44 @@ def fill_entrants(new_b_MK, new_pos_MK, row_of_tok, post_BTM, before, xref_MK, w
             for w in range(W):
                 t = pos - before + w
                 win_MKW[m, s, w] = post_BTM[b, t, m] if 0 <= t < T else np.nan
+
+
+@njit(cache=True, nogil=True)
+def _mix32(h):
+    """core.scan._mix32 on one int64 holding a value in [0, 2**32) (the products wrap as torch's do;
+    only their low 32 bits are kept)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+@njit(cache=True, nogil=True)
+def strata_keys(act_BM, gmax_M, lo_I, hi_I, h_layer, seq_B, key_IBM):
+    """core.scan.strata_keys for every stratum at once: key_IBM[i, b, m] = -priority of (unit m,
+    sequence b) (`h_layer`: the hash of seed and layer) where act_BM[b, m] lies in stratum i's
+    [lo x max, hi x max) and is > 0 (the first stratum closed at the top), else -inf; float64."""
+    B, M = act_BM.shape
+    n_strata = lo_I.shape[0]
+    h_M = np.empty(M, np.int64)
+    lo_IM = np.empty((n_strata, M), np.float64)  # the edges, as torch computes them (float64)
+    hi_IM = np.empty((n_strata, M), np.float64)
+    for m in range(M):
+        h_M[m] = _mix32(h_layer ^ m)
+        g = np.float64(gmax_M[m])
+        for i in range(n_strata):
+            lo_IM[i, m] = lo_I[i] * g
+            hi_IM[i, m] = hi_I[i] * g if i > 0 else np.inf
+    key_M = np.empty(M, np.float64)
+    a_M = np.empty(M, np.float64)
+    for b in range(B):
+        s = seq_B[b] & 0xFFFFFFFF
+        for m in range(M):
+            key_M[m] = -(np.float64(_mix32(h_M[m] ^ s)) * 2.0 ** -32)
+            a_M[m] = np.float64(act_BM[b, m])
+        for i in range(n_strata):
+            lo, hi, out = lo_IM[i], hi_IM[i], key_IBM[i, b]
+            for m in range(M):
+                a = a_M[m]
+                out[m] = key_M[m] if (a >= lo[m]) & (a > 0) & ((a < hi[m]) | (i == 0)) else -np.inf

@@ -9,7 +9,7 @@ from scipy.spatial.distance import pdist
 from neuron_embeddings.core.cluster import cluster_shard, cluster_spectrum
 from neuron_embeddings.core.models import load_model
 from neuron_embeddings.core.scan import (STRATA_SALT, Spectrum, band_priority, merge_distribution, merge_strata,
-                                         scan_sequences)
+                                         scan_sequences, strata_keys, strata_keys_compiled)
 from neuron_embeddings.core.settings import HIST_BINS, strata_intervals
 
 FRACTIONS = (0.6, 0.3, 0.0)
@@ -90,6 +90,30 @@ def test_strata_equal_brute_force(scanned, blocks, batch, compiled):
                 assert np.all(stratum[j, sl][:n] == i) and np.all(stratum[j, sl][n:] == -1)
                 assert np.all(top.seq[j, sl][n:] == -1) and np.all(np.isnan(top.act[j, sl][n:]))
         assert n_full > lm.d_mlp  # most strata are full: the comparison is not between empty tables
+
+
+@pytest.mark.parametrize("seed,layer,seq0", [(0, 0, 0), (11, 3, 7), (-5, 40, 2**33 + 5), (2**40 + 3, 1, 2**32 - 3)])
+def test_compiled_strata_keys_equal_the_torch_keys(seed, layer, seq0):
+    """The CPU's keys (one compiled pass) equal the torch path's, bit for bit: values on every
+    interval's edge, zero, negative, NaN and -inf (a sequence with every token excluded)."""
+    rng = np.random.default_rng(seed & 0xFFFF)
+    B, M = 7, 50
+    gmax = rng.uniform(0.5, 3.0, M).astype(np.float32)
+    gmax[:3] = [0.0, -1.0, np.nan]
+    intervals = strata_intervals((0.75, 0.5, 0.25, 0.0))
+    act = (rng.uniform(-0.5, 1.0, (B, M)) * gmax).astype(np.float32)
+    for b, (lo, _) in enumerate(intervals):  # exactly on each edge
+        act[b, 3:] = (np.float64(lo) * gmax[3:].astype(np.float64)).astype(np.float32)
+    act[4, :] = 0.0
+    act[5, ::2], act[5, 1::2] = np.nan, -np.inf
+    seq = np.arange(seq0, seq0 + B, dtype=np.int64)
+    want = strata_keys(torch.from_numpy(act), torch.from_numpy(gmax), intervals, seed, layer, torch.arange(M),
+                       torch.from_numpy(seq))
+    got = strata_keys_compiled(act, gmax, intervals, seed, layer, seq)
+    assert got.shape == (len(intervals), B, M)
+    for i, w in enumerate(want):
+        np.testing.assert_array_equal(got[i], w.numpy())
+    assert np.isfinite(got).any(axis=0).sum() > B * M // 3  # many (sequence, unit) pairs lie in some stratum
 
 
 @pytest.mark.parametrize("compiled", BOOKKEEPING)
