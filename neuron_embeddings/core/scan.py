@@ -238,12 +238,16 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+def _layer_hash(seed: int, layer: int) -> torch.Tensor:
+    """The hash of (seed, layer) that `band_priority` mixes each unit and sequence into (int64 scalar)."""
+    h = _mix32(torch.tensor((seed & MASK32) ^ 0x9E3779B9, dtype=torch.int64))
+    return _mix32(h ^ (layer & MASK32))
+
+
 def band_priority(seed: int, layer: int, neurons_M: torch.Tensor, seq_B: torch.Tensor) -> torch.Tensor:
     """Uniform pseudo-random priorities in [0, 1) as float64 [B, M], a pure function of
     (seed, layer, neuron, sequence)."""
-    h = _mix32(torch.tensor((seed & MASK32) ^ 0x9E3779B9, dtype=torch.int64))
-    h = _mix32(h ^ (layer & MASK32))
-    h = _mix32(h ^ neurons_M.to(torch.int64))[None, :]  # [1, M]
+    h = _mix32(_layer_hash(seed, layer) ^ neurons_M.to(torch.int64))[None, :]  # [1, M]
     h = _mix32(h ^ (seq_B.to(torch.int64)[:, None] & MASK32))  # [B, M]
     return h.to(torch.float64) / 2.0**32
 
@@ -425,8 +429,7 @@ def strata_keys(act_BM: torch.Tensor, gmax_M: torch.Tensor, intervals: list[tupl
 def strata_keys_compiled(act_BM: np.ndarray, gmax_M: np.ndarray, intervals: list[tuple[float, float]], seed: int,
                          layer: int, seq_B: np.ndarray) -> np.ndarray:
     """`strata_keys` on the CPU through core.scan_kernels, in one pass: float64 [n_strata, B, M]."""
-    h = _mix32(torch.tensor(((seed ^ STRATA_SALT) & MASK32) ^ 0x9E3779B9, dtype=torch.int64))
-    h_layer = int(_mix32(h ^ (layer & MASK32)))
+    h_layer = int(_layer_hash(seed ^ STRATA_SALT, layer))
     lo_I = np.array([lo for lo, _ in intervals], dtype=np.float64)
     hi_I = np.array([hi for _, hi in intervals], dtype=np.float64)
     key_IBM = np.empty((len(intervals), *act_BM.shape), dtype=np.float64)
