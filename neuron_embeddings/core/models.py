@@ -19,7 +19,7 @@ import torch
 
 from neuron_embeddings.core.errors import UserError
 from neuron_embeddings.core.hub import require_model
-from neuron_embeddings.core.resources import release_openmp_threads
+from neuron_embeddings.core.resources import freeze_long_lived, release_openmp_threads
 from neuron_embeddings.core.settings import DEVICES, MODEL_DTYPES
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32") -> Loade
             log.info("loading model %s on %s in %s", name, dev, dtype)
             _CACHE[key] = _boot(name, dev, dtype)
             release_openmp_threads()  # the load's torch threads: the scan's forward may run on another thread
+            freeze_long_lived()  # the model's objects (and what is loaded by now) out of later full collections
         return _CACHE[key]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import logging
 import os
 import shutil
@@ -162,3 +163,13 @@ def release_openmp_threads() -> bool:
     if lib is None:
         return False
     return lib.omp_pause_resource_all(1) == 0  # omp_pause_soft
+
+
+def freeze_long_lived() -> None:
+    """Collect the cyclic garbage there is now, then move every object still alive out of the cycle
+    collector's reach (`gc.freeze`): a loaded model and the libraries around it live as long as the
+    process, and each full collection walked all of them again (a CLI run: 9 full collections of
+    12-270 ms, one of them inside the scan). Objects frozen are still freed when nothing refers to
+    them; only cycles among them would wait for the process's end."""
+    gc.collect()
+    gc.freeze()

@@ -147,3 +147,26 @@ def test_a_unit_leaves_no_openmp_threads_behind(tmp_path):
 
     assert _in_thread(lambda: unit(work, "B0")) == set()
     assert _in_thread(lambda: unit(fail, "B1")) == set()
+
+
+_FROZEN_AFTER_LOAD = """
+import gc, sys, weakref
+from neuron_embeddings.core.models import load_model
+class Node:
+    pass
+garbage = Node(); garbage.self = garbage  # a cycle, unreachable once dropped: for the collector only
+dead = weakref.ref(garbage)
+del garbage
+gc.disable()  # no automatic collection before the load's own
+lm = load_model(sys.argv[1], "cpu")
+tracked = {id(o) for o in gc.get_objects()}  # what a full collection walks
+print(dead() is None, id(lm.bridge) in tracked, gc.get_freeze_count() > 0)
+"""
+
+
+def test_load_model_leaves_the_model_out_of_full_collections(tiny_gpt2):
+    """After a model's load the cyclic garbage made so far is collected, and the model (with
+    everything alive then) is frozen: later full collections do not walk it (a fresh process)."""
+    out = subprocess.run([sys.executable, "-c", _FROZEN_AFTER_LOAD, str(tiny_gpt2)], capture_output=True, text=True,
+                         check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).stdout.split()
+    assert out == ["True", "False", "True"], out
