@@ -113,9 +113,12 @@ def store_sizes(store: Path) -> dict:
 
 class ThreadCpu:
     """CPU seconds of every thread of this process's children (the CLI, its Prefect server, any
-    Dask workers), read from /proc every `interval` s: where the cores go while the scan runs."""
+    Dask workers), read from /proc every `interval` s: where the cores go while the scan runs.
+    Each reading walks every process and the CLI's threads (~3 ms of CPU here); the bare forward has
+    no such observer, so it reads seldom (every 0.5 s, with the RSS sampler's 4 a second, took ~1 %
+    of a core from the run it measured)."""
 
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, interval: float = 2.0):
         import threading
 
         self.samples: list[tuple[float, dict]] = []
@@ -177,8 +180,11 @@ def one_round(model: str, a, store: Path, log: Path) -> dict:
         extra.append("--no-similar")
     cpu = ThreadCpu()
     cpu.thread.start()
+    harness = time.process_time()
     run = run_cli(model, store, a.n_sequences, a.ctx_len,
                   a.k, a.device, a.threads, log, tuple(extra))
+    # this process's own CPU meanwhile (its samplers): taken from the run, not from a bare forward
+    run["harness_cpu_share"] = round((time.process_time() - harness) / run["wall_seconds"], 4)
     if run["returncode"] != 0:
         raise SystemExit(f"the CLI failed (exit {run['returncode']}); log: {log}")
     from benchmarks.bench_pipeline import _markers
@@ -261,6 +267,7 @@ def bench_corpus(name: str, a) -> dict:
         "startup_seconds": med("startup_seconds"), "similar_seconds": med("similar_span"),
         "similar_work_seconds": med("similar_work_seconds"), "shard_phase_seconds": med("scan_end_to_last_shard"),
         "summarise_exit_seconds": med("summarise_and_exit_seconds"), "wall_seconds": med("wall_seconds"),
+        "harness_cpu_share": med("harness_cpu_share"),
         "stage_work_seconds": {stage: med(f"{stage}_work_seconds") for stage in ("embed", "cluster", "logits", "centroids")},
         "peak_rss_mib": max(ru["peak_rss_mib"] for ru in runs), "command": runs[0]["command"],
         "loadavg": [ru["loadavg_1min"] for ru in runs], "store": sizes, "check_store": checked,
@@ -298,7 +305,8 @@ def report(res: dict) -> str:
         L.append(f"  start-up {c['startup_seconds']:.1f} s; shard phase {c['shard_phase_seconds']:.1f} s; similar "
                  f"{c['similar_seconds']:.1f} s (bodies {c['similar_work_seconds']:.1f} s); summarise + exit "
                  f"{c['summarise_exit_seconds']:.1f} s; wall {c['wall_seconds']:.1f} s (medians); peak RSS "
-                 f"{c['peak_rss_mib']:,.0f} MiB; load {c['loadavg']}")
+                 f"{c['peak_rss_mib']:,.0f} MiB; load {c['loadavg']}; this process's samplers "
+                 f"{100 * (c.get('harness_cpu_share') or 0):.2f} % of a core during the runs")
         for i, ru in enumerate(c.get("thread_cpu") or []):
             L.append(f"  round {i}: CPU seconds per thread during the scan ({ru['wall']:.1f} s wall): "
                      + ", ".join(f"{k} {v:.1f}" for k, v in list(ru["cpu"].items())[:12]))

@@ -328,7 +328,7 @@ def run_cli(model: Path, store: Path, n_sequences: int, ctx_len: int, k: int, de
         _log(f"CLI FAILED (rc {p.returncode}); log tail:\n  {tail_text}")
         return out
     out.update(stage_times(store, t_start, t_end))
-    # RSS (sum over the process tree, sampled every 0.25 s) per phase
+    # RSS (sum over the process tree, sampled every second) per phase
     scan_start = t_start + out["startup_seconds"]
     scan_end = scan_start + out["scan_span"]
     last = scan_end + out["scan_end_to_last_shard"]
@@ -340,7 +340,7 @@ def run_cli(model: Path, store: Path, n_sequences: int, ctx_len: int, k: int, de
 class RssSampler:
     """Polls the RSS of a process and its descendants (psutil), for per-stage peaks. Optional."""
 
-    def __init__(self, pid: int, interval: float = 0.25):
+    def __init__(self, pid: int, interval: float = 1.0):
         import threading
 
         self.samples: list[tuple[float, float]] = []
