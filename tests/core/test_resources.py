@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.core.resources import (_libgomp, cgroup_headroom, check_disk, check_memory, free_disk, human,
+from neuron_embeddings.core.resources import (cgroup_headroom, check_disk, check_memory, free_disk, human,
                                               release_openmp_threads)
+from tests.threads import in_thread, native_threads, needs_openmp_pool, parallel_op
 
 
 def test_cgroup_headroom(tmp_path):
@@ -64,40 +64,6 @@ def test_keep_freed_memory_reuses_pages():
     assert faults["keep"] < faults["default"] // 20, faults
 
 
-def _native_threads() -> set[int]:
-    """Ids of this process's threads that are not Python threads (OpenMP's workers among them):
-    Python threads that other code starts or ends meanwhile do not count."""
-    return {int(t) for t in os.listdir("/proc/self/task")} - {t.native_id for t in threading.enumerate()}
-
-
-def _parallel_op() -> None:
-    """A torch operation big enough to run on every torch thread (an OpenMP parallel region)."""
-    a = torch.ones(512, 512)
-    (a @ a).sum()
-
-
-needs_openmp_pool = pytest.mark.skipif(not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2
-                                       or _libgomp() is None, reason="needs Linux, libgomp and 2+ torch threads")
-
-
-def _in_thread(fn):
-    """fn() on a fresh thread that stays alive until fn returns: its result, or its error raised."""
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            out["error"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
-
-
 @needs_openmp_pool
 def test_release_openmp_threads_ends_this_threads_pool_only():
     """A thread that ran a parallel region keeps torch.get_num_threads() - 1 OpenMP workers (more
@@ -106,21 +72,21 @@ def test_release_openmp_threads_ends_this_threads_pool_only():
     workers = torch.get_num_threads() - 1
 
     def check():
-        before = _native_threads()
-        _parallel_op()
-        started = _native_threads() - before
+        before = native_threads()
+        parallel_op()
+        started = native_threads() - before
         assert release_openmp_threads() is True
-        after = _native_threads()
-        _parallel_op()
-        again = _native_threads() - after
+        after = native_threads()
+        parallel_op()
+        again = native_threads() - after
         release_openmp_threads()
         return started, started - after, again
 
-    _parallel_op()  # this (main) thread's own pool, which the other thread's release must not touch
-    mine = _native_threads()
-    started, ended, again = _in_thread(check)
+    parallel_op()  # this (main) thread's own pool, which the other thread's release must not touch
+    mine = native_threads()
+    started, ended, again = in_thread(check)
     assert len(started) == workers and ended == started and len(again) == workers
-    assert mine <= _native_threads()
+    assert mine <= native_threads()
 
 
 @needs_openmp_pool
@@ -130,23 +96,23 @@ def test_a_unit_leaves_no_openmp_threads_behind(tmp_path):
     from neuron_embeddings.tasks.common import run_unit
 
     def work(_store):
-        _parallel_op()
+        parallel_op()
         return {}
 
     def fail(_store):
-        _parallel_op()
+        parallel_op()
         raise ValueError("planned")
 
     def unit(fn, name):
-        before = _native_threads()
+        before = native_threads()
         try:
             run_unit(str(tmp_path / "s.zarr"), "scan", name, fn)
         except (ValueError, RuntimeError):
             pass
-        return _native_threads() - before
+        return native_threads() - before
 
-    assert _in_thread(lambda: unit(work, "B0")) == set()
-    assert _in_thread(lambda: unit(fail, "B1")) == set()
+    assert in_thread(lambda: unit(work, "B0")) == set()
+    assert in_thread(lambda: unit(fail, "B1")) == set()
 
 
 _FROZEN_AFTER_LOAD = """

@@ -8,8 +8,9 @@ import torch
 from neuron_embeddings.core.models import load_model
 from neuron_embeddings.core.scan import (MIN_SPLIT_UNITS, SlotTable, XPool, band_priority, histogram_scale, merge_blocks,
                                          neuron_embeddings, over_units, rank_order, scan_sequences, update_slots,
-                                         update_slots_compiled)
+                                         torch_threads, update_slots_compiled)
 from neuron_embeddings.core.scan_kernels import sequence_maxima
+from tests.threads import in_thread, native_threads, needs_openmp_pool, parallel_op
 
 
 def _oracle_order(key: np.ndarray, seq: np.ndarray) -> np.ndarray:
@@ -356,3 +357,43 @@ def _update_keyed(table, key, post, seq, x, compiled, row_of_tok=None):
                     np.zeros((1, 1), np.int32), np.zeros(1), 0, M)
     return update_slots_compiled(table, key.astype(np.float64), max_BM, arg_BM, seq.astype(np.int64), post,
                                  torch.from_numpy(x).reshape(B * T, -1), row_of_tok)
+
+
+@needs_openmp_pool
+def test_the_forwards_openmp_workers_end_before_each_bookkeeping(scanned, monkeypatch):
+    """On the CPU the forward's OpenMP workers would spin on the cores the kernels' other threads
+    need: before every layer batch's bookkeeping they are ended (here started on purpose by a
+    parallel operation first, so their end is seen), and none is alive while the kernels run."""
+    import neuron_embeddings.core.scan as scan_mod
+    import neuron_embeddings.core.scan_kernels as kernels
+
+    lm, tokens, _, _ = scanned
+    events, real_release, real_maxima = [], scan_mod.release_openmp_threads, kernels.sequence_maxima
+
+    def release():
+        parallel_op()  # this thread's workers, alive now whatever the tiny forward did
+        alive = native_threads() - base[0]
+        assert real_release() is True
+        events.append(("release", len(alive), len(native_threads() - base[0])))
+        return True
+
+    def maxima(*args):
+        events.append(("maxima", len(native_threads() - base[0])))
+        return real_maxima(*args)
+
+    monkeypatch.setattr(scan_mod, "release_openmp_threads", release)
+    monkeypatch.setattr(kernels, "sequence_maxima", maxima)
+    base = [set()]
+
+    def scan():
+        base[0] = native_threads()  # before this thread ran anything parallel
+        with torch_threads(2):
+            scan_sequences(lm.bridge, tokens, 0, [0, 1], 4, torch.float32, 16, "cpu", compiled=True)
+
+    in_thread(scan)
+    batches = -(-len(tokens) // 16)
+    releases = [e for e in events if e[0] == "release"]
+    assert len(releases) == 2 * batches  # one per layer batch
+    assert all(alive >= 1 and left == 0 for _, alive, left in releases), releases
+    assert [e[0] for e in events if e[0] != "maxima" or e[1] == 0] == [e[0] for e in events]  # no worker alive in the kernels
+    assert sum(e[0] == "maxima" for e in events) >= 2 * batches
