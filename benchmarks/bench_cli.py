@@ -135,6 +135,10 @@ class ThreadCpu:
                 cmd = " ".join(q.cmdline())
                 kind = "cli" if " run " in cmd else ("prefect-server" if "prefect" in cmd or "uvicorn" in cmd
                                                       else Path(q.name()).name)
+                # the process's own total counts its threads that ended meanwhile too (the scan ends
+                # the forward's OpenMP workers before each bookkeeping; they start again after)
+                f = Path(f"/proc/{q.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[(kind, "(process)", str(q.pid))] = (int(f[11]) + int(f[12])) / self.tick
                 for task in Path(f"/proc/{q.pid}/task").iterdir():
                     name = (task / "comm").read_text().strip()
                     f = (task / "stat").read_text().rsplit(")", 1)[1].split()
@@ -150,13 +154,16 @@ class ThreadCpu:
             self.stop.wait(self.interval)
 
     def between(self, t0: float, t1: float) -> dict:
-        """CPU seconds per (process kind, thread name) between two wall times (nearest samples)."""
+        """CPU seconds per (process kind, thread name) between two wall times (nearest samples), of
+        the threads alive at the end (a thread that ended meanwhile counts in its process's total)."""
         inside = [s for s in self.samples if t0 <= s[0] <= t1]
         if len(inside) < 2:
             return {}
         (_, a, _), (_, b, _) = inside[0], inside[-1]
         per: dict[str, float] = {}
         for key, v in b.items():
+            if key[1] == "(process)":
+                continue
             name = f"{key[0]}: {key[1]}" + (f" {key[2]}" if key[0] == "cli" else "")  # its threads by id
             per[name] = per.get(name, 0.0) + v - a.get(key, 0.0)
         return {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.05}
@@ -168,7 +175,8 @@ class ThreadCpu:
         if len(inside) < 2:
             return {}
         (_, a, ha), (_, b, hb) = inside[0], inside[-1]
-        cpu = lambda kind: round(sum(v - a.get(key, 0.0) for key, v in b.items() if key[0] == kind), 3)  # noqa: E731
+        cpu = lambda kind: round(sum(v - a.get(key, 0.0) for key, v in b.items()  # noqa: E731
+                                     if key[0] == kind and key[1] == "(process)"), 3)
         return {"cli_cpu": cpu("cli"), "server_cpu": cpu("prefect-server"), "steal": steal_share(ha, hb),
                 "wall": round(inside[-1][0] - inside[0][0], 3)}
 
@@ -308,7 +316,7 @@ def report(res: dict) -> str:
                  f"{c['peak_rss_mib']:,.0f} MiB; load {c['loadavg']}; this process's samplers "
                  f"{100 * (c.get('harness_cpu_share') or 0):.2f} % of a core during the runs")
         for i, ru in enumerate(c.get("thread_cpu") or []):
-            L.append(f"  round {i}: CPU seconds per thread during the scan ({ru['wall']:.1f} s wall): "
+            L.append(f"  round {i}: CPU seconds per thread alive at the scan's end ({ru['wall']:.1f} s wall): "
                      + ", ".join(f"{k} {v:.1f}" for k, v in list(ru["cpu"].items())[:12]))
         s = c["store"]
         emb = s["arrays"].get("embeddings", 0) or 1
