@@ -55,7 +55,8 @@ MIN_SPLIT_UNITS = 256  # fewer units per range and handing them over costs more 
 def over_units(parts: int, kernel, M: int, *args) -> list:
     """`kernel(*args, m0, m1)` over the units 0..M-1 in `parts` contiguous ranges at once (the
     compiled kernels release the GIL; the first range runs on this thread): their results, in
-    order. The forward's threads idle during the bookkeeping, so on the CPU it takes them all."""
+    order. The forward waits during the bookkeeping, so on the CPU it takes as many threads as the
+    forward has (the scan ends the forward's OpenMP workers first: they would spin on those cores)."""
     parts = max(1, min(parts, M // MIN_SPLIT_UNITS))
     if parts == 1:
         return [kernel(*args, 0, M)]
@@ -704,7 +705,7 @@ def scan_sequences(bridge, tokens_SeqT: np.ndarray, seq_start: int, layers: list
     def bookkeeping_compiled(row: int, layer: int, post: torch.Tensor, x: torch.Tensor | None) -> None:
         """`bookkeeping` through core.scan_kernels (the CPU): one pass over the activations finds
         each sequence's max and its position (and fills the histogram), then each table merges;
-        the passes over units run on the forward's threads, which idle meanwhile (`over_units`)."""
+        the passes over units run on as many threads as the forward's (`over_units`)."""
         post_BTM = post.float().contiguous().numpy()  # a copy only for a reduced-precision forward
         B, T, _ = post_BTM.shape
         excluded_BT = state["excluded"]
