@@ -16,7 +16,7 @@ import threading
 import time
 
 from neuron_embeddings.core.errors import UserError
-from neuron_embeddings.core.resources import keep_freed_memory, numpy_without_huge_pages
+from neuron_embeddings.core.resources import keep_freed_memory
 from neuron_embeddings.core.settings import DEFAULT_STRATA, DEMO, ExecSettings, default
 
 
@@ -481,7 +481,6 @@ def console_main() -> int:
     """The `neuron-embeddings` command: `main`, then an exit that skips the interpreter's final
     garbage collection over Prefect's and torch's objects (~2 s after a run here); atexit
     handlers (Prefect's server shutdown among them) still run."""
-    numpy_without_huge_pages()  # numpy is not loaded yet; its workers and servers inherit this
     rc = main()
     import gc
 

@@ -173,11 +173,3 @@ def freeze_long_lived() -> None:
     them; only cycles among them would wait for the process's end."""
     gc.collect()
     gc.freeze()
-
-
-def numpy_without_huge_pages() -> None:
-    """Before numpy loads: ask it not to advise huge pages for its large arrays (unless the user
-    set NUMPY_MADVISE_HUGEPAGE). On a VM that hands freed memory back to its host a huge page is
-    mostly carved from such memory and its first touch waits for the host: the first 512 MiB
-    numpy array of a process took 3.3-4.4 s to fill here, 0.30-0.37 s without the advice."""
-    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")

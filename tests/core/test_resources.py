@@ -136,16 +136,3 @@ def test_load_model_leaves_the_model_out_of_full_collections(tiny_gpt2):
     out = subprocess.run([sys.executable, "-c", _FROZEN_AFTER_LOAD, str(tiny_gpt2)], capture_output=True, text=True,
                          check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).stdout.split()
     assert out == ["True", "False", "True"], out
-
-
-def test_the_command_runs_numpy_without_huge_pages():
-    """The `neuron-embeddings` command asks numpy, before it loads, not to advise huge pages (unless
-    the user chose otherwise); a fresh process, as the console script starts it."""
-    code = ("import sys; from neuron_embeddings.cli import console_main; sys.argv = ['neuron-embeddings', 'status', "
-            "sys.argv[1]]\ntry:\n    console_main()\nexcept SystemExit:\n    pass\n"
-            "import numpy; print(numpy._core.multiarray._get_madvise_hugepage())")
-    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
-    ran = lambda extra: subprocess.run([sys.executable, "-c", code, "/nonexistent/store.zarr"],  # noqa: E731
-                                       capture_output=True, text=True, env={**env, **extra}).stdout.split()[-1:]
-    assert ran({}) == ["False"]
-    assert ran({"NUMPY_MADVISE_HUGEPAGE": "1"}) == ["True"]  # the user's choice stands
