@@ -80,7 +80,7 @@ def bare_forward(lm, tokens, layers: list[int], batch_size: int, measured: dict 
     taps = unit_source(lm, "", None).taps(max(layers), True)
     hooks = [(name, lambda t: None) for name in taps]
     sync = torch.cuda.synchronize if str(lm.device).startswith("cuda") else (lambda: None)
-    host, cpu, t0 = host_times(), time.process_time(), time.perf_counter()
+    host, cpu, t0 = host_times(), os.times(), time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(tokens), batch_size):
             run_until(lm.bridge, torch.from_numpy(tokens[start:start + batch_size].astype(np.int64)).to(lm.device),
@@ -88,7 +88,9 @@ def bare_forward(lm, tokens, layers: list[int], batch_size: int, measured: dict 
     sync()
     seconds = time.perf_counter() - t0
     if measured is not None:
-        measured.update(cpu=round(time.process_time() - cpu, 3), steal=steal_share(host, host_times()))
+        end = os.times()
+        measured.update(cpu=round(end.user + end.system - cpu.user - cpu.system, 3),
+                        sys=round(end.system - cpu.system, 3), steal=steal_share(host, host_times()))
     return seconds
 
 
@@ -139,6 +141,7 @@ class ThreadCpu:
                 # the forward's OpenMP workers before each bookkeeping; they start again after)
                 f = Path(f"/proc/{q.pid}/stat").read_text().rsplit(")", 1)[1].split()
                 out[(kind, "(process)", str(q.pid))] = (int(f[11]) + int(f[12])) / self.tick
+                out[(kind, "(process system)", str(q.pid))] = int(f[12]) / self.tick  # the kernel's share
                 for task in Path(f"/proc/{q.pid}/task").iterdir():
                     name = (task / "comm").read_text().strip()
                     f = (task / "stat").read_text().rsplit(")", 1)[1].split()
@@ -162,7 +165,7 @@ class ThreadCpu:
         (_, a, _), (_, b, _) = inside[0], inside[-1]
         per: dict[str, float] = {}
         for key, v in b.items():
-            if key[1] == "(process)":
+            if key[1].startswith("(process"):
                 continue
             name = f"{key[0]}: {key[1]}" + (f" {key[2]}" if key[0] == "cli" else "")  # its threads by id
             per[name] = per.get(name, 0.0) + v - a.get(key, 0.0)
@@ -170,15 +173,16 @@ class ThreadCpu:
 
     def totals(self, t0: float, t1: float) -> dict:
         """CPU seconds of the CLI's own process (every thread) and of its Prefect server between two
-        wall times, and the machine's steal share meanwhile."""
-        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        wall times (up to the last sample that saw the CLI alive), its system (kernel) share, and the
+        machine's steal share meanwhile."""
+        inside = [s for s in self.samples if t0 <= s[0] <= t1 and any(k[0] == "cli" for k in s[1])]
         if len(inside) < 2:
             return {}
         (_, a, ha), (_, b, hb) = inside[0], inside[-1]
-        cpu = lambda kind: round(sum(v - a.get(key, 0.0) for key, v in b.items()  # noqa: E731
-                                     if key[0] == kind and key[1] == "(process)"), 3)
-        return {"cli_cpu": cpu("cli"), "server_cpu": cpu("prefect-server"), "steal": steal_share(ha, hb),
-                "wall": round(inside[-1][0] - inside[0][0], 3)}
+        cpu = lambda kind, what="(process)": round(sum(v - a.get(key, 0.0) for key, v in b.items()  # noqa: E731
+                                                       if key[0] == kind and key[1] == what), 3)
+        return {"cli_cpu": cpu("cli"), "cli_sys": cpu("cli", "(process system)"), "server_cpu": cpu("prefect-server"),
+                "steal": steal_share(ha, hb), "wall": round(inside[-1][0] - inside[0][0], 3)}
 
 
 def one_round(model: str, a, store: Path, log: Path) -> dict:
@@ -204,6 +208,7 @@ def one_round(model: str, a, store: Path, log: Path) -> dict:
     cpu.thread.join()
     start, end = min(end - secs for end, secs, _ in scan), max(end for end, _, _ in scan)
     run["scan_host"] = cpu.totals(start, end)
+    run["after_scan_host"] = cpu.totals(end, time.time())  # the shard phase, summarise and exit
     if a.threads_profile:
         run["scan_thread_cpu"] = cpu.between(start, end)
         run["scan_wall_for_cpu"] = round(end - start, 3)
@@ -280,6 +285,7 @@ def bench_corpus(name: str, a) -> dict:
         "peak_rss_mib": max(ru["peak_rss_mib"] for ru in runs), "command": runs[0]["command"],
         "loadavg": [ru["loadavg_1min"] for ru in runs], "store": sizes, "check_store": checked,
         "forward_host": fwd_host, "scan_host": [ru["scan_host"] for ru in runs],
+        "after_scan_host": [ru["after_scan_host"] for ru in runs],
         "thread_cpu": [{"wall": ru["scan_wall_for_cpu"], "cpu": ru["scan_thread_cpu"]} for ru in runs
                        if "scan_thread_cpu" in ru],
     }
@@ -296,9 +302,12 @@ def report(res: dict) -> str:
         L.append(f"  bare forwards (s): {', '.join(f'{f:.1f}' for f in c['forwards_seconds'])}")
         L.append("  steal share of the machine: forwards " + ", ".join(f"{100 * h['steal']:.0f} %" for h in c["forward_host"])
                  + "; scans " + ", ".join(f"{100 * h.get('steal', 0):.0f} %" for h in c["scan_host"]))
-        L.append("  CPU seconds: forwards " + ", ".join(f"{h['cpu']:.1f}" for h in c["forward_host"]) + "; CLI during "
-                 "the scan " + ", ".join(f"{h.get('cli_cpu', 0):.1f} (server {h.get('server_cpu', 0):.1f})"
-                                         for h in c["scan_host"]))
+        L.append("  CPU seconds (of which system): forwards " + ", ".join(f"{h['cpu']:.1f} ({h.get('sys', 0):.1f})"
+                                                                    for h in c["forward_host"])
+                 + "; CLI during the scan " + ", ".join(f"{h.get('cli_cpu', 0):.1f} ({h.get('cli_sys', 0):.1f}; server "
+                                                        f"{h.get('server_cpu', 0):.1f})" for h in c["scan_host"])
+                 + "; CLI after the scan " + ", ".join(f"{h.get('cli_cpu', 0):.1f} ({h.get('cli_sys', 0):.1f})"
+                                                       for h in c.get("after_scan_host", [])))
         for key, what in (("scan", "scan marker seconds / forward"), ("scan_model", "scan model_seconds / forward"),
                           ("scan_bookkeeping", "  of which the bookkeeping / forward"),
                           ("scan_cpu", "CLI CPU seconds in the scan / forward's CPU s"),
