@@ -76,11 +76,6 @@ _JSON: dict[str, tuple[tuple, dict]] = {}  # zarr.json path -> (its stat, its pa
 _CHUNK_IO: dict[str, tuple[tuple, "_ChunkIO"]] = {}  # array folder -> (its zarr.json's stat, reader/writer)
 _CACHE_LOCK = threading.Lock()
 _CACHE_MAX = 4096  # entries of each cache; past it, they start again (a process that opens many stores)
-# bytes per write call of a chunk file: the page cache then takes small folios for it. One call per
-# chunk (~20 MB) made the kernel take 2 MiB folios, which on a VM whose free memory goes back to
-# the host (virtio-balloon free page reporting) cost ~8 s of system time per GiB written against
-# ~0.3 s (docs/performance.md, "Chunk files written in 64 KiB pieces")
-WRITE_PIECE = 2**16
 
 
 def _stat_key(path: str) -> tuple:
@@ -175,10 +170,8 @@ class _ChunkIO:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.partial"
         try:
-            view = memoryview(data).cast("B")
             with open(tmp, "wb") as f:
-                for at in range(0, len(view), WRITE_PIECE):
-                    f.write(view[at:at + WRITE_PIECE])
+                f.write(memoryview(data))
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):

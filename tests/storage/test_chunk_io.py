@@ -105,20 +105,3 @@ def test_token_rows_equal_zarrs_orthogonal_selection(tmp_path):
     rows = np.array([0, 4, 5, 6, 14, 20, 22])
     np.testing.assert_array_equal(st.read_token_rows(st.Store(path), rows), tokens[rows])
     np.testing.assert_array_equal(st.read_token_rows(st.Store(path), rows[:0]), tokens[:0])
-
-
-@pytest.mark.parametrize("compressor", ["none", "zstd"])
-def test_chunks_larger_than_a_write_piece_are_zarrs_bytes(tmp_path, compressor):
-    """A chunk file is written in WRITE_PIECE pieces: one several pieces long and not a multiple of
-    a piece (uncompressed: 3 x 7 x 1,003 float32 = 84,252 bytes > 64 KiB) is still Zarr's file."""
-    shape, chunks = (2, 3, 7, 1003), (1, 3, 7, 1003)
-    via_zarr, direct = _twin_stores(tmp_path, "float32", compressor, shape=shape, chunks=chunks)
-    data = np.random.default_rng(1).standard_normal((1, *chunks[1:])).astype(np.float32)
-    zarr.open_array(f"{via_zarr}/group/a", mode="r+")[1:2] = data
-    store = st.Store(direct)
-    assert st._write_direct(store, "group/a", (slice(1, 2),), data)
-    files = _files(direct)
-    assert files == _files(via_zarr) and len(files) == 1
-    if compressor == "none":
-        assert len(next(iter(files.values()))) > st.WRITE_PIECE and len(next(iter(files.values()))) % st.WRITE_PIECE
-    np.testing.assert_array_equal(st.read(st.Store(direct), "group/a", (1,)), data[0])
