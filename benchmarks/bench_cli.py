@@ -63,6 +63,20 @@ def host_times() -> tuple[float, float, float]:
     return float(f[7]), float(sum(f[:8])), float(f[3])
 
 
+REPORTED = Path("/sys/module/page_reporting/parameters/reported_kib")
+
+
+def reported_gib() -> float:
+    """GiB of freed memory this VM has handed back to its host so far (free page reporting; a
+    kernel that exposes the count, else 0). Each page handed back costs a host fault when it is next
+    used: on this project's VM, touching such memory took ~6-8 s per GiB against ~0.3 s for memory
+    used again at once (docs/performance.md), all of it counted as the process's system time."""
+    try:
+        return int(REPORTED.read_text()) / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
 def steal_share(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return round((b[0] - a[0]) / max(b[1] - a[1], 1.0), 4)
 
@@ -80,7 +94,7 @@ def bare_forward(lm, tokens, layers: list[int], batch_size: int, measured: dict 
     taps = unit_source(lm, "", None).taps(max(layers), True)
     hooks = [(name, lambda t: None) for name in taps]
     sync = torch.cuda.synchronize if str(lm.device).startswith("cuda") else (lambda: None)
-    host, cpu, t0 = host_times(), os.times(), time.perf_counter()
+    host, cpu, given, t0 = host_times(), os.times(), reported_gib(), time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(tokens), batch_size):
             run_until(lm.bridge, torch.from_numpy(tokens[start:start + batch_size].astype(np.int64)).to(lm.device),
@@ -90,7 +104,8 @@ def bare_forward(lm, tokens, layers: list[int], batch_size: int, measured: dict 
     if measured is not None:
         end = os.times()
         measured.update(cpu=round(end.user + end.system - cpu.user - cpu.system, 3),
-                        sys=round(end.system - cpu.system, 3), steal=steal_share(host, host_times()))
+                        sys=round(end.system - cpu.system, 3), steal=steal_share(host, host_times()),
+                        returned_gib=round(reported_gib() - given, 2))
     return seconds
 
 
@@ -192,11 +207,12 @@ def one_round(model: str, a, store: Path, log: Path) -> dict:
         extra.append("--no-similar")
     cpu = ThreadCpu()
     cpu.thread.start()
-    harness = time.process_time()
+    harness, given = time.process_time(), reported_gib()
     run = run_cli(model, store, a.n_sequences, a.ctx_len,
                   a.k, a.device, a.threads, log, tuple(extra))
     # this process's own CPU meanwhile (its samplers): taken from the run, not from a bare forward
     run["harness_cpu_share"] = round((time.process_time() - harness) / run["wall_seconds"], 4)
+    run["returned_gib"] = round(reported_gib() - given, 2)  # by the whole machine during the run
     if run["returncode"] != 0:
         raise SystemExit(f"the CLI failed (exit {run['returncode']}); log: {log}")
     from benchmarks.bench_pipeline import _markers
@@ -270,6 +286,11 @@ def bench_corpus(name: str, a) -> dict:
         # against the forward's process (mean of the two forwards around the run)
         "scan_cpu": [ru["scan_host"]["cli_cpu"] / ((fwd_host[i]["cpu"] + fwd_host[i + 1]["cpu"]) / 2)
                      for i, ru in enumerate(runs) if ru["scan_host"]],
+        # the same in user CPU seconds: without the kernel's time, which on a VM whose host takes
+        # back freed memory is mostly the first touch of fresh memory (docs/performance.md)
+        "scan_user_cpu": [(ru["scan_host"]["cli_cpu"] - ru["scan_host"]["cli_sys"])
+                          / ((fwd_host[i]["cpu"] - fwd_host[i]["sys"] + fwd_host[i + 1]["cpu"] - fwd_host[i + 1]["sys"]) / 2)
+                          for i, ru in enumerate(runs) if ru["scan_host"]],
     }
     med = lambda key: round(statistics.median(ru[key] or 0.0 for ru in runs), 3)  # noqa: E731
     return {
@@ -286,6 +307,8 @@ def bench_corpus(name: str, a) -> dict:
         "loadavg": [ru["loadavg_1min"] for ru in runs], "store": sizes, "check_store": checked,
         "forward_host": fwd_host, "scan_host": [ru["scan_host"] for ru in runs],
         "after_scan_host": [ru["after_scan_host"] for ru in runs],
+        "returned_gib": {"forwards": [h.get("returned_gib", 0.0) for h in fwd_host],
+                         "runs": [ru["returned_gib"] for ru in runs]},
         "thread_cpu": [{"wall": ru["scan_wall_for_cpu"], "cpu": ru["scan_thread_cpu"]} for ru in runs
                        if "scan_thread_cpu" in ru],
     }
@@ -308,9 +331,14 @@ def report(res: dict) -> str:
                                                         f"{h.get('server_cpu', 0):.1f})" for h in c["scan_host"])
                  + "; CLI after the scan " + ", ".join(f"{h.get('cli_cpu', 0):.1f} ({h.get('cli_sys', 0):.1f})"
                                                        for h in c.get("after_scan_host", [])))
+        if any(c["returned_gib"]["runs"]):
+            L.append("  memory this VM handed back to its host (GiB; each GiB costs a host fault when next "
+                     "used): during the forwards " + ", ".join(f"{g:.1f}" for g in c["returned_gib"]["forwards"])
+                     + "; during the runs " + ", ".join(f"{g:.1f}" for g in c["returned_gib"]["runs"]))
         for key, what in (("scan", "scan marker seconds / forward"), ("scan_model", "scan model_seconds / forward"),
                           ("scan_bookkeeping", "  of which the bookkeeping / forward"),
                           ("scan_cpu", "CLI CPU seconds in the scan / forward's CPU s"),
+                          ("scan_user_cpu", "  the same, user CPU seconds only"),
                           ("whole", "whole run (no start-up, no similar) / forward")):
             if m[key] is None:
                 continue
