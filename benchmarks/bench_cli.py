@@ -25,6 +25,10 @@ it, so the machine's drift hits both alike; the report gives medians of the per-
 - CPU seconds: the CLI's process during the scan against the forward's process, which the
   host's steal time does not inflate, and the machine's steal share during each forward and scan
   (/proc/stat): on this shared VM a stretch of 30-50 % steal makes any wall-clock ratio meaningless;
+- the kernel's (system) share of those CPU seconds, during the scan and after it, the scan's ratio
+  in user CPU seconds alone, and the memory the VM handed back to its host meanwhile: memory
+  handed back costs ~6-8 s of system time per GiB when next used, and the CLI asks for ~7 GB of
+  fresh memory where the bare forward asks for none (docs/performance.md);
 - the store's size by array and group (the last round's store), and all but ``embeddings``
   against ``embeddings``.
 
